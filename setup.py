@@ -1,0 +1,52 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="flowmo-diffusers",
+    version="0.1.0",
+    description="FlowMo image tokenizer (Sargent et al., 2025) for diffusers, Accelerate and datasets",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.35",
+        "huggingface_hub>=0.34",
+        "safetensors>=0.4",
+        "numpy",
+        "Pillow",
+        "pyyaml",
+    ],
+    extras_require={
+        "train": [
+            "accelerate>=1.0",
+            "datasets>=3.0",
+            "torchvision>=0.19",
+            "lpips>=0.1.4",
+            "tensorboard",
+            "scikit-image>=0.22",
+        ],
+        "eval": [
+            "evaluate>=0.4",
+            "scipy",
+            "scikit-image>=0.22",
+            "lpips>=0.1.4",
+            "torchvision>=0.19",
+        ],
+        "test": [
+            "pytest>=7",
+            "accelerate>=1.0",
+            "datasets>=3.0",
+            "evaluate>=0.4",
+            "torchvision>=0.19",
+            "lpips>=0.1.4",
+            "scipy",
+            "scikit-image>=0.22",
+            "tensorboard",
+            "transformers>=4.40",
+        ],
+    },
+)

@@ -1,0 +1,50 @@
+"""Image-reconstruction metrics for tokenizer evaluation: rFID, PSNR, SSIM, LPIPS.
+
+Computed the way FlowMo's evaluation code did (scikit-image PSNR/SSIM on uint8-quantised
+images, ``lpips.LPIPS`` on [-1, 1] images, FID from pytorch-fid's TF-ported InceptionV3),
+but streaming: memory does not grow with the number of images, and state is summed
+across processes with one all-reduce.
+
+Pretrained networks are never replaced by random ones silently: they come from an
+explicit local path or the torch hub cache / download, otherwise
+:class:`MissingPretrainedWeightsError` explains how to provide them. Random
+initialisation (for tests) is a separate explicit option.
+
+Heavy dependencies (scikit-image, scipy, lpips, pytorch-fid, evaluate) are imported on
+first use; install them with ``pip install 'flowmo-diffusers[eval]'``.
+"""
+
+from .distributed import sum_across_processes
+from .evaluate_integration import BUNDLED_METRICS, bundled_metric_path, load_metric
+from .feature_statistics import StreamingFeatureStatistics
+from .fid_inception import FID_INCEPTION_WEIGHTS, FIDInceptionFeatureExtractor, build_fid_inception_v3
+from .frechet_distance import frechet_distance
+from .image_conversion import images_to_uint8_hwc, images_to_unit_range
+from .perceptual_similarity import LPIPS_BACKBONE_WEIGHTS, LPIPSDistance
+from .pretrained_weights import MissingPretrainedWeightsError, PretrainedWeights, load_pretrained_state_dict
+from .psnr import psnr_per_image, psnr_pooled_over_batch
+from .reconstruction_metrics import ReconstructionMetrics
+from .ssim import ssim_per_image
+
+__all__ = [
+    "BUNDLED_METRICS",
+    "FID_INCEPTION_WEIGHTS",
+    "FIDInceptionFeatureExtractor",
+    "LPIPS_BACKBONE_WEIGHTS",
+    "LPIPSDistance",
+    "MissingPretrainedWeightsError",
+    "PretrainedWeights",
+    "ReconstructionMetrics",
+    "StreamingFeatureStatistics",
+    "build_fid_inception_v3",
+    "bundled_metric_path",
+    "frechet_distance",
+    "images_to_uint8_hwc",
+    "images_to_unit_range",
+    "load_metric",
+    "load_pretrained_state_dict",
+    "psnr_per_image",
+    "psnr_pooled_over_batch",
+    "ssim_per_image",
+    "sum_across_processes",
+]

@@ -1,0 +1,1 @@
+from .scheduling_flowmo import FlowMoScheduler

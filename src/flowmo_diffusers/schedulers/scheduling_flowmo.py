@@ -1,0 +1,184 @@
+"""FlowMoScheduler: rectified-flow Euler sampling on FlowMo's time grids, its guidance interval and training times."""
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchEulerDiscreteSchedulerOutput,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+TRAINING_TIME_DISTRIBUTIONS = ("fat_lognormal", "lognormal", "uniform")
+
+
+class FlowMoScheduler(SchedulerMixin, ConfigMixin):
+    r"""
+    Euler sampler of FlowMo's rectified flow `z_t = (1 - t) x + t noise`, from t = 1 (noise) to t = 0 (image).
+
+    Sampling runs diffusers' [`FlowMatchEulerDiscreteScheduler`] (whose `sigmas` are FlowMo's flow times t, and whose
+    Euler step `z + (t_next - t) v` is the original's `z - dt v`) on FlowMo's time grids. It is held rather than
+    subclassed so that this scheduler's config carries only FlowMo's options:
+
+    - `"power"`: t_i = (i / N) ** time_power for i = N..0. The paper samples with the original's `"pow_0.25"`
+      schedule, i.e. `time_power = 4`.
+    - `"linear"`: t_i = i / N.
+
+    It also knows the guidance interval (guidance is applied only where t lies in an interval given in EDM sigma,
+    converted by t = sigma / (1 + sigma)) and the training-time noising and time sampling.
+
+    Parameters:
+        time_schedule (`str`): `"power"` or `"linear"`.
+        time_power (`float`): exponent of the `"power"` grid.
+        guidance_interval (`Tuple[float, float]` or None): EDM-sigma interval where guidance applies; None means
+            every step.
+        training_time_distribution (`str`): `"fat_lognormal"` (sigmoid of a standard normal, replaced by a uniform
+            time with probability `uniform_time_probability`), `"lognormal"` or `"uniform"`.
+        uniform_time_probability (`float`): the uniform share of `"fat_lognormal"`.
+        num_train_timesteps (`int`): diffusers' `timesteps` are `1000 * t`; the model takes t itself.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        time_schedule: str = "power",
+        time_power: float = 4.0,
+        guidance_interval: Optional[Tuple[float, float]] = (0.17, 1.02),
+        training_time_distribution: str = "fat_lognormal",
+        uniform_time_probability: float = 0.1,
+        num_train_timesteps: int = 1000,
+    ):
+        if time_schedule not in ("power", "linear"):
+            raise ValueError(f"time_schedule must be 'power' or 'linear', got {time_schedule!r}")
+        if training_time_distribution not in TRAINING_TIME_DISTRIBUTIONS:
+            raise ValueError(
+                f"training_time_distribution must be one of {TRAINING_TIME_DISTRIBUTIONS}, got "
+                f"{training_time_distribution!r}"
+            )
+        if guidance_interval is not None and (len(guidance_interval) != 2 or guidance_interval[0] > guidance_interval[1]):
+            raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {guidance_interval}")
+        self.euler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
+
+    order = 1
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """Flow times of the current grid, N + 1 values from 1 to 0."""
+        return self.euler.sigmas
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """`1000 * t` for the N sampling steps (diffusers' convention)."""
+        return self.euler.timesteps
+
+    @property
+    def num_inference_steps(self) -> Optional[int]:
+        return self.euler.num_inference_steps
+
+    @property
+    def step_index(self) -> Optional[int]:
+        return self.euler.step_index
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ) -> Union[FlowMatchEulerDiscreteSchedulerOutput, Tuple]:
+        """One Euler step `z + (t_next - t) v`, in float32 whatever the velocity's dtype."""
+        # The parent casts its result to model_output's dtype; the original keeps z in float32 under autocast.
+        return self.euler.step(model_output.float(), timestep, sample.float(), generator=generator, return_dict=return_dict)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Sampling
+    def time_grid(self, num_inference_steps: int) -> torch.Tensor:
+        """The N + 1 flow times from 1 down to 0, float32, computed exactly as the original does."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        steps = torch.arange(0, num_inference_steps + 1).flip(0)
+        if self.config.time_schedule == "power":
+            power = float(self.config.time_power)
+            return steps**power / num_inference_steps**power
+        return steps / num_inference_steps
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        sigmas: Optional[List[float]] = None,
+        **kwargs,
+    ):
+        """Sets `sigmas` (flow times, N + 1 values ending at 0) and `timesteps` (`1000 * t`, N values)."""
+        if sigmas is None:
+            if num_inference_steps is None:
+                raise ValueError("pass num_inference_steps or sigmas")
+            # The parent appends the terminal 0 itself.
+            sigmas = self.time_grid(num_inference_steps)[:-1].numpy()
+            num_inference_steps = None
+        self.euler.set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, **kwargs)
+
+    @property
+    def guidance_interval_flow_time(self) -> Optional[Tuple[float, float]]:
+        """The guidance interval in flow time t = sigma / (1 + sigma)."""
+        if self.config.guidance_interval is None:
+            return None
+        low, high = self.config.guidance_interval
+        return self.edm_sigma_to_flow_time(low), self.edm_sigma_to_flow_time(high)
+
+    def is_guidance_step(self, flow_time: Union[float, torch.Tensor]) -> bool:
+        """Whether guidance applies at flow time t (bounds included, compared in float64 like the original)."""
+        interval = self.guidance_interval_flow_time
+        if interval is None:
+            return True
+        flow_time = float(flow_time)
+        return interval[0] <= flow_time <= interval[1]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training
+    def sample_training_times(
+        self, batch_size: int, generator: Optional[torch.Generator] = None, device=None
+    ) -> torch.Tensor:
+        """Flow times `(batch_size,)` in (0, 1) drawn from `training_time_distribution`."""
+        distribution = self.config.training_time_distribution
+        if distribution == "uniform":
+            return torch.rand((batch_size,), generator=generator, device=device)
+        times = torch.sigmoid(randn_tensor((batch_size,), generator=generator, device=device))
+        if distribution == "fat_lognormal":
+            use_logit_normal = torch.rand((batch_size,), generator=generator, device=device) <= (
+                1 - self.config.uniform_time_probability
+            )
+            uniform = torch.rand((batch_size,), generator=generator, device=device)
+            times = torch.where(use_logit_normal, times, uniform)
+        return times
+
+    @staticmethod
+    def add_noise_at_times(images: torch.Tensor, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """
+        `z_t = (1 - t) x + t noise` for per-sample continuous times `(B,)`.
+
+        Written here rather than reusing `scale_noise`, which looks t up in the inference grid.
+        """
+        times = times.reshape(-1, *([1] * (images.ndim - 1))).to(images.dtype)
+        return (1 - times) * images + times * noise
+
+    @staticmethod
+    def velocity_target(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The velocity `noise - x` that the decoder learns."""
+        return noise - images
+
+    @staticmethod
+    def predict_image(noisy: torch.Tensor, velocity: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """One-step image estimate `x = z_t - t v`."""
+        return noisy - velocity * times.reshape(-1, *([1] * (noisy.ndim - 1))).to(noisy.dtype)
+
+    @staticmethod
+    def edm_sigma_to_flow_time(sigma: float) -> float:
+        """EDM noise level sigma (z = x + sigma n) to flow time t = sigma / (1 + sigma)."""
+        if sigma < 0 or math.isinf(sigma):
+            raise ValueError(f"sigma must be finite and non-negative, got {sigma}")
+        return sigma / (1 + sigma)
