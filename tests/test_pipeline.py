@@ -1,0 +1,110 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
+
+
+def straightforward_reconstruction(model, images, noise, steps=25, guidance=1.5):
+    """The original's loop: one decoder pass per step plus a separate null-code pass inside the guidance interval."""
+    scheduler = FlowMoScheduler()
+    scheduler.set_timesteps(steps)
+    code = model.encode(images).code
+    latents = noise.clone()
+    for index in range(steps):
+        t, t_next = scheduler.sigmas[index], scheduler.sigmas[index + 1]
+        times = t.expand(len(images))
+        velocity = model(latents, times, code).sample
+        if scheduler.is_guidance_step(t):
+            null = model(latents, times, code, code_mask=torch.zeros(len(images))).sample
+            velocity = null + guidance * (velocity - null)
+        latents = latents - (t - t_next) * velocity
+    return latents.clamp(-1, 1)
+
+
+@torch.no_grad()
+def test_batched_guidance_equals_straightforward_path(tiny_pipeline):
+    images = torch.rand(2, 3, 32, 32)
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    fast = tiny_pipeline(images=images, latents=noise, output_type="pt").images
+    reference = straightforward_reconstruction(tiny_pipeline.autoencoder, images * 2 - 1, noise)
+    torch.testing.assert_close(fast * 2 - 1, reference, rtol=0, atol=1e-5)
+
+
+def test_encode_then_decode_indices_equals_reconstruction(tiny_pipeline):
+    images = torch.rand(2, 3, 32, 32)
+    indices = tiny_pipeline.encode(images)
+    assert indices.shape == (2, 24) and indices.dtype == torch.int64
+    generator = torch.Generator().manual_seed(0)
+    from_ids = tiny_pipeline(indices=indices, generator=generator, output_type="np").images
+    generator = torch.Generator().manual_seed(0)
+    from_images = tiny_pipeline(images=images, generator=generator, output_type="np").images
+    assert from_ids.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(from_ids, from_images, atol=1e-5)
+
+
+def test_generator_makes_sampling_reproducible(tiny_pipeline):
+    ids = torch.randint(0, 16, (2, 24))
+    first = tiny_pipeline(indices=ids, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    second = tiny_pipeline(indices=ids, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    other = tiny_pipeline(indices=ids, generator=torch.Generator().manual_seed(8), output_type="pt").images
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+    assert 0 <= first.min() and first.max() <= 1
+
+
+def test_input_formats_agree(tiny_pipeline):
+    array = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    pil = [PIL.Image.fromarray(image) for image in array]
+    tensor = torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
+    expected = tiny_pipeline.encode(tensor)
+    assert torch.equal(tiny_pipeline.encode(pil), expected)
+    assert torch.equal(tiny_pipeline.encode(array), expected)
+    assert torch.equal(tiny_pipeline.encode(array.astype(np.float32) / 255), expected)
+    assert torch.equal(tiny_pipeline.encode(tensor[0]), expected[:1])
+    outputs = tiny_pipeline(images=pil[:1], num_inference_steps=2, output_type="pil").images
+    assert isinstance(outputs[0], PIL.Image.Image) and outputs[0].size == (32, 32)
+
+
+def test_decode_size_options(tiny_pipeline):
+    ids = torch.randint(0, 16, (1, 24))
+    images = tiny_pipeline(indices=ids, height=16, width=24, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 16, 24)
+
+
+def test_save_and_load_pipeline(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path)
+    loaded = FlowMoPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    ids = torch.randint(0, 16, (1, 24))
+    noise = torch.randn(1, 3, 32, 32)
+    expected = tiny_pipeline(indices=ids, latents=noise, num_inference_steps=3, output_type="pt").images
+    reloaded = loaded(indices=ids, latents=noise, num_inference_steps=3, output_type="pt").images
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one of"),
+        ({"images": torch.rand(1, 3, 32, 32), "indices": torch.zeros(1, 24, dtype=torch.long)}, "exactly one of"),
+        ({"images": torch.rand(1, 4, 32, 32)}, "\\(B, 3, H, W\\)"),
+        ({"images": torch.rand(1, 3, 30, 30)}, "multiples of patch_size"),
+        ({"images": torch.full((1, 3, 32, 32), float("inf"))}, "NaN or infinite"),
+        ({"images": torch.full((1, 3, 32, 32), 3.0)}, "values in \\[0, 1\\]"),
+        ({"images": np.zeros((1, 3, 32, 32), dtype=np.float32)}, "channel-last|\\(B, H, W, 3\\)"),
+        ({"images": "cat.png"}, "PIL images, numpy arrays or torch tensors"),
+        ({"images": []}, "empty"),
+        ({"indices": torch.zeros(1, 24)}, "integer tensor"),
+        ({"indices": torch.zeros(1, 25, dtype=torch.long)}, "shape \\(batch, 24\\)"),
+        ({"indices": torch.full((1, 24), 99)}, "\\[0, 16\\)"),
+        ({"indices": torch.zeros(1, 24, dtype=torch.long), "latents": torch.zeros(1, 3, 16, 16)}, "latents must be"),
+        ({"indices": torch.zeros(1, 24, dtype=torch.long), "height": 30}, "multiples of patch_size"),
+        ({"indices": torch.zeros(1, 24, dtype=torch.long), "output_type": "latent"}, "output_type"),
+        ({"indices": torch.zeros(1, 24, dtype=torch.long), "num_inference_steps": 0}, "num_inference_steps"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tiny_pipeline, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(**kwargs)
