@@ -2,6 +2,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from hub_stub import local_hub  # noqa: F401  (pytest fixture: local Hub stand-in with the client patched)
 
 from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
 
@@ -108,3 +109,34 @@ def test_save_and_load_pipeline(tiny_pipeline, tmp_path):
 def test_bad_input_gets_a_clear_error(tiny_pipeline, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_pipeline(**kwargs)
+
+
+def test_from_pretrained_by_hub_repo_id_and_push_to_hub(local_hub, tiny_pipeline, tmp_path):
+    """The real FlowMoPipeline against the local Hub stand-in (tests/hub_stub.py): push, then load by repo id."""
+    tiny_pipeline.save_pretrained(tmp_path / "saved")
+    local_hub.add_repo("user/flowmo-tiny", tmp_path / "saved")
+    loaded = FlowMoPipeline.from_pretrained("user/flowmo-tiny")
+    assert local_hub.downloaded_files("user/flowmo-tiny") == {
+        "model_index.json",
+        "autoencoder/config.json",
+        "autoencoder/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+    }
+    assert not local_hub.unhandled
+    for name, tensor in tiny_pipeline.autoencoder.state_dict().items():
+        assert torch.equal(loaded.autoencoder.state_dict()[name], tensor), name
+
+    tiny_pipeline.push_to_hub("user/flowmo-pushed", token="hf_test_token")
+    pushed = {path for commit in local_hub.commits if commit.repo_id == "user/flowmo-pushed" for path in commit.files}
+    assert {"model_index.json", "autoencoder/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"} <= pushed
+    assert not any(path.endswith((".bin", ".pth")) for path in pushed)
+    again = FlowMoPipeline.from_pretrained("user/flowmo-pushed")
+    ids = torch.randint(0, 16, (1, 24))
+    noise = torch.randn(1, 3, 32, 32)
+    again.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(
+        again(indices=ids, latents=noise, num_inference_steps=2, output_type="pt").images,
+        tiny_pipeline(indices=ids, latents=noise, num_inference_steps=2, output_type="pt").images,
+        rtol=0,
+        atol=1e-6,
+    )

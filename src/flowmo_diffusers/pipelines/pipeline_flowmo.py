@@ -11,11 +11,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
+from ..utils.hub import HubPipelineMixin
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray], List[torch.Tensor]]
 
 
-class FlowMoPipeline(DiffusionPipeline):
+class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
     r"""
     Tokenize and reconstruct images with FlowMo.
 
@@ -27,6 +28,9 @@ class FlowMoPipeline(DiffusionPipeline):
     values in [0, 1] (uint8 arrays in [0, 255] are scaled). Decoding integrates the decoder's velocity field with
     [`FlowMoScheduler`] from noise; the defaults (25 steps on the t = (i/N)^4 grid, guidance 1.5 within the EDM-sigma
     interval (0.17, 1.02)) are the paper's sampler.
+
+    `from_pretrained` takes a folder or a Hub repo id (see [`HubPipelineMixin`] for why diffusers' own download step
+    cannot be used for components that live in this package).
 
     Args:
         autoencoder ([`FlowMoModel`]): the tokenizer.

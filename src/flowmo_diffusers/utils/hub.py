@@ -1,0 +1,319 @@
+"""Download helpers so that pipelines whose components live in *this* package load from a Hub repo id.
+
+Why this exists
+---------------
+Our ``model_index.json`` names components from our own package, e.g.
+``"autoencoder": ["flowmo_diffusers", "FlowMoModel"]``. Loading such a pipeline from a *local folder* works in
+diffusers (``load_sub_model`` just does ``importlib.import_module("flowmo_diffusers")``), but loading it from a
+*Hub repo id* does not: ``DiffusionPipeline.from_pretrained("<user>/<repo>")`` first calls
+``DiffusionPipeline.download``, which (diffusers 0.42.1, ``diffusers/pipelines/pipeline_utils.py:1687``) calls
+``_get_custom_components_and_folders`` (``diffusers/pipelines/pipeline_loading_utils.py``, check at line 1101,
+raise at 1102)::
+
+    elif module_candidate not in LOADABLE_CLASSES and not hasattr(pipelines, module_candidate):
+        raise ValueError(
+            f"{candidate_file} as defined in `model_index.json` does not exist in {pretrained_model_name} "
+            "and is not a module in 'diffusers/pipelines'."
+        )
+
+i.e. ``ValueError: autoencoder/flowmo_diffusers.py as defined in `model_index.json` does not exist in
+<user>/<repo> and is not a module in 'diffusers/pipelines'.`` -- the download step only accepts components from
+``diffusers``/``transformers``/``onnxruntime.training``, a diffusers pipeline module, or custom code shipped in
+the repo (``<component>/<module>.py``), although the load step would import our installed package just fine.
+
+So we resolve the repo id to a local snapshot ourselves (``huggingface_hub.hf_hub_download`` for
+``model_index.json``, then ``huggingface_hub.snapshot_download`` restricted to the files the pipeline needs,
+pinned to the same commit) and hand diffusers the *folder*, which takes its local-folder code path.
+:class:`HubPipelineMixin` wires that into ``from_pretrained`` / ``download``.
+
+A second diffusers 0.42.1 detail: ``save_pretrained`` records a component from outside diffusers under its *full*
+module path (``[cls.__module__, cls.__name__]``, e.g. ``["flowmo_diffusers.models.flowmo", "FlowMoModel"]``), and
+loading resolves that module from ``sys.modules`` only -- it never imports it
+(``_get_library_or_raise``, ``diffusers/pipelines/pipeline_loading_utils.py:347-375``). :class:`HubPipelineMixin`
+therefore imports, before loading, the component modules that belong to the pipeline class's own top-level
+package (installed code we already run, never a module chosen by the repo alone).
+
+Only public ``huggingface_hub`` APIs that exist since 0.34 are used (``hf_hub_download``, ``snapshot_download``,
+``HfApi.model_info``, ``constants.HF_HUB_OFFLINE``); the cache layout, offline mode, tokens, etc. are
+entirely huggingface_hub's.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+try:  # huggingface_hub >= 1.0 talks httpx (httpx2 in 2.x), whose transport errors are not OSErrors
+    from huggingface_hub.utils import httpx as _httpx
+
+    _NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError, _httpx.TransportError)
+except ImportError:  # huggingface_hub 0.x uses requests: its errors (and HfHubHTTPError) are OSErrors
+    _NETWORK_ERRORS = (OSError,)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HubPipelineMixin", "download_pipeline_folder", "select_pipeline_files", "MODEL_INDEX_NAME"]
+
+MODEL_INDEX_NAME = "model_index.json"
+_SAFETENSORS_SUFFIXES = (".safetensors",)
+_PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+# Every weight format: a component folder's other files (configs, tokenizer files...) are always fetched.
+_WEIGHT_SUFFIXES = _SAFETENSORS_SUFFIXES + _PICKLE_SUFFIXES + (
+    ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".gguf", ".flashpack")
+_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+# from_pretrained kwargs consumed by the download step only / needed by both download and loading.
+_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder")
+_SHARED_KWARGS = ("variant", "use_safetensors")
+
+
+def _weight_variant(filename: str) -> str | None:
+    """``diffusion_pytorch_model.fp16.safetensors`` -> ``"fp16"``; ``model-00001-of-00002.safetensors`` -> None."""
+    stem = filename.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    stem = _SHARD_RE.sub("", stem)
+    return stem.split(".", 1)[1] if "." in stem else None
+
+
+def _pipeline_components(model_index: dict, skip: Iterable[str] = ()) -> list[str]:
+    """Names of the component folders declared in ``model_index.json`` (``name: [library, class]``)."""
+    skip = set(skip)
+    return [
+        name
+        for name, value in model_index.items()
+        if not name.startswith("_")
+        and name not in skip
+        and isinstance(value, (list, tuple))
+        and len(value) == 2
+        and value[0] is not None
+        and value[1] is not None
+    ]
+
+
+def select_pipeline_files(
+    repo_files: Iterable[str],
+    model_index: dict,
+    *,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+    skip_components: Iterable[str] = (),
+) -> list[str]:
+    """The repo files a pipeline needs: ``model_index.json`` and, per component folder, its non-weight files
+    (configs...) plus its weights: safetensors if there are any, else ``.bin``/``.pth``/``.pt``/``.ckpt``
+    (``use_safetensors=True``: safetensors only; ``False``: pickle only). With ``variant``, a component's
+    ``*.<variant>.*`` weights are preferred, falling back to the non-variant ones (as diffusers does).
+    """
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    repo_files = sorted(set(repo_files))
+    selected = [f"{prefix}{MODEL_INDEX_NAME}"]
+    for component in _pipeline_components(model_index, skip_components):
+        folder = f"{prefix}{component}/"
+        files = [f for f in repo_files if f.startswith(folder)]
+        selected += [f for f in files if not f.endswith(_WEIGHT_SUFFIXES)]
+
+        def weights(suffixes: tuple[str, ...]) -> list[str]:
+            candidates = [f for f in files if f.endswith(suffixes)]
+            if variant is not None:
+                preferred = [f for f in candidates if _weight_variant(f) == variant]
+                if preferred:
+                    return preferred
+            return [f for f in candidates if _weight_variant(f) is None]
+
+        safe, pickle = weights(_SAFETENSORS_SUFFIXES), weights(_PICKLE_SUFFIXES)
+        if use_safetensors is True:
+            selected += safe
+        elif use_safetensors is False:
+            selected += pickle
+        else:
+            selected += safe or pickle
+    return selected
+
+
+def download_pipeline_folder(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+    force_download: bool = False,
+    proxies: dict | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+    skip_components: Iterable[str] = (),
+    user_agent: dict | str | None = None,
+) -> str:
+    """Local folder holding the pipeline (the one with ``model_index.json``) for a local path or a Hub repo id.
+
+    A local folder (``pretrained_model_name_or_path[/subfolder]``) is returned as is. A repo id is downloaded
+    into the huggingface_hub cache (``cache_dir``) and the snapshot folder (``/subfolder``) is returned:
+
+    1. ``hf_hub_download`` of ``model_index.json`` (``revision``; its snapshot folder gives the commit hash);
+    2. the repo's file list at that commit (``HfApi.model_info``), filtered by :func:`select_pipeline_files`
+       (components named in ``skip_components`` -- those passed to ``from_pretrained`` as objects -- skipped);
+    3. ``snapshot_download`` of exactly those files, pinned to that commit.
+
+    With ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` nothing goes to the network: the cached snapshot
+    that ``model_index.json`` resolves to is returned (``revision`` is looked up in the cache's refs).
+    ``proxies`` is forwarded to huggingface_hub (which ignores it since 1.0: use ``HTTP(S)_PROXY`` there).
+
+    Raises ``RepositoryNotFoundError`` / ``RevisionNotFoundError`` / ``EntryNotFoundError`` (no
+    ``model_index.json``) with the repo id in the message, ``OSError`` for a path that is neither a folder nor a
+    repo id, and ``LocalEntryNotFoundError`` when offline and nothing is cached.
+    """
+    path = os.fspath(pretrained_model_name_or_path)
+    subfolder = subfolder.strip("/") if subfolder else None
+    local = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isdir(local):
+        return local
+    if os.path.isdir(path):
+        raise OSError(f"Pipeline folder {path!r} has no subfolder {subfolder!r}.")
+    try:
+        validate_repo_id(path)
+    except HFValidationError as e:
+        raise OSError(
+            f"{path!r} is neither an existing local folder nor a valid Hub repo id ('<namespace>/<name>')."
+        ) from e
+
+    repo_id = path
+    offline = bool(local_files_only) or bool(hf_constants.HF_HUB_OFFLINE)
+    common: dict = {"cache_dir": cache_dir, "token": token}
+    if proxies is not None:
+        common["proxies"] = proxies
+    if user_agent is not None:
+        common["user_agent"] = user_agent
+    where = f"'{repo_id}'" + (f" (revision '{revision}')" if revision else "")
+
+    index_in_repo = f"{subfolder}/{MODEL_INDEX_NAME}" if subfolder else MODEL_INDEX_NAME
+    try:
+        index_file = hf_hub_download(
+            repo_id, MODEL_INDEX_NAME, subfolder=subfolder, revision=revision, force_download=force_download,
+            local_files_only=offline, **common,
+        )
+    except LocalEntryNotFoundError as e:
+        reason = "offline mode is enabled (HF_HUB_OFFLINE=1)" if hf_constants.HF_HUB_OFFLINE else (
+            "local_files_only=True" if local_files_only else "the Hub could not be reached")
+        raise LocalEntryNotFoundError(
+            f"Cannot load pipeline {where}: its {index_in_repo} is not in the local cache and {reason}."
+        ) from e
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        e.append_to_message(f"\nCould not load pipeline {where}: repository or revision not found on the Hub.")
+        raise
+    except EntryNotFoundError as e:
+        if hasattr(e, "append_to_message"):
+            e.append_to_message(f"\nRepository {where} has no {index_in_repo}: it is not a diffusers pipeline.")
+        raise
+
+    # .../snapshots/<commit>/[subfolder/]model_index.json -> .../snapshots/<commit>
+    snapshot_root = Path(index_file)
+    for _ in index_in_repo.split("/"):
+        snapshot_root = snapshot_root.parent
+    folder = str(snapshot_root / subfolder) if subfolder else str(snapshot_root)
+    if offline:
+        return folder
+    # Pin every download to the commit model_index.json came from, even if the branch moves meanwhile.
+    commit = snapshot_root.name if _COMMIT_RE.match(snapshot_root.name) else revision
+
+    with open(index_file, encoding="utf-8") as f:
+        model_index = json.load(f)
+    try:
+        # model_info: a single GET without retry/backoff (list_repo_files retries ~20 s when the Hub is down).
+        repo_files = [s.rfilename for s in HfApi().model_info(repo_id, revision=commit, token=token).siblings or []]
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except _NETWORK_ERRORS as e:
+        # model_index.json was served from the cache because the Hub is unreachable: use the cached snapshot.
+        logger.warning("Could not list the files of %s on the Hub (%s); using the cached snapshot %s.", where, e,
+                       folder)
+        return folder
+    wanted = select_pipeline_files(repo_files, model_index, subfolder=subfolder, variant=variant,
+                                   use_safetensors=use_safetensors, skip_components=skip_components)
+    snapshot = snapshot_download(
+        repo_id, revision=commit, force_download=force_download,
+        allow_patterns=[glob.escape(f) for f in wanted], **common,
+    )
+    return os.path.join(snapshot, subfolder) if subfolder else str(snapshot)
+
+
+class HubPipelineMixin:
+    """Make ``from_pretrained("<user>/<repo>")`` (and ``download``) work for a ``DiffusionPipeline`` whose
+    components come from a package other than diffusers (see the module docstring for the diffusers check this
+    works around). Put it *before* ``DiffusionPipeline`` in the bases::
+
+        class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline): ...
+
+    ``from_pretrained`` resolves the folder with :func:`download_pipeline_folder` (which consumes ``cache_dir``,
+    ``revision``, ``token``, ``local_files_only``, ``force_download``, ``proxies``, ``subfolder``, and reads
+    ``variant`` / ``use_safetensors``), then calls ``DiffusionPipeline.from_pretrained(folder, **rest)``.
+    Components passed as objects (``from_pretrained(repo, scheduler=my_scheduler)``) are not downloaded.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        from diffusers import DiffusionPipeline
+
+        mro = cls.__mro__
+        if DiffusionPipeline in mro and mro.index(DiffusionPipeline) < mro.index(HubPipelineMixin):
+            raise TypeError(
+                f"{cls.__name__}: list HubPipelineMixin before DiffusionPipeline in the base classes, otherwise "
+                "DiffusionPipeline.from_pretrained shadows HubPipelineMixin.from_pretrained."
+            )
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Drop-in for ``DiffusionPipeline.download``: returns the local pipeline folder."""
+        download_kwargs = {k: kwargs.pop(k) for k in _DOWNLOAD_KWARGS + _SHARED_KWARGS if k in kwargs}
+        return download_pipeline_folder(pretrained_model_name, skip_components=tuple(kwargs), **download_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # DiffusionPipeline.from_pretrained(<repo id>) would go through DiffusionPipeline.download, whose
+        # _get_custom_components_and_folders rejects components that are not from diffusers/transformers
+        # ("... is not a module in 'diffusers/pipelines'", see the module docstring). Handing it a local folder
+        # takes the code path that loads them fine.
+        download_kwargs = {k: kwargs.pop(k) for k in _DOWNLOAD_KWARGS if k in kwargs}
+        download_kwargs.update({k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs})
+        folder = download_pipeline_folder(
+            pretrained_model_name_or_path, skip_components=tuple(kwargs), **download_kwargs
+        )
+        _import_own_component_modules(cls, folder)
+        return super().from_pretrained(folder, **kwargs)
+
+
+def _import_own_component_modules(pipeline_cls: type, folder: str) -> None:
+    """Import the modules ``model_index.json`` names for components, if they are in ``pipeline_cls``'s package.
+
+    diffusers 0.42.1 looks non-diffusers component modules up in ``sys.modules`` and refuses to import them
+    ("... has not been imported"); a module of our own package may not be imported yet (lazy imports, a
+    scheduler module the pipeline module does not import). Modules outside that package are left to diffusers.
+    """
+    package = pipeline_cls.__module__.split(".")[0]
+    try:
+        with open(os.path.join(folder, MODEL_INDEX_NAME), encoding="utf-8") as f:
+            model_index = json.load(f)
+    except (OSError, ValueError):
+        return  # diffusers reports a missing / broken model_index.json itself
+    for name in _pipeline_components(model_index):
+        module = model_index[name][0]
+        if isinstance(module, str) and module.split(".")[0] == package and module not in sys.modules:
+            importlib.import_module(module)
