@@ -31,6 +31,7 @@ setup(
         ],
         "eval": [
             "evaluate>=0.4",
+            "pytorch-fid>=0.3",
             "scipy",
             "scikit-image>=0.22",
             "lpips>=0.1.4",
@@ -41,6 +42,7 @@ setup(
             "accelerate>=1.0",
             "datasets>=3.0",
             "evaluate>=0.4",
+            "pytorch-fid>=0.3",
             "torchvision>=0.19",
             "lpips>=0.1.4",
             "scipy",

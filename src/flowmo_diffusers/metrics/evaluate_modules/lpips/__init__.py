@@ -1,0 +1,1 @@
+"""Bundled `evaluate` module `lpips`: load with `flowmo_diffusers.metrics.load_metric("lpips")`."""

@@ -1,0 +1,1 @@
+"""Bundled `evaluate` module `psnr`: load with `flowmo_diffusers.metrics.load_metric("psnr")`."""

@@ -1,0 +1,1 @@
+"""Bundled `evaluate` module `ssim`: load with `flowmo_diffusers.metrics.load_metric("ssim")`."""

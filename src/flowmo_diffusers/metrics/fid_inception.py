@@ -1,0 +1,162 @@
+"""The TF-ported InceptionV3 used for FID (pytorch-fid's network), as a feature extractor.
+
+This is pytorch-fid's ``InceptionV3`` (``use_fid_inception=True``): torchvision's
+Inception3 with the ``FIDInceptionA/C/E_1/E_2`` blocks that reproduce TensorFlow's
+pooling quirks, and the weights ``pt_inception-2015-12-05-6726825d.pth`` ported from
+the original TF FID graph. FlowMo computed rFID from its 2048-d final average-pool
+features. The difference from pytorch-fid's own class is only how the weights are
+obtained: from a local file, from the torch hub cache / URL with a clear error, or
+explicitly left random for tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._optional_dependencies import require
+from .image_conversion import check_image_batch
+from .pretrained_weights import PathLike, PretrainedWeights, load_pretrained_state_dict
+
+FID_INCEPTION_WEIGHTS = PretrainedWeights(
+    description="FID Inception (pytorch-fid TF-ported InceptionV3)",
+    url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    path_option="weights_path",
+    # pytorch-fid downloads this file without hash checking; do the same.
+    check_hash=False,
+    aggregator_path_option="inception_weights_path=...",
+)
+
+FID_INCEPTION_INPUT_SIZE = 299
+
+# Feature dimension -> index of the last block needed (pytorch-fid's BLOCK_INDEX_BY_DIM).
+FEATURE_DIMS_TO_LAST_BLOCK = {64: 0, 192: 1, 768: 2, 2048: 3}
+
+
+def build_fid_inception_v3() -> nn.Module:
+    """Randomly initialised FID InceptionV3 with the layout of the pretrained weights file.
+
+    Mirrors ``pytorch_fid.inception.fid_inception_v3`` minus the download.
+    """
+    require("pytorch_fid")
+    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+    from torchvision.models import inception_v3
+
+    # init_weights=False: torchvision's truncated-normal init is slow and is overwritten
+    # by the checkpoint anyway (pytorch-fid does the same).
+    inception = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    inception.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    inception.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    inception.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    inception.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    inception.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    inception.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    inception.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    inception.Mixed_7b = FIDInceptionE_1(1280)
+    inception.Mixed_7c = FIDInceptionE_2(2048)
+    return inception
+
+
+class FIDInceptionFeatureExtractor(nn.Module):
+    """FID Inception features of a batch of images, as pytorch-fid computes them.
+
+    Images are brought to [0, 1], resized to 299x299 with bilinear interpolation
+    (``align_corners=False``), scaled to [-1, 1] and run through the network up to the
+    block that yields ``feature_dims`` channels, then spatially averaged.
+
+    Args:
+        weights_path: Local ``pt_inception-2015-12-05-6726825d.pth``. Without it the
+            weights come from the torch hub cache, downloading them if possible.
+        random_init: Explicit test option: keep random weights and read nothing.
+        feature_dims: 2048 (final average pool; what FID/rFID uses), or 64, 192, 768
+            (earlier blocks, as pytorch-fid's ``--dims``; cheaper, for tests and tiny sets).
+
+    Raises:
+        MissingPretrainedWeightsError: ``random_init`` is False and the weights cannot be found.
+    """
+
+    def __init__(
+        self,
+        weights_path: Optional[PathLike] = None,
+        random_init: bool = False,
+        feature_dims: int = 2048,
+    ) -> None:
+        super().__init__()
+        if feature_dims not in FEATURE_DIMS_TO_LAST_BLOCK:
+            raise ValueError(f"feature_dims must be one of {sorted(FEATURE_DIMS_TO_LAST_BLOCK)}, got {feature_dims}")
+        if random_init and weights_path is not None:
+            raise ValueError("weights_path was given together with random_init=True; pass one or the other")
+        self.feature_dims = feature_dims
+        # Resolve the weights before building the network, so a missing file fails fast.
+        state_dict = None if random_init else load_pretrained_state_dict(FID_INCEPTION_WEIGHTS, weights_path)
+        inception = build_fid_inception_v3()
+        if state_dict is None:
+            # PyTorch's default conv init shrinks activations ~3x per layer, so 90+ layers
+            # would give ~1e-8 features; He init keeps them O(1), which makes random-init
+            # FID values in tests clearly distinguishable from zero.
+            for module in inception.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        else:
+            inception.load_state_dict(state_dict, strict=True)
+
+        # Same block split as pytorch_fid.inception.InceptionV3.
+        all_blocks = [
+            [
+                inception.Conv2d_1a_3x3,
+                inception.Conv2d_2a_3x3,
+                inception.Conv2d_2b_3x3,
+                nn.MaxPool2d(kernel_size=3, stride=2),
+            ],
+            [inception.Conv2d_3b_1x1, inception.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2)],
+            [
+                inception.Mixed_5b,
+                inception.Mixed_5c,
+                inception.Mixed_5d,
+                inception.Mixed_6a,
+                inception.Mixed_6b,
+                inception.Mixed_6c,
+                inception.Mixed_6d,
+                inception.Mixed_6e,
+            ],
+            [inception.Mixed_7a, inception.Mixed_7b, inception.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1))],
+        ]
+        last_block = FEATURE_DIMS_TO_LAST_BLOCK[feature_dims]
+        self.blocks = nn.ModuleList(nn.Sequential(*layers) for layers in all_blocks[: last_block + 1])
+        self.eval()
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, value_range: Tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+        """Inception features.
+
+        Args:
+            images: [B, 3, H, W] tensor, any H and W (resized to 299x299).
+            value_range: ``(-1, 1)`` (the default, FlowMo's convention) or ``(0, 1)``.
+                [-1, 1] input is clamped and mapped with ``(x + 1) / 2`` first, as FlowMo
+                did before calling pytorch-fid's network (which expects [0, 1]).
+
+        Returns:
+            [B, feature_dims] float32 tensor on the network's device.
+        """
+        check_image_batch(images)
+        device = next(self.parameters()).device
+        images = images.detach().to(device=device, dtype=torch.float32)
+        if tuple(value_range) == (-1.0, 1.0):
+            images = (images.clamp(-1.0, 1.0) + 1.0) / 2.0
+        elif tuple(value_range) != (0.0, 1.0):
+            raise ValueError(f"value_range must be (-1, 1) or (0, 1), got {value_range}")
+        # Order of operations as in pytorch_fid.inception.InceptionV3.forward: resize, then rescale.
+        x = F.interpolate(
+            images, size=(FID_INCEPTION_INPUT_SIZE, FID_INCEPTION_INPUT_SIZE), mode="bilinear", align_corners=False
+        )
+        x = 2 * x - 1
+        for block in self.blocks:
+            x = block(x)
+        if x.shape[2:] != (1, 1):
+            # Earlier blocks give feature maps; pytorch-fid's fid_score averages them spatially.
+            x = F.adaptive_avg_pool2d(x, output_size=(1, 1))
+        return x.flatten(1)
