@@ -36,6 +36,9 @@ setup(
             "scikit-image>=0.22",
             "lpips>=0.1.4",
             "torchvision>=0.19",
+            "accelerate>=1.0",
+            "datasets>=3.0",
+            "matplotlib",
         ],
         "test": [
             "pytest>=7",
@@ -49,6 +52,7 @@ setup(
             "scikit-image>=0.22",
             "tensorboard",
             "transformers>=4.40",
+            "matplotlib",
         ],
     },
 )
