@@ -19,6 +19,7 @@ setup(
         "numpy",
         "Pillow",
         "pyyaml",
+        "transformers>=5.0",  # the MaskGiT prior's BERT encoder stack
     ],
     extras_require={
         "train": [
@@ -51,7 +52,6 @@ setup(
             "scipy",
             "scikit-image>=0.22",
             "tensorboard",
-            "transformers>=4.40",
             "matplotlib",
         ],
     },

@@ -1,1 +1,2 @@
 from .pipeline_flowmo import FlowMoPipeline
+from .pipeline_flowmo_maskgit import FlowMoMaskGiTPipeline, FlowMoMaskGiTPipelineOutput

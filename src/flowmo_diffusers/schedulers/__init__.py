@@ -1,1 +1,2 @@
 from .scheduling_flowmo import FlowMoScheduler
+from .scheduling_maskgit import MaskGiTScheduler, MaskGiTSchedulerOutput

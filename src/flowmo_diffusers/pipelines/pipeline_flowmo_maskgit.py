@@ -1,0 +1,193 @@
+"""FlowMoMaskGiTPipeline: class ids -> FlowMo token ids (MaskGiT prior) -> images (FlowMo decoder)."""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..models.autoencoder_flowmo import FlowMoModel
+from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
+from ..schedulers.scheduling_flowmo import FlowMoScheduler
+from ..schedulers.scheduling_maskgit import MaskGiTScheduler
+from ..utils.hub import HubPipelineMixin
+from .pipeline_flowmo import FlowMoPipeline
+
+
+@dataclass
+class FlowMoMaskGiTPipelineOutput(BaseOutput):
+    """
+    Output of [`FlowMoMaskGiTPipeline`].
+
+    Args:
+        images: PIL images, numpy `(B, H, W, 3)` or torch `(B, 3, H, W)` in [0, 1]; with `output_type="latent"` the
+            token ids themselves (diffusers' convention for "latent"), `(B, num_indices)` int64.
+        indices (`torch.LongTensor` of shape `(B, num_indices)`): the sampled FlowMo token ids.
+    """
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    indices: torch.LongTensor
+
+
+class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
+    r"""
+    Class-conditional generation with a MaskGiT prior over FlowMo tokens.
+
+    1. Start from all-masked ids; for each of `num_inference_steps` steps the transformer predicts logits for every
+       position, conditional and unconditional (null class) in one batched pass, combined as
+       `null + w_i (cond - null)` with the scheduler's guidance schedule w_i; the [`MaskGiTScheduler`] draws ids for
+       the masked positions and re-masks the least confident ones.
+    2. Decode the ids to images with [`FlowMoPipeline`]'s rectified-flow sampler (its own guidance on the code), run
+       on this pipeline's `autoencoder` and `decoder_scheduler` — the decoding loop is not duplicated here.
+
+    Args:
+        transformer ([`FlowMoMaskGiTTransformer`]): the prior; its `num_indices` / `codebook_size` must match the
+            autoencoder's.
+        scheduler ([`MaskGiTScheduler`]): unmasking sampler; `mask_token_id` must be the transformer's.
+        autoencoder ([`FlowMoModel`]): the tokenizer whose decoder renders the ids.
+        decoder_scheduler ([`FlowMoScheduler`]): the decoder's sampler.
+    """
+
+    model_cpu_offload_seq = "transformer->autoencoder"
+
+    def __init__(
+        self,
+        transformer: FlowMoMaskGiTTransformer,
+        scheduler: MaskGiTScheduler,
+        autoencoder: FlowMoModel,
+        decoder_scheduler: FlowMoScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, autoencoder=autoencoder, decoder_scheduler=decoder_scheduler
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    def check_components(self) -> None:
+        """Raise ValueError unless the transformer, scheduler and autoencoder agree on the token format."""
+        config = self.transformer.config
+        if (config.num_indices, config.codebook_size) != (self.autoencoder.num_indices, self.autoencoder.codebook_size):
+            raise ValueError(
+                f"transformer models {config.num_indices} ids of {config.codebook_size} values, but the autoencoder "
+                f"produces {self.autoencoder.num_indices} ids of {self.autoencoder.codebook_size} values"
+            )
+        if self.scheduler.config.mask_token_id != self.transformer.mask_token_id:
+            raise ValueError(
+                f"scheduler.mask_token_id ({self.scheduler.config.mask_token_id}) must equal the transformer's mask id "
+                f"({self.transformer.mask_token_id})"
+            )
+
+    def prepare_class_labels(self, class_labels: Union[int, Sequence[int], np.ndarray, torch.Tensor]) -> torch.Tensor:
+        """An int, a list, an array or a tensor of class ids -> int64 `(B,)` on the execution device, validated."""
+        num_classes = self.transformer.config.num_classes
+        if isinstance(class_labels, (bool, np.bool_)) or class_labels is None:
+            raise ValueError(f"class_labels must be class ids in [0, {num_classes}), got {class_labels!r}")
+        if isinstance(class_labels, torch.Tensor):
+            labels = class_labels
+        else:
+            labels = torch.as_tensor(np.asarray(class_labels))
+        if labels.numel() == 0:
+            raise ValueError("class_labels is empty: give at least one class id")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+        labels = labels.reshape(1) if labels.ndim == 0 else labels
+        if labels.ndim != 1:
+            raise ValueError(f"class_labels must be an int or a 1-D sequence of ints, got shape {tuple(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(
+                f"class_labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
+            )
+        return labels.to(device=self._execution_device, dtype=torch.long)
+
+    @torch.no_grad()
+    def generate_indices(
+        self,
+        class_labels: torch.LongTensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator=None,
+    ) -> torch.LongTensor:
+        """MaskGiT sampling: validated labels `(B,)` -> token ids `(B, num_indices)`."""
+        transformer = self.transformer
+        device = self._execution_device
+        batch_size = class_labels.shape[0]
+        ids = torch.full(
+            (batch_size, transformer.config.num_indices), transformer.mask_token_id, dtype=torch.long, device=device
+        )
+        null_labels = torch.full_like(class_labels, transformer.null_class_id)
+        both_labels = torch.cat([class_labels, null_labels])
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for step_index in self.progress_bar(self.scheduler.timesteps):
+            weight = self.scheduler.guidance_scale_at(step_index, guidance_scale)
+            if weight != 1.0:
+                # Conditional and null-class passes share one batched forward.
+                logits = transformer(torch.cat([ids, ids]), both_labels).logits.float()
+                conditional, unconditional = logits.chunk(2)
+                logits = unconditional + weight * (conditional - unconditional)
+            else:
+                logits = transformer(ids, class_labels).logits.float()
+            ids = self.scheduler.step(logits, step_index, ids, generator=generator).prev_sample
+        return ids
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Union[int, List[int], np.ndarray, torch.Tensor],
+        num_inference_steps: int = 16,
+        guidance_scale: float = 3.0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        output_type: str = "pil",
+        decoder_num_inference_steps: int = 25,
+        decoder_guidance_scale: float = 1.5,
+        return_dict: bool = True,
+    ) -> Union[FlowMoMaskGiTPipelineOutput, tuple]:
+        """
+        Generate images of the given classes.
+
+        Args:
+            class_labels: one class id, or a list / array / tensor of them (one image each), in `[0, num_classes)`.
+            num_inference_steps (`int`): MaskGiT unmasking steps.
+            guidance_scale (`float`): classifier-free guidance g on the logits, `null + w_i (cond - null)`, with w_i
+                from the scheduler's `guidance_schedule` (constant: w_i = g); 1 disables it. Our default, not tuned.
+            generator: `torch.Generator` (or one per image) for the token draws and then the decoder's noise.
+            output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1], as [`FlowMoPipeline`]) or `"latent"`
+                (the token ids, not decoded).
+            decoder_num_inference_steps, decoder_guidance_scale: the FlowMo decoder's sampler (paper: 25, 1.5).
+            return_dict (`bool`): return a [`FlowMoMaskGiTPipelineOutput`] rather than a tuple `(images, indices)`.
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        for name, value in (("num_inference_steps", num_inference_steps),
+                            ("decoder_num_inference_steps", decoder_num_inference_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("guidance_scale", guidance_scale), ("decoder_guidance_scale", decoder_guidance_scale)):
+            if not np.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        self.check_components()
+        labels = self.prepare_class_labels(class_labels)
+        if isinstance(generator, list) and len(generator) != labels.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {labels.shape[0]} class labels")
+
+        indices = self.generate_indices(labels, num_inference_steps, guidance_scale, generator)
+
+        if output_type == "latent":
+            images = indices
+        else:
+            # Decoding is FlowMoPipeline's, on our components (a light wrapper: no weights are copied).
+            decoder = FlowMoPipeline(autoencoder=self.autoencoder, scheduler=self.decoder_scheduler)
+            decoder.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+            images = decoder(
+                indices=indices,
+                num_inference_steps=decoder_num_inference_steps,
+                guidance_scale=decoder_guidance_scale,
+                generator=generator,
+                output_type=output_type,
+            ).images
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, indices)
+        return FlowMoMaskGiTPipelineOutput(images=images, indices=indices)
