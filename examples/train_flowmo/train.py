@@ -1,0 +1,527 @@
+#!/usr/bin/env python
+"""Train a FlowMo tokenizer with Accelerate: stage 1A (pre-training, "mode matching") and stage 1B
+(post-training, "mode seeking"), from one CPU process to multi-node GPUs.
+
+    accelerate launch examples/train_flowmo/train.py                       # offline CPU demo (see README)
+    accelerate launch examples/train_flowmo/train.py --dataset_name ILSVRC/imagenet-1k --streaming ...
+    accelerate launch examples/train_flowmo/train.py --stage posttrain --pretrained_model_name_or_path DIR ...
+
+This script holds arguments, the loop and logging only; the recipe lives in `flowmo_diffusers.training`
+(`losses`, `perceptual`, `utils`, `data`). See examples/train_flowmo/README.md.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+import diffusers
+from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config
+from flowmo_diffusers.models.presets import PRESETS
+from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
+from flowmo_diffusers.training.data import build_eval_dataloader, build_train_dataloader, load_image_dataset
+from flowmo_diffusers.training.losses import FlowMoTrainingModule
+from flowmo_diffusers.training.perceptual import (
+    PERCEPTUAL_NETWORKS,
+    MissingPretrainedWeightsError,
+    build_perceptual_loss,
+)
+from flowmo_diffusers.training.utils import (
+    InitialNormFixer,
+    TrainingProgress,
+    create_ema,
+    ema_update_due,
+    freeze_encoder,
+    optimizer_param_groups,
+    prune_checkpoints,
+    publish_checkpoint,
+    remove_stale_temporary_checkpoints,
+    resolve_resume_checkpoint,
+    temporary_checkpoint_path,
+    update_ema,
+    validation_grid,
+    write_model_card,
+)
+
+logger = get_logger(__name__)
+
+# Stage defaults (the paper's recipe); flags left unset take these.
+STAGE_DEFAULTS = {
+    "pretrain": dict(learning_rate=1e-4, perceptual_weight=0.1, perceptual_network="lpips-vgg", encoder_freeze_steps=200_000),
+    # The original post-trains from a pre-training checkpoint past 200k steps, so its encoder is frozen throughout.
+    "posttrain": dict(learning_rate=5e-5, perceptual_weight=0.01, perceptual_network="resnet50", encoder_freeze_steps=0),
+}
+# With no data flag the script trains on the embedded photographs: a CPU demo that must run offline.
+# The learning rate is 10x the paper's: measured on the tiny preset, 1e-3 reaches in 200 steps the PSNR that 1e-4
+# reaches in about 1000 (examples/train_flowmo/README.md).
+DEMO_DEFAULTS = dict(
+    model_config="flowmo-tiny", max_train_steps=500, learning_rate=1e-3, perceptual_weight=0.0, validation_steps=100
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a FlowMo tokenizer (stage 1A pre-training / 1B post-training).")
+    # Model and stage
+    parser.add_argument("--stage", choices=("pretrain", "posttrain"), default="pretrain",
+                        help="pretrain: stage 1A (flow + LPIPS on the one-step prediction). posttrain: stage 1B "
+                        "(perceptual loss on a k-step sample), starting from --pretrained_model_name_or_path.")
+    parser.add_argument("--model_config", type=str, default=None,
+                        help=f"Preset ({', '.join(sorted(PRESETS))}) or path to a FlowMoModel config.json. Default: "
+                        "flowmo-lo; flowmo-tiny for the embedded demo data. Ignored with --pretrained_model_name_or_path.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                        help="FlowMoPipeline folder or Hub id to start from (required for --stage posttrain).")
+    parser.add_argument("--revision", type=str, default=None, help="Hub revision of --pretrained_model_name_or_path.")
+    # Data
+    parser.add_argument("--dataset_name", type=str, default=None, help="datasets Hub id or local dataset path.")
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Folder of images (imagefolder).")
+    parser.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it.")
+    parser.add_argument("--image_column", type=str, default=None, help="Image column (auto-detected by default).")
+    parser.add_argument("--train_split", type=str, default="train")
+    parser.add_argument("--validation_split", type=str, default=None,
+                        help="Split for the fixed validation batch. Default: the first images of --train_split "
+                        "(center-cropped; not held out).")
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="Training resolution (default: the model's).")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer for --streaming.")
+    # Optimization
+    parser.add_argument("--output_dir", type=str, default="outputs/train_flowmo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Micro-batch per device.")
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help="Optimizer steps (required unless training on the embedded demo data).")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=None, help="Default: 1e-4 pretrain, 5e-5 posttrain.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.95)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=None, help="Gradient clipping (the recipe has none).")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                        help="Default: the Accelerate config. The recipe uses bf16.")
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Checkpoint every transformer block.")
+    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the encoder and decoder.")
+    # Recipe
+    parser.add_argument("--guidance_dropout", type=float, default=0.1, help="Share of samples trained with the null code.")
+    parser.add_argument("--training_time_distribution", choices=TRAINING_TIME_DISTRIBUTIONS, default=None,
+                        help="Flow-time distribution (default: the scheduler's, fat_lognormal).")
+    parser.add_argument("--encoder_freeze_steps", type=int, default=None,
+                        help="Freeze the encoder (and drop it from the optimizer) after this many steps. Default: "
+                        "200000 pretrain, 0 posttrain.")
+    parser.add_argument("--disable_norm_fix", action="store_true",
+                        help="Do not rescale the double-block Linear weights to their initial norms after each step.")
+    parser.add_argument("--perceptual_weight", type=float, default=None,
+                        help="Default: 0.1 pretrain, 0.01 posttrain, 0 for the embedded demo data.")
+    parser.add_argument("--perceptual_network", choices=PERCEPTUAL_NETWORKS, default=None,
+                        help="Default: lpips-vgg pretrain, resnet50 posttrain.")
+    parser.add_argument("--perceptual_weights_path", type=str, default=None,
+                        help="Local ImageNet weights of the perceptual network (torchvision vgg16-397923af.pth / "
+                        "resnet50-0676ba61.pth); default: the torch hub cache, downloading if possible.")
+    parser.add_argument("--perceptual_random_init", action="store_true",
+                        help="Randomly initialised perceptual network (tests / smoke runs only: not a perceptual loss).")
+    parser.add_argument("--posttrain_sample_steps", type=int, default=8, help="k: Euler steps of the stage-1B sample.")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights and save it at the end.")
+    parser.add_argument("--ema_decay", type=float, default=0.9999, help="Per-step decay; applied as decay**k every k steps.")
+    parser.add_argument("--ema_update_every", type=int, default=10)
+    # Checkpoints, validation, logging
+    parser.add_argument("--checkpointing_steps", type=int, default=5000)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help="'latest' (newest complete checkpoint in --output_dir, or a fresh start) or a path.")
+    parser.add_argument("--validation_steps", type=int, default=None,
+                        help="Reconstruct the fixed validation batch and log PSNR every N steps and at the start "
+                        "(default 1000; 100 for the embedded demo data).")
+    parser.add_argument("--num_validation_images", type=int, default=4)
+    parser.add_argument("--validation_inference_steps", type=int, default=25)
+    parser.add_argument("--validation_guidance_scale", type=float, default=1.5)
+    parser.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--tracker_project_name", type=str, default="train_flowmo")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--debug_checksums", action="store_true",
+                        help="Each process writes a checksum of its final weights to OUTPUT_DIR/debug_checksums/.")
+    args = parser.parse_args(argv)
+
+    args.demo = args.dataset_name is None and args.train_data_dir is None
+    applied = {}
+    if args.demo:
+        for key, value in DEMO_DEFAULTS.items():
+            if key == "model_config" and args.pretrained_model_name_or_path is not None:
+                continue
+            if getattr(args, key) is None:
+                applied[key] = value
+                setattr(args, key, value)
+    for key, value in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.demo_defaults_applied = applied
+    if args.model_config is None:
+        args.model_config = "flowmo-lo"
+    if args.validation_steps is None:
+        args.validation_steps = 1000
+    if args.stage == "posttrain" and args.pretrained_model_name_or_path is None:
+        parser.error("--stage posttrain starts from a stage-1A model: pass --pretrained_model_name_or_path")
+    if args.max_train_steps is None:
+        parser.error("--max_train_steps is required when training on a dataset (1.3M FlowMo-Lo / 800k FlowMo-Hi)")
+    if args.perceptual_random_init and args.perceptual_weights_path:
+        parser.error("--perceptual_random_init and --perceptual_weights_path exclude each other")
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                 "validation_steps", "ema_update_every", "posttrain_sample_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def load_model(args):
+    """The autoencoder and the scheduler to train: from a pipeline (folder or Hub id) or a fresh config."""
+    if args.pretrained_model_name_or_path is not None:
+        from flowmo_diffusers.utils.hub import download_pipeline_folder
+
+        folder = download_pipeline_folder(
+            args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision, token=args.hub_token
+        )
+        pipeline = FlowMoPipeline.from_pretrained(folder)
+        model, scheduler = pipeline.autoencoder, pipeline.scheduler
+    else:
+        if args.model_config in PRESETS:
+            config = get_preset_config(args.model_config)
+        elif os.path.isfile(args.model_config) or os.path.isdir(args.model_config):
+            config = FlowMoModel.load_config(args.model_config)
+        else:
+            raise ValueError(f"--model_config {args.model_config!r} is neither a preset ({sorted(PRESETS)}) nor a config path")
+        model = FlowMoModel.from_config(config)
+        scheduler = FlowMoScheduler()
+    if args.training_time_distribution is not None:
+        scheduler = FlowMoScheduler.from_config(scheduler.config, training_time_distribution=args.training_time_distribution)
+    return model.float().train(), scheduler
+
+
+def weights_checksum(parameters) -> str:
+    digest = hashlib.sha256()
+    for parameter in parameters:
+        digest.update(parameter.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "accelerate launch " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
+
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    start_step = resume[0] if resume else 0
+    freeze_at_start = start_step >= args.encoder_freeze_steps
+    # DDP must know up front whether some parameters will stop receiving gradients (the encoder freeze mid-run).
+    freeze_mid_run = not freeze_at_start and args.encoder_freeze_steps < args.max_train_steps
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=freeze_mid_run)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        diffusers.utils.logging.set_verbosity_error()
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and (
+        not args.disable_norm_fix or args.use_ema
+    ):
+        # Both act on the parameters the prepared model exposes; sharded, the per-weight norms would be wrong.
+        raise NotImplementedError(
+            f"{accelerator.distributed_type}: the initial-norm fix and the EMA need whole parameters; use DDP "
+            "(accelerate launch --multi_gpu), or pass --disable_norm_fix and leave out --use_ema (not the recipe)."
+        )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for path in remove_stale_temporary_checkpoints(args.output_dir):
+            logger.warning(f"Removed the incomplete checkpoint {path} left by an interrupted save")
+    if args.demo:
+        logger.info(
+            "No --dataset_name / --train_data_dir: training on the embedded scikit-image photographs (CPU demo). "
+            f"Demo defaults applied: {args.demo_defaults_applied or 'none (all given explicitly)'}."
+        )
+    if args.perceptual_weight == 0:
+        logger.warning(
+            f"Training WITHOUT the perceptual term (--perceptual_weight 0). The paper's {args.stage} recipe uses "
+            f"{STAGE_DEFAULTS[args.stage]['perceptual_weight']} x {STAGE_DEFAULTS[args.stage]['perceptual_network']}, "
+            "which needs ImageNet weights (--perceptual_weights_path or the torch hub cache)."
+        )
+    elif args.perceptual_random_init:
+        logger.warning("--perceptual_random_init: the perceptual network is RANDOMLY initialised; not the paper's loss.")
+
+    # First, so that missing ImageNet weights stop the run at once. A random init (tests) is seeded on its own.
+    perceptual = None
+    if args.perceptual_weight != 0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            try:
+                perceptual = build_perceptual_loss(
+                    args.perceptual_network, pretrained=not args.perceptual_random_init,
+                    weights_path=args.perceptual_weights_path,
+                ).to(accelerator.device)
+            except MissingPretrainedWeightsError as error:
+                raise SystemExit(f"error: {error}") from None
+
+    # Same initial weights on every process, then process-specific randomness for noise, times and masks.
+    set_seed(args.seed)
+    model, scheduler = load_model(args)
+    set_seed(args.seed, device_specific=True)
+    progress = TrainingProgress(global_step=0, encoder_frozen=freeze_at_start)
+    if freeze_at_start:
+        freeze_encoder(model)
+        logger.info(f"Encoder frozen from the start (step {start_step} >= --encoder_freeze_steps {args.encoder_freeze_steps})")
+    norm_fixer = InitialNormFixer()
+    if not args.disable_norm_fix:
+        norm_fixer.record(model)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.torch_compile:
+        model.encoder.compile()
+        model.decoder.compile()
+
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, include_encoder=not freeze_at_start),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    training_module = FlowMoTrainingModule(
+        model,
+        scheduler,
+        guidance_dropout=args.guidance_dropout,
+        perceptual_weight=args.perceptual_weight,
+        posttrain_sample_steps=args.posttrain_sample_steps if args.stage == "posttrain" else None,
+    )
+    training_module, optimizer = accelerator.prepare(training_module, optimizer)
+    model = accelerator.unwrap_model(training_module).autoencoder
+
+    ema = None
+    accelerator.register_for_checkpointing(progress)
+    accelerator.register_for_checkpointing(norm_fixer)
+    if args.use_ema:
+        ema = create_ema(model.parameters(), decay=args.ema_decay, update_every=args.ema_update_every, foreach=True)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    if resume:
+        logger.info(f"Resuming from {resume[1]}")
+        accelerator.load_state(resume[1])
+        if ema is not None:
+            ema.to(accelerator.device)
+        if progress.global_step != start_step:
+            raise RuntimeError(f"{resume[1]} holds step {progress.global_step}, its name says {start_step}")
+    elif args.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {args.output_dir}: starting a new run")
+
+    resolution = args.resolution or model.config.sample_size
+    dataset_kwargs = dict(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
+        streaming=args.streaming, image_column=args.image_column, cache_dir=args.cache_dir, token=args.hub_token,
+    )
+    train_dataset = load_image_dataset(split=args.train_split, **dataset_kwargs)
+    train_loader = build_train_dataloader(
+        train_dataset, resolution, args.train_batch_size, seed=args.seed, process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes, num_workers=args.dataloader_num_workers,
+        shuffle_buffer=args.shuffle_buffer_size, random_flip=args.random_flip, infinite=True,
+        skip_batches=progress.batches_consumed, pin_memory=accelerator.device.type == "cuda",
+    )
+    # Starting a DataLoader iterator draws a seed from the global torch RNG. Keep that out of the training stream
+    # (noise, times, masks), so that a resumed run draws exactly what the uninterrupted run drew.
+    batches = iter(train_loader)
+    with torch.random.fork_rng(devices=[]):
+        batches = itertools.chain([next(batches)], batches)
+    validation_images = None
+    if accelerator.is_main_process:
+        split = args.validation_split or args.train_split
+        validation_dataset = train_dataset if args.validation_split is None else load_image_dataset(split=split, **dataset_kwargs)
+        validation_loader = build_eval_dataloader(validation_dataset, resolution, args.num_validation_images)
+        with torch.random.fork_rng(devices=[]):
+            validation_images = next(iter(validation_loader))["pixel_values"].to(accelerator.device)
+        logger.info(f"Validation batch: {len(validation_images)} images of split {split!r}"
+                    + ("" if args.validation_split else " (training images, not held out)"))
+
+    if accelerator.is_main_process and accelerator.trackers == [] and args.report_to != "none":
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+
+    def run_validation(step, final=False):
+        """Reconstruct the fixed batch with the live (and EMA) weights; log PSNR and a grid (main process only).
+
+        `final`: the model already holds the weights that were saved; they are reconstructed as they are."""
+        pipeline = FlowMoPipeline(autoencoder=model, scheduler=FlowMoScheduler.from_config(scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
+
+        def reconstruct():
+            generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+            with accelerator.autocast():
+                output = pipeline(
+                    images=validation_images / 2 + 0.5, generator=generator, output_type="pt",
+                    num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
+                ).images
+            return output.float() * 2 - 1
+
+        from flowmo_diffusers.metrics.psnr import psnr_per_image
+
+        rows, metrics = [validation_images], {}
+        was_training = model.training
+        model.eval()
+        rows.append(reconstruct())
+        metrics["psnr"] = float(np.mean(psnr_per_image(validation_images, rows[-1])))
+        if ema is not None and not final:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            rows.append(reconstruct())
+            metrics["psnr_ema"] = float(np.mean(psnr_per_image(validation_images, rows[-1])))
+            ema.restore(model.parameters())
+        model.train(was_training)
+        grid = validation_grid(rows)
+        name = "reconstructions.png" if final else os.path.join("validation", f"step-{step:08d}.png")
+        os.makedirs(os.path.dirname(os.path.join(args.output_dir, name)), exist_ok=True)
+        grid.save(os.path.join(args.output_dir, name))
+        record = {"step": step, "final": final, **metrics}
+        with open(os.path.join(args.output_dir, "validation_metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        logger.info(f"validation {record}")
+        accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation/reconstructions", np.asarray(grid), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation/reconstructions": wandb.Image(grid)}, step=step)
+        return metrics
+
+    def save_checkpoint(step):
+        temporary = temporary_checkpoint_path(args.output_dir, step)
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(temporary)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            path = publish_checkpoint(args.output_dir, step)
+            for removed in prune_checkpoints(args.output_dir, args.checkpoints_total_limit):
+                logger.info(f"Removed old checkpoint {removed}")
+            logger.info(f"Saved {path}")
+        accelerator.wait_for_everyone()
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Stage = {args.stage}, model = {args.pretrained_model_name_or_path or args.model_config}, "
+                f"resolution = {resolution}, parameters = {sum(p.numel() for p in model.parameters()):,}")
+    logger.info(f"  Micro-batch per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}, "
+                f"global batch = {total_batch}, steps = {args.max_train_steps}, lr = {args.learning_rate}")
+    logger.info(f"  Perceptual = {args.perceptual_weight} x {args.perceptual_network}, encoder frozen after "
+                f"{args.encoder_freeze_steps} steps, EMA = {args.use_ema}")
+
+    global_step = progress.global_step
+    if global_step == 0 and accelerator.is_main_process:
+        run_validation(0)
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    running = {}
+    tic = time.time()
+    while global_step < args.max_train_steps:
+        images = next(batches)["pixel_values"].to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(training_module):
+            terms = training_module(images, perceptual)
+            accelerator.backward(terms["loss"])
+            if accelerator.sync_gradients and args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(training_module.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        progress.batches_consumed = train_loader.batches_consumed
+        for key, value in terms.items():
+            running[key] = running.get(key, 0.0) + value.detach().float() / args.gradient_accumulation_steps
+        if not accelerator.sync_gradients:
+            continue
+
+        global_step += 1
+        progress.global_step = global_step
+        if not args.disable_norm_fix:
+            norm_fixer.apply(model)
+        if ema is not None and ema_update_due(global_step, args.ema_update_every):
+            update_ema(ema, model.parameters())
+        if not progress.encoder_frozen and global_step >= args.encoder_freeze_steps:
+            removed = freeze_encoder(model, optimizer)
+            progress.encoder_frozen = True
+            logger.info(f"Step {global_step}: encoder frozen, {removed} parameters dropped from the optimizer")
+
+        logs = {k: v.item() for k, v in accelerator.reduce(running, reduction="mean").items()}
+        running = {}
+        logs["lr"] = optimizer.param_groups[-1]["lr"]
+        logs["images_per_second"] = total_batch / max(time.time() - tic, 1e-9)
+        tic = time.time()
+        accelerator.log(logs, step=global_step)
+        progress_bar.update(1)
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", flow=f"{logs['flow_loss']:.4f}")
+
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(global_step)
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            run_validation(global_step)
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    if args.debug_checksums:
+        os.makedirs(os.path.join(args.output_dir, "debug_checksums"), exist_ok=True)
+        checksums = {"step": global_step, "model": weights_checksum(model.parameters())}
+        if ema is not None:
+            checksums["ema"] = weights_checksum(ema.shadow_params)
+        with open(os.path.join(args.output_dir, "debug_checksums", f"rank{accelerator.process_index}.json"), "w") as f:
+            json.dump(checksums, f)
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(model.parameters())  # the run is over: the saved pipeline holds the EMA weights
+        model.disable_gradient_checkpointing()
+        pipeline = FlowMoPipeline(autoencoder=model, scheduler=FlowMoScheduler.from_config(scheduler.config))
+        pipeline.save_pretrained(args.output_dir)
+        final_metrics = run_validation(global_step, final=True)
+        logger.info(f"Saved the {'EMA ' if ema is not None else ''}pipeline to {args.output_dir}")
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), exist_ok=True, token=args.hub_token
+            ).repo_id
+            write_model_card(
+                args.output_dir, repo_id=repo_id, stage=args.stage, command=command, model_config=dict(model.config),
+                training_args={k: v for k, v in vars(args).items() if k not in ("hub_token",)},
+                base_model=args.pretrained_model_name_or_path, final_metrics=final_metrics, global_step=global_step,
+                images=["reconstructions.png"], ema=ema is not None,
+            )
+            upload_folder(
+                repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                commit_message=f"FlowMo {args.stage}: step {global_step}",
+                ignore_patterns=["checkpoint-*", "step_*", "epoch_*", f"{args.logging_dir}/*", "validation/*", "debug_checksums/*"],
+            )
+            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
