@@ -1,0 +1,408 @@
+"""Speed and memory of FlowMo: encoding, one decoder forward, full reconstruction and training steps.
+
+Examples:
+    python benchmarks/benchmark_flowmo.py --preset flowmo-tiny --device cpu --dtype fp32 --batch_size 4
+    python benchmarks/benchmark_flowmo.py --preset flowmo-lo --device cuda --dtype bf16 --batch_size 8 \
+        --what reconstruct,decoder_step --peak_tflops 989
+
+Every measurement is printed as a table and appended, one JSON line each with the environment, to `--output`
+(default `benchmarks/results/benchmark_flowmo.jsonl`; `--output ''` records nothing). See `common.py` for how time
+and peak memory are measured.
+
+What is measured (`--what`, comma separated):
+- `encode`: `FlowMoModel.encode` (encoder, quantizer, token ids) on a batch, no grad.
+- `decoder_step`: one decoder forward (velocity at t = 0.5, RoPE tables precomputed as the pipeline does), no grad;
+  also achieved matmul TFLOP/s from an analytic count and, with `--peak_tflops`, the model FLOP utilisation (MFU).
+- `reconstruct`: `FlowMoPipeline(images=..., latents=noise, output_type="pt")`: encode, `--steps` Euler steps with
+  guidance 1.5 inside the guidance interval (code and null-code passes batched into one forward), clip.
+- `train_step`: one optimizer step of the training recipe, through `flowmo_diffusers.training.losses`
+  (`flowmo_training_losses`; written with the model API directly when that module is absent), Adam
+  (betas 0.9, 0.95) and initial-norm fixing. Stage 1A (`--stages 1a`): encode with quantizer losses, 10% null-code
+  dropout, decoder forward at fat-lognormal times, velocity MSE + quantizer loss + 0.1 x LPIPS-VGG on the one-step
+  prediction; encoder and decoder trained. Stage 1B (`--stages 1b`): encoder frozen (as the original after 200k
+  steps); the same flow and quantizer terms plus 0.01 x ResNet-50 logit MSE on a `--posttrain_k`-step Euler sample
+  from noise at per-sample random times, backpropagated through the whole chain. `--posttrain_checkpointing call`
+  checkpoints each decoder call of the chain (the original's scheme); `block` instead turns on
+  `enable_gradient_checkpointing` (one checkpoint per transformer block, in every decoder forward of the step).
+  The perceptual networks run with random weights (`--perceptual random`: the pretrained weights are not bundled,
+  and the compute is the same); `--perceptual mse` swaps in a plain MSE.
+
+`--dtype bf16` runs under `torch.autocast(bfloat16)` with float32 weights, as the original trains and samples;
+`fp32` runs in float32 throughout.
+"""
+
+import argparse
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark_utils as common  # noqa: E402
+
+from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config  # noqa: E402
+
+WHAT = ("encode", "decoder_step", "reconstruct", "train_step")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="flowmo-tiny", choices=["flowmo-tiny", "flowmo-lo", "flowmo-hi"])
+    parser.add_argument("--pretrained", default=None, help="pipeline folder or Hub id instead of a random preset")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=None, help="image side (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=25, help="Euler steps of a reconstruction")
+    parser.add_argument("--guidance_scale", type=float, default=1.5)
+    parser.add_argument("--what", default=",".join(WHAT), help=f"comma-separated subset of {','.join(WHAT)}")
+    parser.add_argument("--stages", default="1a,1b", help="training stages for train_step: 1a, 1b or both")
+    parser.add_argument("--posttrain_k", type=int, default=8, help="Euler steps of the stage-1B sample chain")
+    parser.add_argument(
+        "--posttrain_checkpointing",
+        default="call",
+        choices=["call", "block"],
+        help="stage 1B: checkpoint each decoder call of the chain (the original's scheme) or every transformer block "
+        "of every decoder forward of the step (enable_gradient_checkpointing)",
+    )
+    parser.add_argument(
+        "--perceptual",
+        default="random",
+        choices=["random", "mse", "none"],
+        help="perceptual term: the recipe's networks with random weights (same compute), an MSE stand-in, or none "
+        "(stage 1A only)",
+    )
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (e.g. 989 for H100 bf16)")
+    parser.add_argument(
+        "--output",
+        default=os.path.join(common.RESULTS_DIR, "benchmark_flowmo.jsonl"),
+        help="JSON-lines file the results are appended to; empty to skip",
+    )
+    args = parser.parse_args(argv)
+    args.what = [item.strip() for item in args.what.split(",") if item.strip()]
+    unknown = set(args.what) - set(WHAT)
+    if unknown:
+        parser.error(f"unknown --what entries {sorted(unknown)}; choose from {WHAT}")
+    args.stages = [item.strip().lower() for item in args.stages.split(",") if item.strip()]
+    if set(args.stages) - {"1a", "1b"}:
+        parser.error("--stages takes 1a, 1b or 1a,1b")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    return args
+
+
+def build_model(args) -> FlowMoModel:
+    if args.pretrained:
+        return FlowMoPipeline.from_pretrained(args.pretrained).autoencoder.to(args.device).eval()
+    torch.manual_seed(args.seed)
+    model = FlowMoModel(**get_preset_config(args.preset))
+    # Random weights; perturb them so the zero-initialised gates do not switch whole branches off.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return model.to(args.device).eval()
+
+
+def _row(name: str, args, timing: Dict[str, Any], memory: Dict[str, Any], batch: int, **extra) -> Dict[str, Any]:
+    median = timing["median_s"]
+    return dict(
+        benchmark="benchmark_flowmo",
+        measurement=name,
+        preset=args.preset if not args.pretrained else args.pretrained,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=batch,
+        resolution=args.resolution,
+        latency_s=median,
+        latency_min_s=timing["min_s"],
+        latency_max_s=timing["max_s"],
+        latency_iqr_s=timing["iqr_s"],
+        runs=timing["runs"],
+        times_s=timing["times_s"],
+        images_per_s=batch / median,
+        memory=memory,
+        **extra,
+    )
+
+
+def measure(fn, args) -> tuple:
+    """Warm-up runs of `fn`, then the timed runs, over which the peak memory is taken."""
+    common.time_function(fn, args.device, warmup=args.warmup, repeats=0)
+    with common.peak_memory(args.device) as memory:
+        timing = common.time_function(fn, args.device, warmup=0, repeats=args.repeats)
+    return timing, memory
+
+
+# --------------------------------------------------------------------------------------------------------------
+def bench_encode(model, images, args):
+    def run():
+        with torch.no_grad(), common.autocast_context(args.device, args.dtype):
+            model.encode(images)
+
+    timing, memory = measure(run, args)
+    height, width = images.shape[-2:]
+    flops = common.encoder_forward_flops(model.config, len(images), height, width)
+    return _row("encode", args, timing, memory, len(images), tflops_per_s=flops / timing["median_s"] / 1e12)
+
+
+def bench_decoder_step(model, images, args):
+    height, width = images.shape[-2:]
+    with torch.no_grad():
+        code = model.encode(images).code
+    rotary_emb = model.decoder_rotary_embedding(height, width, images.device)
+    noisy = torch.randn_like(images)
+    times = torch.full((len(images),), 0.5, device=images.device)
+
+    def run():
+        with torch.no_grad(), common.autocast_context(args.device, args.dtype):
+            model(noisy, times, code, rotary_emb=rotary_emb)
+
+    timing, memory = measure(run, args)
+    flops = common.decoder_forward_flops(model.config, len(images), height, width)
+    achieved = flops / timing["median_s"] / 1e12
+    mfu = achieved / args.peak_tflops if args.peak_tflops else None
+    return _row(
+        "decoder_step", args, timing, memory, len(images), flops=flops, tflops_per_s=achieved, mfu=mfu,
+        peak_tflops=args.peak_tflops,
+    )
+
+
+def bench_reconstruct(model, images, args):
+    pipeline = FlowMoPipeline(autoencoder=model, scheduler=FlowMoScheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(args.seed + 1)
+    noise = torch.randn(images.shape, generator=generator).to(images.device)
+    pixels01 = images / 2 + 0.5
+
+    def run():
+        with common.autocast_context(args.device, args.dtype):
+            return pipeline(
+                images=pixels01,
+                latents=noise,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                output_type="pt",
+            ).images
+
+    timing, memory = measure(run, args)
+    return _row("reconstruct", args, timing, memory, len(images), steps=args.steps, guidance_scale=args.guidance_scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _training_modules():
+    """The package's training losses and helpers (`flowmo_diffusers.training`), or None where they are absent."""
+    try:
+        from flowmo_diffusers.training import losses, utils
+    except ImportError:
+        return None
+    return losses, utils
+
+
+def _mse_distance(images: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    return (predictions.float() - images.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def perceptual_network(stage: str, kind: str, device: str):
+    """The stage's perceptual distance: LPIPS-VGG (1A) / ResNet-50 logits (1B) with random weights (`random`: the
+    same compute as the pretrained networks, which are not bundled), or a plain MSE (`mse`) / nothing (`none`)."""
+    if kind == "none":
+        return None, "none"
+    if kind == "random":
+        try:
+            from flowmo_diffusers.training.perceptual import build_perceptual_loss
+
+            name = "lpips-vgg" if stage == "1a" else "resnet50"
+            return build_perceptual_loss(name, pretrained=False).to(device), f"{name} (random weights)"
+        except Exception as error:  # noqa: BLE001 - fall back to the stand-in, and say so
+            print(f"perceptual network unavailable ({type(error).__name__}: {error}); using an MSE stand-in")
+    return _mse_distance, "mse stand-in"
+
+
+def _fallback_losses(model, scheduler, images, rotary_emb, generator, stage, k, per_call_checkpoint, perceptual):
+    """Stage 1A / 1B losses written with the model API, for when `flowmo_diffusers.training.losses` is absent."""
+    batch = len(images)
+    device = images.device
+    encoded = model.encode(images, return_quantizer_losses=True)
+    times = scheduler.sample_training_times(batch, generator=generator, device=device)
+    noise = torch.randn(images.shape, generator=generator, device=device)
+    noisy = scheduler.add_noise_at_times(images, noise, times)
+    keep = (torch.rand((batch,), generator=generator, device=device) > 0.1).float()
+    velocity = model(noisy, times, encoded.code, code_mask=keep, rotary_emb=rotary_emb).sample
+    target = scheduler.velocity_target(images, noise)
+    loss = F.mse_loss(velocity.float(), target.float()) + encoded.quantizer.loss.float()
+    if perceptual is None:
+        return loss
+    if stage == "1a":
+        return loss + 0.1 * perceptual(images, scheduler.predict_image(noisy, velocity, times)).mean()
+    z = torch.randn(images.shape, generator=generator, device=device)
+    grid = torch.rand((batch, k + 1), generator=generator, device=device).cumsum(dim=1)
+    grid = grid - grid[:, :1]
+    grid = (grid / grid[:, -1:]).flip(dims=(1,))
+
+    def decoder_call(z_in, t_in, code_in):
+        return model(z_in, t_in, code_in, rotary_emb=rotary_emb).sample
+
+    for step in range(k):
+        if per_call_checkpoint:
+            v = torch.utils.checkpoint.checkpoint(decoder_call, z, grid[:, step], encoded.code, use_reentrant=False)
+        else:
+            v = decoder_call(z, grid[:, step], encoded.code)
+        z = z - (grid[:, step] - grid[:, step + 1]).reshape(-1, 1, 1, 1) * v.float()
+    return loss + 0.01 * perceptual(images, z).mean()
+
+
+def bench_train_step(model, images, args, stage: str):
+    device = args.device
+    height, width = images.shape[-2:]
+    scheduler = FlowMoScheduler()
+    rotary_emb = model.decoder_rotary_embedding(height, width, images.device)
+    generator = torch.Generator(device).manual_seed(args.seed + 2)
+    training = _training_modules()
+    perceptual_kind = args.perceptual
+    if stage == "1b" and perceptual_kind == "none":
+        perceptual_kind = "mse"  # stage 1B's sample chain only exists to feed a loss
+    perceptual, perceptual_name = perceptual_network(stage, perceptual_kind, device)
+    weight = 0.0 if perceptual is None else (0.1 if stage == "1a" else 0.01)
+    per_call = args.posttrain_checkpointing == "call"
+
+    model.train()
+    model.requires_grad_(True)
+    if stage == "1b":
+        model.encoder.requires_grad_(False)  # the original freezes the encoder after 200k steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-4 if stage == "1a" else 5e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    norm_fixer = None
+    if training is not None:
+        norm_fixer = training[1].InitialNormFixer()
+        norm_fixer.record(model)
+    if stage == "1b" and not per_call:
+        model.enable_gradient_checkpointing()
+        model.encoder.gradient_checkpointing = False
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with common.autocast_context(device, args.dtype):
+            if training is not None:
+                loss = training[0].flowmo_training_losses(
+                    model,
+                    images,
+                    scheduler,
+                    perceptual_loss=perceptual,
+                    perceptual_weight=weight,
+                    posttrain_sample_steps=args.posttrain_k if stage == "1b" else None,
+                    posttrain_gradient_checkpointing=per_call,
+                    generator=generator,
+                )["loss"]
+            else:
+                loss = _fallback_losses(
+                    model, scheduler, images, rotary_emb, generator, stage, args.posttrain_k, per_call, perceptual
+                )
+        loss.backward()
+        optimizer.step()
+        if norm_fixer is not None:
+            norm_fixer.apply(model)
+
+    try:
+        timing, memory = measure(step, args)
+    finally:
+        model.disable_gradient_checkpointing()
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        model.requires_grad_(False)
+        model.eval()
+    extra = dict(
+        stage=stage,
+        optimizer="Adam(betas=(0.9, 0.95))" + (" + initial-norm fixing" if norm_fixer is not None else ""),
+        losses="flowmo_diffusers.training.losses" if training is not None else "model API (training.losses absent)",
+        perceptual=perceptual_name,
+        trained_parameters=sum(p.numel() for p in params),
+    )
+    if stage == "1b":
+        extra.update(posttrain_k=args.posttrain_k, posttrain_checkpointing=args.posttrain_checkpointing)
+    return _row(f"train_step_{stage}", args, timing, memory, len(images), **extra)
+
+
+# --------------------------------------------------------------------------------------------------------------
+def format_rows(rows: List[Dict[str, Any]]) -> str:
+    table = []
+    for row in rows:
+        extra = []
+        if row.get("tflops_per_s") is not None:
+            extra.append(f"{row['tflops_per_s']:.3f} TFLOP/s")
+        if row.get("mfu") is not None:
+            extra.append(f"MFU {100 * row['mfu']:.1f}%")
+        if row.get("steps"):
+            extra.append(f"{row['steps']} steps")
+        if row.get("perceptual"):
+            extra.append(f"perceptual {row['perceptual']}")
+        if row.get("posttrain_k"):
+            extra.append(f"k={row['posttrain_k']}, ckpt {row['posttrain_checkpointing']}")
+        memory = row["memory"]
+        table.append(
+            [
+                row["measurement"],
+                row["preset"],
+                row["dtype"],
+                row["batch_size"],
+                f"{row['latency_s'] * 1e3:.1f}",
+                f"{row['latency_min_s'] * 1e3:.1f}-{row['latency_max_s'] * 1e3:.1f}",
+                f"{row['images_per_s']:.3f}",
+                common.gib(memory.get("peak_bytes")),
+                common.gib(memory.get("peak_increase_bytes")),
+                "; ".join(extra) or "-",
+            ]
+        )
+    headers = ["what", "model", "dtype", "batch", "median ms", "min-max ms", "images/s", "peak mem", "peak increase", "notes"]
+    return common.markdown_table(headers, table)
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    args = parse_args(argv)
+    threads = common.set_threads(args.threads)
+    env = common.environment(args.device, threads)
+    model = build_model(args)
+    args.resolution = args.resolution or model.config.sample_size
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    images = (torch.rand((args.batch_size, 3, args.resolution, args.resolution), generator=generator) * 2 - 1).to(
+        args.device
+    )
+    print(common.format_environment(env))
+    rows = []
+    for what in args.what:
+        start = len(rows)
+        if what == "encode":
+            rows.append(bench_encode(model, images, args))
+        elif what == "decoder_step":
+            rows.append(bench_decoder_step(model, images, args))
+        elif what == "reconstruct":
+            rows.append(bench_reconstruct(model, images, args))
+        elif what == "train_step":
+            for stage in args.stages:
+                rows.append(bench_train_step(model, images, args, stage))
+        for last in rows[start:]:
+            print(
+                f"{last['measurement']}: median {last['latency_s'] * 1e3:.1f} ms "
+                f"({last['latency_min_s'] * 1e3:.1f}-{last['latency_max_s'] * 1e3:.1f}), "
+                f"{last['images_per_s']:.3f} images/s",
+                flush=True,
+            )
+    for row in rows:
+        row["environment"] = env
+    print()
+    print(format_rows(rows))
+    memory_method = rows[0]["memory"].get("method") if rows else None
+    print(f"peak memory: {memory_method}")
+    path = common.record(rows, args.output)
+    if path:
+        print(f"recorded {len(rows)} rows in {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

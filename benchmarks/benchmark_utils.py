@@ -1,0 +1,305 @@
+"""Shared helpers of the benchmark scripts: environment capture, timing, peak memory, FLOP counts, recording.
+
+Timing: `warmup` untimed runs, then `repeats` timed runs; we report the median and the spread (min, max and the
+interquartile range). CUDA work is synchronized before the clock is read.
+
+Peak memory:
+- CUDA: `torch.cuda.max_memory_allocated()` after `torch.cuda.reset_peak_memory_stats()` (tensor memory held by
+  PyTorch's caching allocator, not the process total).
+- CPU: the process resident set size (RSS) sampled by a background thread every 2 ms with psutil; we report the peak
+  RSS during the measured region and its increase over the RSS just before it. `tracemalloc` does not see
+  PyTorch's allocations, and `resource.getrusage(...).ru_maxrss` is a lifetime high-water mark, so it only moves when
+  a region exceeds every earlier one; we record it alongside for reference.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(BENCHMARKS_DIR, "results")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Environment
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags_of_interest() -> List[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    except OSError:
+        pass
+    return []
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment(device: str, threads: Optional[int] = None) -> Dict[str, Any]:
+    """Machine and library versions, to store beside every figure."""
+    import diffusers
+
+    env = {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags_of_interest(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "loadavg_1_5_15": load_average(),
+    }
+    return env
+
+
+def set_threads(threads: Optional[int]) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def format_environment(env: Dict[str, Any]) -> str:
+    gpu = f", GPU {env['gpu']} (CUDA {env['cuda']})" if env.get("gpu") else ", no GPU"
+    return (
+        f"machine: {env['cpu']} ({env['usable_cores']} usable cores, flags {','.join(env['cpu_flags']) or '-'}){gpu}; "
+        f"python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}; "
+        f"torch threads {env['torch_threads']}; loadavg {env['loadavg_1_5_15']}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+def synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def summarize(times: List[float]) -> Dict[str, float]:
+    ordered = sorted(times)
+    if len(ordered) >= 4:
+        quartiles = statistics.quantiles(ordered, n=4)
+        q1, q3 = quartiles[0], quartiles[2]
+    else:
+        q1, q3 = ordered[0], ordered[-1]
+    return {
+        "median_s": statistics.median(ordered),
+        "min_s": ordered[0],
+        "max_s": ordered[-1],
+        "iqr_s": q3 - q1,
+        "runs": len(ordered),
+    }
+
+
+def time_function(fn: Callable[[], Any], device: str, warmup: int = 1, repeats: int = 5) -> Dict[str, Any]:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed; returns the summary plus every time."""
+    for _ in range(warmup):
+        fn()
+        synchronize(device)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    if not times:
+        return {"times_s": []}
+    summary = summarize(times)
+    summary["times_s"] = times
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Peak memory
+class _RSSSampler:
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start_rss = self.process.memory_info().rss
+        self.peak = self.start_rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+@contextmanager
+def peak_memory(device: str):
+    """Yields a dict that holds, on exit, the peak memory of the enclosed region (see the module docstring)."""
+    result: Dict[str, Any] = {}
+    if str(device).startswith("cuda"):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        yield result
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated()
+        result.update(
+            method="torch.cuda.max_memory_allocated",
+            peak_bytes=peak,
+            peak_increase_bytes=peak - before,
+        )
+        return
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with _RSSSampler() as sampler:
+        yield result
+    result.update(
+        method="psutil RSS sampled every 2 ms (peak, and increase over RSS at region start)",
+        peak_bytes=sampler.peak,
+        peak_increase_bytes=sampler.peak - sampler.start_rss,
+        ru_maxrss_before_bytes=maxrss_before,
+        ru_maxrss_after_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+
+
+def gib(num_bytes: Optional[float]) -> str:
+    """Bytes as GiB (MiB below 1 GiB)."""
+    if num_bytes is None:
+        return "-"
+    if abs(num_bytes) < 2**30:
+        return f"{num_bytes / 2**20:.1f} MiB"
+    return f"{num_bytes / 2**30:.2f} GiB"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Precision
+def autocast_context(device: str, dtype: str):
+    """`fp32`: nothing; `bf16`: torch.autocast to bfloat16 on the device (weights stay float32, as the original)."""
+    if dtype == "fp32":
+        return nullcontext()
+    if dtype == "bf16":
+        return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs (multiply-adds count 2)
+def transformer_forward_flops(
+    hidden_size: int,
+    depth: int,
+    mlp_ratio: float,
+    code_length: int,
+    num_patches: int,
+    patch_dim: int,
+    code_dim: int,
+    batch_size: int,
+    output: str,
+) -> float:
+    """
+    Matmul FLOPs of one FlowMoTransformer forward as this package computes it: both streams' qkv, joint attention
+    (QK^T and AV), output projection and MLP, except the last block's discarded stream (qkv only), plus the input
+    and output projections. Elementwise work (norms, RoPE, modulation) is left out.
+    """
+    d, mlp = hidden_size, hidden_size * mlp_ratio
+    seq = code_length + num_patches
+    full_stream = lambda n: 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * d * mlp  # noqa: E731
+    qkv_only = lambda n: 2 * n * d * 3 * d  # noqa: E731
+    attention = 2 * 2 * seq * seq * d
+    total = 0.0
+    for index in range(depth):
+        last = index == depth - 1
+        code_part = qkv_only(code_length) if (last and output == "image") else full_stream(code_length)
+        image_part = qkv_only(num_patches) if (last and output == "code") else full_stream(num_patches)
+        per_block = code_part + image_part + attention
+        total += per_block
+    total += 2 * num_patches * patch_dim * d  # patch embedding
+    if output == "image":
+        total += 2 * code_length * code_dim * d + 2 * num_patches * d * patch_dim
+    else:
+        total += 2 * code_length * d * code_dim
+    return total * batch_size
+
+
+def decoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, width: int) -> float:
+    patch = config["patch_size"]
+    return transformer_forward_flops(
+        config["decoder_hidden_size"],
+        config["decoder_depth"],
+        config["mlp_ratio"],
+        config["code_length"],
+        (height // patch) * (width // patch),
+        config["in_channels"] * patch**2,
+        config["context_dim"] + 1,
+        batch_size,
+        "image",
+    )
+
+
+def encoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, width: int) -> float:
+    patch = config["patch_size"]
+    return transformer_forward_flops(
+        config["encoder_hidden_size"],
+        config["encoder_depth"],
+        config["mlp_ratio"],
+        config["code_length"],
+        (height // patch) * (width // patch),
+        config["in_channels"] * patch**2,
+        config["context_dim"],
+        batch_size,
+        "code",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recording
+def record(records: List[Dict[str, Any]], output: Optional[str]) -> Optional[str]:
+    """Append one JSON line per record to `output` (created with its folder); returns the path written."""
+    if not output:
+        return None
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with open(output, "a", encoding="utf-8") as handle:
+        for item in records:
+            handle.write(json.dumps(dict(item, recorded_at=stamp), sort_keys=True) + "\n")
+    return output
+
+
+def markdown_table(headers: List[str], rows: List[List[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""The benchmark scripts run on tiny settings and produce their tables and records (no timing assertions)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"_benchmark_script_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_benchmark_flowmo_runs_every_measurement(tmp_path, capsys):
+    output = tmp_path / "flowmo.jsonl"
+    script = load_script("benchmark_flowmo")
+    rows = script.main(
+        ["--preset", "flowmo-tiny", "--device", "cpu", "--batch_size", "1", "--steps", "2", "--posttrain_k", "2",
+         "--warmup", "0", "--repeats", "1", "--threads", "1", "--output", str(output)]
+    )
+    printed = capsys.readouterr().out
+    expected = ["encode", "decoder_step", "reconstruct", "train_step_1a", "train_step_1b"]
+    assert [row["measurement"] for row in rows] == expected
+    assert "| what | model | dtype |" in printed and "machine:" in printed and "peak memory: psutil RSS" in printed
+    records = read_records(output)
+    assert [record["measurement"] for record in records] == expected
+    for record in records:
+        assert record["latency_s"] > 0 and record["images_per_s"] > 0
+        assert record["memory"]["peak_bytes"] > 0
+        assert record["environment"]["torch_threads"] == 1 and record["environment"]["cpu"]
+    assert records[1]["flops"] > 0
+
+
+def test_benchmark_flowmo_bf16_and_call_checkpointing(tmp_path):
+    script = load_script("benchmark_flowmo")
+    rows = script.main(
+        ["--preset", "flowmo-tiny", "--dtype", "bf16", "--what", "train_step", "--stages", "1b",
+         "--posttrain_checkpointing", "call", "--posttrain_k", "2", "--warmup", "0", "--repeats", "1",
+         "--threads", "1", "--output", ""]
+    )
+    assert [row["measurement"] for row in rows] == ["train_step_1b"]
+    assert rows[0]["posttrain_checkpointing"] == "call" and rows[0]["dtype"] == "bf16"
+
+
+def test_reconstruction_ablation_variants_match_the_straightforward_path(tmp_path, capsys):
+    output = tmp_path / "ablation.jsonl"
+    script = load_script("benchmark_reconstruction_ablation")
+    rows = script.main(
+        ["--preset", "flowmo-tiny", "--batch_size", "1", "--steps", "4", "--warmup", "1", "--repeats", "1",
+         "--threads", "1", "--attention_backends", "_native_math,no_such_backend", "--output", str(output)]
+    )
+    printed = capsys.readouterr().out
+    assert "| variant | median ms |" in printed
+    by_name = {row["variant"]: row for row in rows}
+    assert len(read_records(output)) == len(rows)
+    exact = [
+        "straightforward (original loop)",
+        "+ batched guidance",
+        "+ RoPE once (= pipeline loop)",
+        "FlowMoPipeline",
+        "+ attention _native_math",
+    ]
+    for name in exact:
+        assert by_name[name]["within_tolerance"], (name, by_name[name]["max_abs_diff_vs_straightforward"])
+    assert "max_abs_diff_vs_straightforward" in by_name["+ bf16 autocast"]
+    assert "error" in by_name["+ attention no_such_backend"]
+
+
+def test_flop_count_of_the_paper_decoder():
+    utils = load_script("benchmark_utils")
+    from flowmo_diffusers import get_preset_config
+
+    flops = utils.decoder_forward_flops(get_preset_config("flowmo-lo"), batch_size=1, height=256, width=256)
+    # 16 blocks over 4096 patches + 256 code tokens at width 1152: about 3.6 TFLOP per image.
+    assert 3.0e12 < flops < 4.2e12
+
+
+@pytest.mark.parametrize("bad", [["--what", "nothing"], ["--stages", "2"]])
+def test_bad_arguments_are_refused(bad):
+    script = load_script("benchmark_flowmo")
+    with pytest.raises(SystemExit):
+        script.parse_args(bad)
