@@ -247,7 +247,7 @@ def main(argv=None):
         not args.disable_norm_fix or args.use_ema
     ):
         # Both act on the parameters the prepared model exposes; sharded, the per-weight norms would be wrong.
-        raise NotImplementedError(
+        raise ValueError(
             f"{accelerator.distributed_type}: the initial-norm fix and the EMA need whole parameters; use DDP "
             "(accelerate launch --multi_gpu), or pass --disable_norm_fix and leave out --use_ema (not the recipe)."
         )
