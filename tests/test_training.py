@@ -8,13 +8,13 @@ offline: runs that include the perceptual term pass `--perceptual_random_init` e
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate_launch import launch as launch_script
 from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config
@@ -389,20 +389,7 @@ PRETRAIN_RUN = TINY_RUN + [
 
 
 def launch(arguments, num_processes=1, env=None, timeout=300):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--num_processes", str(num_processes)]
-    env = dict(os.environ if env is None else env)
-    # One thread per process: on a small shared CPU, OpenMP thread pools of 2+ threads can stall for seconds per step.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if num_processes > 1:
-        # Several CPU processes: the multi-GPU launcher (torchrun) plus ACCELERATE_USE_CPU selects gloo DDP.
-        command += ["--multi_gpu", "--main_process_port", "0"]
-        env["ACCELERATE_USE_CPU"] = "true"
-    result = subprocess.run(command + [str(SCRIPT)] + arguments, env=env, cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result.stdout + result.stderr
+    return launch_script(SCRIPT, arguments, num_processes=num_processes, env=env, timeout=timeout)
 
 
 def checksums(output_dir, rank=0):

@@ -369,11 +369,17 @@ def write_model_card(
     global_step: Optional[int] = None,
     images: Iterable[str] = (),
     ema: bool = False,
+    summary: Optional[str] = None,
+    usage: Optional[str] = None,
+    metrics_caption: str = "PSNR (dB) on the fixed validation batch of the training script (top row: inputs).",
+    tags: Iterable[str] = ("flowmo", "image-tokenizer"),
+    pipeline_tag: str = "image-to-image",
 ) -> str:
-    """Write `output_dir/README.md`: a Hub model card for a trained FlowMo pipeline; returns its path.
+    """Write `output_dir/README.md`: a Hub model card for a trained pipeline; returns its path.
 
     Records the stage, the exact command, the model config, the training arguments, the final validation metrics
-    and the validation figures (paths relative to `output_dir`).
+    and the validation figures (paths relative to `output_dir`). `summary` and `usage` (Python code) replace the
+    FlowMo tokenizer's defaults for other pipelines (the MaskGiT prior).
     """
     import json
 
@@ -382,11 +388,26 @@ def write_model_card(
     card_data = ModelCardData(
         library_name="diffusers",
         license="mit",
-        tags=["flowmo", "image-tokenizer", "diffusers", "diffusers-training"],
+        tags=[*tags, "diffusers", "diffusers-training"],
         base_model=base_model if base_model and not os.path.isdir(base_model) else None,
-        pipeline_tag="image-to-image",
+        pipeline_tag=pipeline_tag,
     )
     stage_name = {"pretrain": "stage 1A pre-training (mode matching)", "posttrain": "stage 1B post-training (mode seeking)"}
+    if summary is None:
+        summary = (
+            f"A [FlowMo](https://arxiv.org/abs/2503.11056) image tokenizer trained with `flowmo-diffusers` "
+            f"({stage_name.get(stage, stage)}), {global_step} optimizer steps"
+            + (f", starting from `{base_model}`" if base_model else "")
+            + "."
+        )
+    if usage is None:
+        usage = "\n".join([
+            "from flowmo_diffusers import FlowMoPipeline",
+            "",
+            f'pipe = FlowMoPipeline.from_pretrained("{repo_id}")',
+            "ids = pipe.encode(images)                 # token ids",
+            "recon = pipe(indices=ids).images          # decoded images",
+        ])
     lines = [
         "---",
         card_data.to_yaml(),
@@ -394,17 +415,10 @@ def write_model_card(
         "",
         f"# {repo_id}",
         "",
-        f"A [FlowMo](https://arxiv.org/abs/2503.11056) image tokenizer trained with `flowmo-diffusers` "
-        f"({stage_name.get(stage, stage)}), {global_step} optimizer steps"
-        + (f", starting from `{base_model}`" if base_model else "")
-        + f". The weights are the {'EMA' if ema else 'final (non-EMA)'} weights.",
+        f"{summary} The weights are the {'EMA' if ema else 'final (non-EMA)'} weights.",
         "",
         "```python",
-        "from flowmo_diffusers import FlowMoPipeline",
-        "",
-        f'pipe = FlowMoPipeline.from_pretrained("{repo_id}")',
-        "ids = pipe.encode(images)                 # token ids",
-        "recon = pipe(indices=ids).images          # decoded images",
+        usage,
         "```",
         "",
         "## Validation",
@@ -413,7 +427,7 @@ def write_model_card(
     if final_metrics:
         lines += ["| metric | value |", "| --- | --- |"]
         lines += [f"| {name} | {value:.3f} |" for name, value in final_metrics.items()]
-        lines += ["", "PSNR (dB) on the fixed validation batch of the training script (top row: inputs)."]
+        lines += ["", metrics_caption]
     for image in images:
         lines += ["", f"![reconstructions]({image})"]
     lines += [

@@ -1,0 +1,418 @@
+"""Pre-tokenization: encode an image dataset once with a FlowMo tokenizer into a `datasets` dataset of token ids.
+
+The MaskGiT prior trains on token ids, not pixels; encoding ImageNet once (the encoder is deterministic) makes prior
+training ~10x cheaper than encoding on the fly. Each image becomes one row:
+
+* `indices`: the `num_indices` FlowMo ids of the center crop (`Sequence(int16)`, or int32 for codebooks above 2^15),
+* `indices_flipped` (with `flip=True`): the ids of the horizontally flipped crop, so training can pick either
+  per sample (TiTok's `random_flip` at the token level),
+* `label`: the class id (-1 for unlabeled data), `index`: where the image came from (see below).
+
+Work is split into chunks of `chunk_size` source rows, each written atomically (temporary file, then `os.replace`)
+as `chunks/chunk-XXXXXXXX.parquet`. A chunk that exists is done, so a restarted run (with any number of processes
+for map-style data) redoes at most the chunks that were in flight. Map-style chunk `c` covers rows
+`[c * chunk_size, (c + 1) * chunk_size)` and belongs to process `c % num_processes`. A streaming dataset cannot be
+indexed: each process takes its part of the stream (`split_dataset_by_node`) and its `k`-th chunk covers its stream
+positions `[k * chunk_size, (k + 1) * chunk_size)`; resuming skips the finished positions, which requires the same
+number of processes (recorded in `chunks/manifest.json` and checked).
+
+Undecodable images are skipped and counted (per chunk in `chunks/chunk-XXXXXXXX.json`), never fatal.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import datasets
+import torch
+import torch.utils.data
+from datasets.distributed import split_dataset_by_node
+
+from ..models.autoencoder_flowmo import FlowMoModel
+from .data import AnyDataset, ImageTransform, _prepare_columns, decode_image, resolve_image_columns
+
+logger = logging.getLogger(__name__)
+
+CHUNKS_FOLDER = "chunks"
+MANIFEST_NAME = "manifest.json"
+TOKENIZATION_INFO_NAME = "tokenization.json"
+DATASET_FOLDER = "dataset"
+
+
+@dataclass
+class TokenizationInfo:
+    """What a pre-tokenized dataset holds; saved as `tokenization.json` next to it and checked by the MaskGiT trainer.
+
+    Attributes:
+        tokenizer: the FlowMoPipeline folder or Hub id that encoded the images.
+        num_indices, codebook_size: ids per image and their range `[0, codebook_size)`.
+        resolution: side of the center crop that was encoded.
+        flip: whether `indices_flipped` exists.
+        num_classes: number of classes (from the dataset's `ClassLabel`, else max label + 1; 0 when unlabeled).
+        streaming: whether the source was streamed (its `index` column is then `process + num_processes * position`).
+        num_processes: processes of the run that wrote the chunks (fixed for streaming sources).
+    """
+
+    tokenizer: str
+    num_indices: int
+    codebook_size: int
+    resolution: int
+    flip: bool
+    num_classes: int
+    streaming: bool
+    num_processes: int
+    class_names: Optional[List[str]] = None
+
+    def save(self, path: str) -> None:
+        _write_json_atomically(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str) -> "TokenizationInfo":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def _write_json_atomically(path: str, payload: Dict[str, Any]) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(temporary, path)
+
+
+def token_features(codebook_size: int, flip: bool) -> datasets.Features:
+    """The columns of a pre-tokenized dataset (smallest signed integer type that holds the ids)."""
+    id_type = "int16" if codebook_size <= 2**15 else "int32"
+    features = {"indices": datasets.Sequence(datasets.Value(id_type))}
+    if flip:
+        features["indices_flipped"] = datasets.Sequence(datasets.Value(id_type))
+    features.update(label=datasets.Value("int64"), index=datasets.Value("int64"))
+    return datasets.Features(features)
+
+
+def chunk_path(output_dir: str, chunk_name: str, suffix: str = "parquet") -> str:
+    return os.path.join(output_dir, CHUNKS_FOLDER, f"{chunk_name}.{suffix}")
+
+
+class _DecodedRows(torch.utils.data.Dataset):
+    """Rows of a map-style dataset -> (pixels `[3, R, R]` in [-1, 1] or None when undecodable, label, index)."""
+
+    def __init__(self, dataset: datasets.Dataset, image_column: str, label_column: Optional[str], first_index: int, transform):
+        self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
+        self.first_index, self.transform = first_index, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int):
+        row = self.dataset[position]
+        return _decode_row(row, self.image_column, self.label_column, self.first_index + position, self.transform)
+
+
+def _decode_row(row, image_column, label_column, index, transform):
+    try:
+        pixels = transform(decode_image(row[image_column]))
+    except Exception as error:  # noqa: BLE001 - PIL raises many types
+        logger.warning(f"Skipping undecodable image at index {index}: {type(error).__name__}: {error}")
+        pixels = None
+    label = row.get(label_column) if label_column is not None else None
+    return pixels, -1 if label is None else int(label), index
+
+
+def _collate_decoded(rows):
+    """Batch of decoded rows -> (pixels `[b, 3, R, R]` or None, labels `[b]`, indices `[b]`, number skipped)."""
+    kept = [row for row in rows if row[0] is not None]
+    if not kept:
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), len(rows)
+    pixels = torch.stack([row[0] for row in kept])
+    labels = torch.tensor([row[1] for row in kept], dtype=torch.long)
+    indices = torch.tensor([row[2] for row in kept], dtype=torch.long)
+    return pixels, labels, indices, len(rows) - len(kept)
+
+
+def _batched(iterable: Iterable, batch_size: int) -> Iterator[list]:
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def encode_batch(autoencoder: FlowMoModel, pixels: torch.Tensor, flip: bool, autocast: Callable[[], ContextManager]):
+    """Token ids of a batch `[b, 3, R, R]` in [-1, 1] (and of its mirror image when `flip`): `[b, num_indices]` each."""
+    pixels = pixels.to(device=autoencoder.device, dtype=autoencoder.dtype)
+    with autocast():
+        indices = autoencoder.encode(pixels).indices
+        flipped = autoencoder.encode(torch.flip(pixels, dims=[-1])).indices if flip else None
+    return indices.cpu(), None if flipped is None else flipped.cpu()
+
+
+def _write_chunk(output_dir, chunk_name, features, columns, num_skipped, num_rows_read) -> None:
+    """Write one chunk: its statistics first, then the parquet file (by rename; its presence marks the chunk done)."""
+    _write_json_atomically(
+        chunk_path(output_dir, chunk_name, "json"),
+        {"num_images": len(columns["label"]), "num_skipped": num_skipped, "num_rows_read": num_rows_read},
+    )
+    final = chunk_path(output_dir, chunk_name)
+    temporary = f"{final}.tmp-{os.getpid()}"
+    datasets.Dataset.from_dict(columns, features=features).to_parquet(temporary)
+    os.replace(temporary, final)
+
+
+def _tokenize_rows(autoencoder, batches, flip, autocast) -> Tuple[Dict[str, list], int]:
+    columns = {"indices": [], "label": [], "index": []}
+    if flip:
+        columns["indices_flipped"] = []
+    num_skipped = 0
+    for pixels, labels, indices, skipped in batches:
+        num_skipped += skipped
+        if pixels is None:
+            continue
+        ids, ids_flipped = encode_batch(autoencoder, pixels, flip, autocast)
+        columns["indices"] += ids.tolist()
+        if flip:
+            columns["indices_flipped"] += ids_flipped.tolist()
+        columns["label"] += labels.tolist()
+        columns["index"] += indices.tolist()
+    return columns, num_skipped
+
+
+def pretokenize(
+    autoencoder: FlowMoModel,
+    dataset: AnyDataset,
+    output_dir: str,
+    *,
+    resolution: Optional[int] = None,
+    batch_size: int = 64,
+    chunk_size: int = 10_000,
+    flip: bool = False,
+    process_index: int = 0,
+    num_processes: int = 1,
+    num_workers: int = 0,
+    autocast: Callable[[], ContextManager] = nullcontext,
+    max_samples: Optional[int] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    show_progress: bool = True,
+) -> Dict[str, int]:
+    """
+    Encode this process's share of `dataset` into chunk files under `output_dir/chunks/` (see the module docstring).
+
+    Args:
+        autoencoder: the FlowMo tokenizer (eval mode, on the device to encode on).
+        dataset: a `datasets.Dataset` or `IterableDataset` with an image column (and optionally labels).
+        output_dir: where `chunks/` goes; existing chunks are kept (resume).
+        resolution: crop side (default: the model's `sample_size`); shorter side resized, then center crop.
+        batch_size: images per encoder call; chunk_size: source rows per chunk file.
+        flip: also encode the horizontally flipped crop (`indices_flipped`).
+        process_index, num_processes: this process and the number of processes sharing the work.
+        num_workers: DataLoader workers decoding images (map-style data; streaming decodes in the main process).
+        autocast: context manager factory for the encoder calls (e.g. `accelerator.autocast`).
+        max_samples: only the first `max_samples` rows of the dataset (map-style) / of each process's stream.
+
+    Returns:
+        `{"chunks_written", "chunks_skipped", "images", "skipped_images"}` for this process.
+    """
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} is outside [0, {num_processes})")
+    resolution = resolution or autoencoder.config.sample_size
+    transform = ImageTransform(resolution, random_crop=False)
+    features = token_features(autoencoder.codebook_size, flip)
+    os.makedirs(os.path.join(output_dir, CHUNKS_FOLDER), exist_ok=True)
+    dataset, image_column, label_column = _prepare_columns(dataset, image_column, label_column)
+    streaming = isinstance(dataset, datasets.IterableDataset)
+    summary = {"chunks_written": 0, "chunks_skipped": 0, "images": 0, "skipped_images": 0}
+
+    def progress(iterable, total):
+        if not show_progress:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=f"pre-tokenizing (process {process_index})", position=process_index)
+
+    if not streaming:
+        num_rows = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+        num_chunks = -(-num_rows // chunk_size)
+        mine = list(range(process_index, num_chunks, num_processes))
+        for chunk in progress(mine, len(mine)):
+            name = f"chunk-{chunk:08d}"
+            if os.path.exists(chunk_path(output_dir, name)):
+                summary["chunks_skipped"] += 1
+                continue
+            start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_rows)
+            rows = _DecodedRows(dataset.select(range(start, stop)), image_column, label_column, start, transform)
+            loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_decoded)
+            columns, skipped = _tokenize_rows(autoencoder, loader, flip, autocast)
+            _write_chunk(output_dir, name, features, columns, skipped, stop - start)
+            summary["chunks_written"] += 1
+            summary["images"] += len(columns["label"])
+            summary["skipped_images"] += skipped
+        return summary
+
+    shard = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+    done = 0
+    while os.path.exists(chunk_path(output_dir, f"stream-{process_index:05d}-{done:08d}")):
+        done += 1
+    summary["chunks_skipped"] = done
+    stream = shard.skip(done * chunk_size)
+    if max_samples is not None:
+        stream = stream.take(max(0, max_samples - done * chunk_size))
+    decoded = (
+        _decode_row(row, image_column, label_column, process_index + num_processes * (done * chunk_size + position), transform)
+        for position, row in enumerate(stream)
+    )
+    for chunk, rows in enumerate(progress(_batched(decoded, chunk_size), None), start=done):
+        batches = (_collate_decoded(batch) for batch in _batched(rows, batch_size))
+        columns, skipped = _tokenize_rows(autoencoder, batches, flip, autocast)
+        _write_chunk(output_dir, f"stream-{process_index:05d}-{chunk:08d}", features, columns, skipped, len(rows))
+        summary["chunks_written"] += 1
+        summary["images"] += len(columns["label"])
+        summary["skipped_images"] += skipped
+    return summary
+
+
+def check_manifest(output_dir: str, settings: Dict[str, Any]) -> None:
+    """Record the run's settings in `chunks/manifest.json`, or check that a resumed run uses the same ones.
+
+    Raises:
+        ValueError: existing chunks were written with other settings (tokenizer, resolution, flip, chunk size, source,
+            or, for streaming sources, the number of processes); mixing them would give an inconsistent dataset.
+    """
+    path = os.path.join(output_dir, CHUNKS_FOLDER, MANIFEST_NAME)
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        different = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
+        if different:
+            details = ", ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in different.items())
+            raise ValueError(
+                f"{output_dir} holds chunks written with other settings ({details}). Use a new --output_dir, or the "
+                "same settings to resume."
+            )
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json_atomically(path, settings)
+
+
+def chunk_statistics(output_dir: str) -> Dict[str, int]:
+    """Totals over the chunks' statistics files: images, skipped images, rows read."""
+    totals = {"num_images": 0, "num_skipped": 0, "num_rows_read": 0}
+    for path in glob.glob(os.path.join(output_dir, CHUNKS_FOLDER, "*.json")):
+        if os.path.basename(path) == MANIFEST_NAME:
+            continue
+        with open(path) as f:
+            for key, value in json.load(f).items():
+                totals[key] += value
+    return totals
+
+
+def assemble_token_dataset(output_dir: str, info: TokenizationInfo) -> datasets.Dataset:
+    """Concatenate the chunks in order into one `datasets.Dataset` saved at `output_dir/dataset` (+ `tokenization.json`).
+
+    Map-style sources come out in source order; streaming ones grouped by process.
+    """
+    paths = sorted(glob.glob(os.path.join(output_dir, CHUNKS_FOLDER, "*.parquet")))
+    if not paths:
+        raise FileNotFoundError(f"no chunks in {os.path.join(output_dir, CHUNKS_FOLDER)}: nothing was tokenized")
+    features = token_features(info.codebook_size, info.flip)
+    parts = [datasets.Dataset.from_parquet(path, features=features, keep_in_memory=True) for path in paths]
+    dataset = datasets.concatenate_datasets(parts)
+    target = os.path.join(output_dir, DATASET_FOLDER)
+    dataset.save_to_disk(target)
+    info.save(os.path.join(target, TOKENIZATION_INFO_NAME))
+    return datasets.load_from_disk(target)
+
+
+def dataset_num_classes(dataset: AnyDataset, label_column: Optional[str] = None) -> Tuple[int, Optional[List[str]]]:
+    """(number of classes, class names) from a `ClassLabel` column; (0, None) when it cannot be told up front."""
+    label_column = resolve_image_columns(dataset, None, label_column)[1]
+    features = dataset.features or {}
+    feature = features.get(label_column) if label_column else None
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes, list(feature.names)
+    return 0, None
+
+
+def load_token_dataset(path_or_repo_id: str, split: str = "train", **kwargs) -> Tuple[datasets.Dataset, Optional[TokenizationInfo]]:
+    """A pre-tokenized dataset from `pretokenize.py`'s output folder (or its `dataset/` folder) or a Hub dataset id.
+
+    Returns:
+        `(dataset, info)`; `info` is `None` for a Hub dataset without `tokenization.json`.
+    """
+    for folder in (os.path.join(path_or_repo_id, DATASET_FOLDER), path_or_repo_id):
+        if os.path.isfile(os.path.join(folder, "dataset_info.json")) or os.path.isfile(os.path.join(folder, "state.json")):
+            info_path = os.path.join(folder, TOKENIZATION_INFO_NAME)
+            info = TokenizationInfo.load(info_path) if os.path.isfile(info_path) else None
+            return datasets.load_from_disk(folder), info
+    if os.path.isdir(path_or_repo_id):
+        raise FileNotFoundError(
+            f"{path_or_repo_id} is not a pre-tokenized dataset (no dataset/ folder from pretokenize.py and no "
+            "datasets save_to_disk files)"
+        )
+    dataset = datasets.load_dataset(path_or_repo_id, split=split, **kwargs)
+    info = None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        info_path = hf_hub_download(path_or_repo_id, TOKENIZATION_INFO_NAME, repo_type="dataset", token=kwargs.get("token"))
+        info = TokenizationInfo.load(info_path)
+    except Exception as error:  # noqa: BLE001 - missing file / offline: the trainer then checks the columns alone
+        logger.info(f"No {TOKENIZATION_INFO_NAME} in {path_or_repo_id}: {error}")
+    return dataset, info
+
+
+def check_token_dataset(dataset: datasets.Dataset, num_indices: int, codebook_size: int, num_classes: int) -> None:
+    """Raise ValueError unless `dataset` holds ids of the given format and labels in `[0, num_classes)`.
+
+    Checks the columns, the length of the first row's ids and, over the whole dataset (one vectorized pass), the
+    label range and the id range.
+    """
+    missing = {"indices", "label"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"token dataset lacks the column(s) {sorted(missing)}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError("token dataset is empty")
+    id_columns = [column for column in ("indices", "indices_flipped") if column in dataset.column_names]
+    low_label, high_label, low_id, high_id = None, None, None, None
+    # In blocks: the whole ImageNet id table is gigabytes.
+    for block in dataset.with_format("numpy").iter(batch_size=65_536):
+        labels = block["label"]
+        low_label = labels.min() if low_label is None else min(low_label, labels.min())
+        high_label = labels.max() if high_label is None else max(high_label, labels.max())
+        for column in id_columns:
+            ids = block[column]
+            if ids.ndim != 2 or ids.shape[1] != num_indices:
+                raise ValueError(f"{column} must hold {num_indices} ids per image, got shape {ids.shape}")
+            low_id = ids.min() if low_id is None else min(low_id, ids.min())
+            high_id = ids.max() if high_id is None else max(high_id, ids.max())
+    if low_label < 0 or high_label >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for a class-conditional prior, got [{low_label}, {high_label}]"
+            + (" (-1 marks unlabeled images)" if low_label == -1 else "")
+        )
+    if low_id < 0 or high_id >= codebook_size:
+        raise ValueError(f"token ids must lie in [0, {codebook_size}), got [{low_id}, {high_id}]")
+
+__all__ = [
+    "TokenizationInfo",
+    "assemble_token_dataset",
+    "check_manifest",
+    "check_token_dataset",
+    "chunk_statistics",
+    "dataset_num_classes",
+    "encode_batch",
+    "load_token_dataset",
+    "pretokenize",
+    "token_features",
+]
