@@ -193,3 +193,16 @@ def test_training_refuses_unlabeled_tokens(tokenized, tmp_path):
         launch(TRAIN, TINY_TRAIN + ["--pretrained_model_name_or_path", tokenized / "tokenizer", "--train_dataset",
                                     tmp_path / "unlabeled", "--max_train_steps", "1", "--output_dir", tmp_path / "out"])
 
+
+
+def test_two_process_training(tokenized, tmp_path):
+    """DDP on 2 CPU processes (gloo): the wrapped transformer trains and the saved pipeline samples."""
+    launch(TRAIN, TINY_TRAIN + ["--pretrained_model_name_or_path", tokenized / "tokenizer", "--train_dataset",
+                                tokenized / "tokens", "--max_train_steps", "4", "--train_batch_size", "2",
+                                "--validation_steps", "1000", "--checkpointing_steps", "1000", "--output_dir", tmp_path],
+           num_processes=2)
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["global_step"] == 4 and np.isfinite(summary["final_loss"])
+    pipeline = FlowMoMaskGiTPipeline.from_pretrained(tmp_path)
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline([1], num_inference_steps=2, output_type="latent").images.shape == (1, 24)

@@ -86,6 +86,13 @@ def masked_cross_entropy(
     return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while isinstance(getattr(module, "module", None), torch.nn.Module) or hasattr(module, "_orig_mod"):
+        module = getattr(module, "_orig_mod", None) or module.module
+    return module
+
+
 def maskgit_training_step(
     transformer: FlowMoMaskGiTTransformer,
     scheduler: MaskGiTScheduler,
@@ -105,17 +112,19 @@ def maskgit_training_step(
         class_dropout_prob, label_smoothing (`float`): 0.1 each by default (MaskGiT / TiTok).
         generator: for the masking and the class dropout.
     """
-    if scheduler.config.mask_token_id != transformer.mask_token_id:
+    # The forward goes through the wrapper (DDP / FSDP / compile), the attributes come from the model inside.
+    model = _unwrap(transformer)
+    if scheduler.config.mask_token_id != model.mask_token_id:
         raise ValueError(
             f"scheduler.mask_token_id ({scheduler.config.mask_token_id}) != transformer.mask_token_id "
-            f"({transformer.mask_token_id})"
+            f"({model.mask_token_id})"
         )
     if not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point():
         raise ValueError("class_labels must be an integer tensor")
-    if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= transformer.config.num_classes):
-        raise ValueError(f"class_labels must lie in [0, {transformer.config.num_classes}) before class dropout")
+    if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= model.config.num_classes):
+        raise ValueError(f"class_labels must lie in [0, {model.config.num_classes}) before class dropout")
     masked_ids, mask = scheduler.add_noise(token_ids, generator=generator)
-    labels = drop_class_labels(class_labels, transformer.null_class_id, class_dropout_prob, generator)
+    labels = drop_class_labels(class_labels, model.null_class_id, class_dropout_prob, generator)
     logits = transformer(masked_ids, labels).logits
     loss = masked_cross_entropy(logits, token_ids, mask, label_smoothing)
     with torch.no_grad():
