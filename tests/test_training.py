@@ -221,16 +221,36 @@ def test_freeze_encoder_drops_it_from_the_optimizer_and_resumes_past_the_freeze(
     step()
     encoder_ids = {id(p) for p in model.encoder.parameters()}
     assert any(id(p) in encoder_ids for p in optimizer.state)
+    # The original rebuilds Adam over the decoder at the freeze: its next step is the first step of a fresh Adam.
+    copy = tiny_model()
+    copy.load_state_dict(model.state_dict())
+    rebuilt_like_original = torch.optim.AdamW([p for p in copy.decoder.parameters()], lr=1e-2, weight_decay=0.0)
     removed = freeze_encoder(model, optimizer)
     assert removed == len(list(model.encoder.parameters()))
     assert [g["name"] for g in optimizer.param_groups] == ["decoder"]
-    assert not any(id(p) in encoder_ids for p in optimizer.state)
+    assert len(optimizer.state) == 0
     assert not any(p.requires_grad for p in model.encoder.parameters())
     encoder_before = [p.clone() for p in model.encoder.parameters()]
     decoder_before = [p.clone() for p in model.decoder.parameters()]
+    torch.manual_seed(5)
     step()
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(decoder_before, model.decoder.parameters()))
+    copy.encoder.requires_grad_(False)
+    torch.manual_seed(5)
+    rebuilt_like_original.zero_grad()
+    flowmo_training_losses(copy, images(), FlowMoScheduler())["loss"].backward()
+    rebuilt_like_original.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.decoder.parameters(), copy.decoder.parameters()))
+
+    # reset_optimizer_state=False keeps the decoder's moments.
+    kept = tiny_model()
+    kept_optimizer = torch.optim.AdamW(optimizer_param_groups(kept), lr=1e-2)
+    kept_optimizer.zero_grad()
+    flowmo_training_losses(kept, images(), FlowMoScheduler())["loss"].backward()
+    kept_optimizer.step()
+    freeze_encoder(kept, kept_optimizer, reset_optimizer_state=False)
+    assert len(kept_optimizer.state) == len(list(kept.decoder.parameters()))
 
     # Resuming past the freeze: an optimizer built without the encoder loads the saved state.
     fresh = tiny_model()

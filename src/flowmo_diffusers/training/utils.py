@@ -105,13 +105,17 @@ def encoder_module(model: nn.Module) -> nn.Module:
     return model.encoder if hasattr(model, "encoder") else model.autoencoder.encoder
 
 
-def freeze_encoder(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+def freeze_encoder(
+    model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, reset_optimizer_state: bool = True
+) -> int:
     """Freeze the encoder: `requires_grad_(False)` and, if given, drop its parameters from `optimizer`.
 
-    The original freezes the encoder after 200k steps by rebuilding Adam over the decoder parameters only. Here the
-    encoder's parameter group and its Adam state are removed from the existing optimizer (an `AcceleratedOptimizer`
-    is unwrapped); the decoder keeps its Adam moments, whereas the original's rebuild also resets them. The encoder
-    is not updated afterwards and its Adam state no longer takes memory.
+    The original freezes the encoder after 200k steps by rebuilding Adam over the decoder parameters only, which also
+    restarts the decoder's Adam moments and step counts (bias correction starts over). Here the encoder's parameter
+    group and its state are removed from the existing optimizer (an `AcceleratedOptimizer` is unwrapped) and, with
+    `reset_optimizer_state` (the default, as the original), the remaining state is cleared so that the next step is
+    the first step of a fresh Adam; `False` keeps the decoder's moments. The encoder is not updated afterwards and
+    its Adam state no longer takes memory.
 
     Returns the number of encoder parameters removed from the optimizer.
     """
@@ -132,6 +136,8 @@ def freeze_encoder(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
             inner.param_groups.remove(group)
         else:
             group["params"] = kept
+    if reset_optimizer_state:
+        inner.state.clear()  # torch's Adam(W) re-initializes a parameter's state when it finds none
     return removed
 
 
