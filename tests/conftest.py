@@ -14,15 +14,9 @@ ORIGINAL_TINY = FIXTURES / "original_tiny"
 
 @pytest.fixture
 def tiny_model():
-    from flowmo_diffusers import FlowMoModel, get_preset_config
+    from tiny_models import tiny_flowmo_model
 
-    torch.manual_seed(0)
-    model = FlowMoModel(**get_preset_config("flowmo-tiny"))
-    # Gates start at zero in training; give every weight a value so tests see the whole network.
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return model.eval()
+    return tiny_flowmo_model()
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ pytest.importorskip("matplotlib")
 skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
+from tiny_models import tiny_flowmo_model  # noqa: E402
 
-from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config  # noqa: E402
+from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler  # noqa: E402
 from flowmo_diffusers.evaluation import (  # noqa: E402
     GLOBAL_IMAGE_INDEX_COLUMN,
     NOT_COMPARABLE_BANNER,
@@ -47,14 +48,8 @@ NUM_IMAGES = 6
 
 def _save_tiny_pipeline(folder: Path, context_dim: int) -> Path:
     """flowmo-tiny with ``context_dim`` bits per token, weights perturbed as in conftest's tiny_model."""
-    torch.manual_seed(0)
-    config = get_preset_config("flowmo-tiny")
-    config["context_dim"] = context_dim
-    model = FlowMoModel(**config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    FlowMoPipeline(autoencoder=model.eval(), scheduler=FlowMoScheduler()).save_pretrained(folder)
+    model = tiny_flowmo_model(context_dim=context_dim)
+    FlowMoPipeline(autoencoder=model, scheduler=FlowMoScheduler()).save_pretrained(folder)
     return folder
 
 

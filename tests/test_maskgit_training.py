@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate_launch import REPO, launch
+from tiny_models import tiny_flowmo_model
 from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoPipeline, FlowMoScheduler
@@ -118,14 +119,7 @@ def test_check_token_dataset_errors():
 def tokenized(tmp_path_factory):
     """A tiny tokenizer and the embedded photographs pre-tokenized by the script (with flips)."""
     root = tmp_path_factory.mktemp("maskgit")
-    torch.manual_seed(0)
-    from flowmo_diffusers import FlowMoModel, get_preset_config
-
-    model = FlowMoModel(**get_preset_config("flowmo-tiny"))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    FlowMoPipeline(autoencoder=model.eval(), scheduler=FlowMoScheduler()).save_pretrained(root / "tokenizer")
+    FlowMoPipeline(autoencoder=tiny_flowmo_model(), scheduler=FlowMoScheduler()).save_pretrained(root / "tokenizer")
     launch(PRETOKENIZE, ["--pretrained_model_name_or_path", root / "tokenizer", "--output_dir", root / "tokens",
                          "--flip", "--chunk_size", "4", "--batch_size", "4", "--dataloader_num_workers", "0"])
     return root

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 
@@ -38,11 +37,9 @@ from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
 from flowmo_diffusers.training.utils import (
     TrainingProgress,
-    prune_checkpoints,
-    publish_checkpoint,
     remove_stale_temporary_checkpoints,
     resolve_resume_checkpoint,
-    temporary_checkpoint_path,
+    save_checkpoint,
     validation_grid,
     write_model_card,
 )
@@ -279,19 +276,8 @@ def main(argv=None):
                 tracker.log({"validation/samples": wandb.Image(grid, caption=f"classes {validation_classes}")}, step=step)
         return name
 
-    def save_checkpoint(step):
-        temporary = temporary_checkpoint_path(args.output_dir, step)
-        if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(temporary)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            path = publish_checkpoint(args.output_dir, step)
-            for removed in prune_checkpoints(args.output_dir, args.checkpoints_total_limit):
-                logger.info(f"Removed old checkpoint {removed}")
-            logger.info(f"Saved {path}")
-        accelerator.wait_for_everyone()
+    def checkpoint(step):
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, log=logger.info)
 
     logger.info("***** Running MaskGiT training *****")
     logger.info(f"  {len(dataset)} sequences of {model.config.num_indices} ids < {model.config.codebook_size}, "
@@ -355,7 +341,7 @@ def main(argv=None):
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.3f}")
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(global_step)
+            checkpoint(global_step)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process:
             run_validation(global_step)
         if not math.isfinite(logs["loss"]):

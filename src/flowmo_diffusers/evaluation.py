@@ -396,6 +396,7 @@ def build_evaluation_loader(
     process_index: int = 0,
     num_processes: int = 1,
     num_workers: int = 0,
+    interpolation=None,
 ):
     """Center-cropped batches of this process' share of ``dataset``, carrying each image's global index.
 
@@ -413,6 +414,8 @@ def build_evaluation_loader(
         batch_size: Images per batch.
         process_index / num_processes: This process and the number of processes.
         num_workers: DataLoader workers (capped at 1 for streams).
+        interpolation: ``torchvision.transforms.InterpolationMode`` of the resize before the crop; None keeps
+            the data pipeline's default (bilinear, as FlowMo).
 
     Returns:
         :class:`~flowmo_diffusers.training.data.ImageBatchLoader` of ``{"pixel_values": [b, 3, R, R] float32 in
@@ -424,6 +427,8 @@ def build_evaluation_loader(
 
     # The loader carries one integer column as "labels"; here it is the global index, not the class label.
     common = dict(image_column="image", label_column=GLOBAL_IMAGE_INDEX_COLUMN)
+    if interpolation is not None:
+        common["interpolation"] = interpolation
     if isinstance(dataset, datasets.IterableDataset):
         if num_processes > 1:
             dataset = dataset.filter(

@@ -1,9 +1,15 @@
-"""Image-reconstruction metrics for tokenizer evaluation: rFID, PSNR, SSIM, LPIPS.
+"""Image metrics: reconstruction (rFID, PSNR, SSIM, LPIPS) and generation (gFID, Inception Score).
 
 Computed the way FlowMo's evaluation code did (scikit-image PSNR/SSIM on uint8-quantised
 images, ``lpips.LPIPS`` on [-1, 1] images, FID from pytorch-fid's TF-ported InceptionV3),
 but streaming: memory does not grow with the number of images, and state is summed
 across processes with one all-reduce.
+
+Generation metrics (:class:`GenerationMetrics`) use the same Inception: gFID against
+reference statistics read from an ``.npz`` (pytorch-fid's or ADM's format,
+:class:`ReferenceStatistics`) and the Inception Score from the network's 1008-way logits
+(the one state that grows with the number of images: 4 KB of logits per image, gathered
+across processes).
 
 Pretrained networks are never replaced by random ones silently: they come from an
 explicit local path or the torch hub cache / download, otherwise
@@ -14,12 +20,29 @@ Heavy dependencies (scikit-image, scipy, lpips, pytorch-fid, evaluate) are impor
 first use; install them with ``pip install 'flowmo-diffusers[eval]'``.
 """
 
-from .distributed import sum_across_processes
+from .distributed import gather_rows_across_processes, sum_across_processes
 from .evaluate_integration import BUNDLED_METRICS, bundled_metric_path, load_metric
 from .feature_statistics import StreamingFeatureStatistics
-from .fid_inception import FID_INCEPTION_WEIGHTS, FIDInceptionFeatureExtractor, build_fid_inception_v3
+from .fid_inception import (
+    FID_INCEPTION_NUM_LOGITS,
+    FID_INCEPTION_WEIGHTS,
+    FIDInceptionFeatureExtractor,
+    build_fid_inception_v3,
+)
 from .frechet_distance import frechet_distance
+from .generation_metrics import (
+    ADM_IMAGENET256_REFERENCE_URL,
+    GenerationMetrics,
+    ReferenceStatistics,
+    describe_fid_inception,
+)
 from .image_conversion import images_to_uint8_hwc, images_to_unit_range
+from .inception_score import (
+    TORCH_FIDELITY_SHUFFLE_SEED,
+    InceptionScore,
+    inception_score,
+    inception_score_from_logits,
+)
 from .perceptual_similarity import LPIPS_BACKBONE_WEIGHTS, LPIPSDistance
 from .pretrained_weights import MissingPretrainedWeightsError, PretrainedWeights, load_pretrained_state_dict
 from .psnr import psnr_per_image, psnr_pooled_over_batch
@@ -27,20 +50,30 @@ from .reconstruction_metrics import ReconstructionMetrics
 from .ssim import ssim_per_image
 
 __all__ = [
+    "ADM_IMAGENET256_REFERENCE_URL",
     "BUNDLED_METRICS",
+    "FID_INCEPTION_NUM_LOGITS",
     "FID_INCEPTION_WEIGHTS",
     "FIDInceptionFeatureExtractor",
+    "GenerationMetrics",
+    "InceptionScore",
     "LPIPS_BACKBONE_WEIGHTS",
     "LPIPSDistance",
     "MissingPretrainedWeightsError",
     "PretrainedWeights",
     "ReconstructionMetrics",
+    "ReferenceStatistics",
     "StreamingFeatureStatistics",
+    "TORCH_FIDELITY_SHUFFLE_SEED",
     "build_fid_inception_v3",
     "bundled_metric_path",
+    "describe_fid_inception",
     "frechet_distance",
+    "gather_rows_across_processes",
     "images_to_uint8_hwc",
     "images_to_unit_range",
+    "inception_score",
+    "inception_score_from_logits",
     "load_metric",
     "load_pretrained_state_dict",
     "psnr_per_image",

@@ -7,11 +7,16 @@ the original TF FID graph. FlowMo computed rFID from its 2048-d final average-po
 features. The difference from pytorch-fid's own class is only how the weights are
 obtained: from a local file, from the torch hub cache / URL with a clear error, or
 explicitly left random for tests.
+
+The same forward pass can also return the network's 1008-way logits for the Inception
+Score (``return_logits=True``), computed the way the original TF Inception Score code
+(openai/improved-gan), ADM's evaluator and torch-fidelity's ``logits_unbiased`` do:
+``pool_features @ fc.weight.T``, without the bias of the ``fc`` layer.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,9 @@ FID_INCEPTION_INPUT_SIZE = 299
 # Feature dimension -> index of the last block needed (pytorch-fid's BLOCK_INDEX_BY_DIM).
 FEATURE_DIMS_TO_LAST_BLOCK = {64: 0, 192: 1, 768: 2, 2048: 3}
 
+#: Number of outputs of the TF Inception's classifier (1000 ImageNet classes + 8 unused/background).
+FID_INCEPTION_NUM_LOGITS = 1008
+
 
 def build_fid_inception_v3() -> nn.Module:
     """Randomly initialised FID InceptionV3 with the layout of the pretrained weights file.
@@ -47,7 +55,9 @@ def build_fid_inception_v3() -> nn.Module:
 
     # init_weights=False: torchvision's truncated-normal init is slow and is overwritten
     # by the checkpoint anyway (pytorch-fid does the same).
-    inception = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    inception = inception_v3(
+        weights=None, aux_logits=False, num_classes=FID_INCEPTION_NUM_LOGITS, init_weights=False
+    )
     inception.Mixed_5b = FIDInceptionA(192, pool_features=32)
     inception.Mixed_5c = FIDInceptionA(256, pool_features=64)
     inception.Mixed_5d = FIDInceptionA(288, pool_features=64)
@@ -73,6 +83,7 @@ class FIDInceptionFeatureExtractor(nn.Module):
         random_init: Explicit test option: keep random weights and read nothing.
         feature_dims: 2048 (final average pool; what FID/rFID uses), or 64, 192, 768
             (earlier blocks, as pytorch-fid's ``--dims``; cheaper, for tests and tiny sets).
+            Only 2048 keeps the classifier layer, so only 2048 can return logits.
 
     Raises:
         MissingPretrainedWeightsError: ``random_init`` is False and the weights cannot be found.
@@ -126,22 +137,47 @@ class FIDInceptionFeatureExtractor(nn.Module):
         ]
         last_block = FEATURE_DIMS_TO_LAST_BLOCK[feature_dims]
         self.blocks = nn.ModuleList(nn.Sequential(*layers) for layers in all_blocks[: last_block + 1])
+        # The 1008-way classifier on the pool features, for the Inception Score; earlier-block
+        # features have no classifier.
+        self.fc = inception.fc if feature_dims == 2048 else None
         self.eval()
         self.requires_grad_(False)
 
+    @property
+    def has_logits(self) -> bool:
+        """Whether :meth:`forward` can return logits (only with ``feature_dims=2048``)."""
+        return self.fc is not None
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, value_range: Tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-        """Inception features.
+    def forward(
+        self,
+        images: torch.Tensor,
+        value_range: Tuple[float, float] = (-1.0, 1.0),
+        return_logits: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Inception features, and optionally the classifier logits of the same pass.
 
         Args:
             images: [B, 3, H, W] tensor, any H and W (resized to 299x299).
             value_range: ``(-1, 1)`` (the default, FlowMo's convention) or ``(0, 1)``.
                 [-1, 1] input is clamped and mapped with ``(x + 1) / 2`` first, as FlowMo
                 did before calling pytorch-fid's network (which expects [0, 1]).
+            return_logits: Also return the [B, 1008] logits ``features @ fc.weight.T``
+                (no bias: the Inception Score's definition, see the module docstring).
+                Needs ``feature_dims=2048``.
 
         Returns:
-            [B, feature_dims] float32 tensor on the network's device.
+            [B, feature_dims] float32 features on the network's device, or, with
+            ``return_logits``, the tuple ``(features [B, 2048], logits [B, 1008])``.
+
+        Raises:
+            ValueError: ``return_logits`` with ``feature_dims`` other than 2048.
         """
+        if return_logits and not self.has_logits:
+            raise ValueError(
+                f"logits (for the Inception Score) come from the 2048-d pool features; this extractor was built "
+                f"with feature_dims={self.feature_dims}. Use feature_dims=2048."
+            )
         check_image_batch(images)
         device = next(self.parameters()).device
         images = images.detach().to(device=device, dtype=torch.float32)
@@ -159,4 +195,7 @@ class FIDInceptionFeatureExtractor(nn.Module):
         if x.shape[2:] != (1, 1):
             # Earlier blocks give feature maps; pytorch-fid's fid_score averages them spatially.
             x = F.adaptive_avg_pool2d(x, output_size=(1, 1))
-        return x.flatten(1)
+        features = x.flatten(1)
+        if not return_logits:
+            return features
+        return features, features @ self.fc.weight.T
