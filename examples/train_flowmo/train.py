@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 import time
 
@@ -46,11 +45,9 @@ from flowmo_diffusers.training.utils import (
     ema_update_due,
     freeze_encoder,
     optimizer_param_groups,
-    prune_checkpoints,
-    publish_checkpoint,
     remove_stale_temporary_checkpoints,
     resolve_resume_checkpoint,
-    temporary_checkpoint_path,
+    save_checkpoint,
     update_ema,
     validation_grid,
     write_model_card,
@@ -417,19 +414,8 @@ def main(argv=None):
                 tracker.log({"validation/reconstructions": wandb.Image(grid)}, step=step)
         return metrics
 
-    def save_checkpoint(step):
-        temporary = temporary_checkpoint_path(args.output_dir, step)
-        if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(temporary)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            path = publish_checkpoint(args.output_dir, step)
-            for removed in prune_checkpoints(args.output_dir, args.checkpoints_total_limit):
-                logger.info(f"Removed old checkpoint {removed}")
-            logger.info(f"Saved {path}")
-        accelerator.wait_for_everyone()
+    def checkpoint(step):
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, log=logger.info)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
@@ -483,7 +469,7 @@ def main(argv=None):
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", flow=f"{logs['flow_loss']:.4f}")
 
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(global_step)
+            checkpoint(global_step)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process:
             run_validation(global_step)
     progress_bar.close()

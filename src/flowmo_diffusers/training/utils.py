@@ -330,6 +330,31 @@ def publish_checkpoint(output_dir: str, step: int) -> str:
     return final
 
 
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int] = None, log=None) -> str:
+    """`accelerator.save_state` into `checkpoint-<step>.tmp`, then publish it atomically and prune old checkpoints.
+
+    Call on every process (it synchronizes them). A crash mid-save leaves only a `.tmp` folder, which
+    [`resolve_resume_checkpoint`] never picks and [`remove_stale_temporary_checkpoints`] deletes at the next start.
+    Returns the final path.
+    """
+    temporary = temporary_checkpoint_path(output_dir, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    if accelerator.is_main_process:
+        publish_checkpoint(output_dir, step)
+        for removed in prune_checkpoints(output_dir, total_limit):
+            if log is not None:
+                log(f"Removed old checkpoint {removed}")
+        if log is not None:
+            log(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
 def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> List[str]:
     """Delete the oldest complete checkpoints so that at most `total_limit` remain; returns the removed paths."""
     if total_limit is None:
@@ -477,6 +502,7 @@ __all__ = [
     "publish_checkpoint",
     "remove_stale_temporary_checkpoints",
     "resolve_resume_checkpoint",
+    "save_checkpoint",
     "temporary_checkpoint_path",
     "update_ema",
     "validation_grid",
