@@ -480,15 +480,53 @@ def test_posttrain_from_the_pretrained_pipeline(pretrained_run, tmp_path):
     assert (tmp_path / "reconstructions.png").is_file()
 
 
-def test_two_processes_keep_identical_weights(tmp_path):
-    log = launch(TINY_RUN + ["--max_train_steps", "3", "--gradient_accumulation_steps", "2", "--use_ema",
-                       "--ema_update_every", "2", "--encoder_freeze_steps", "2", "--checkpointing_steps", "2",
-                       "--validation_steps", "100", "--output_dir", str(tmp_path)], num_processes=2)
+# Two processes: accumulation, EMA, the encoder freeze at step 2, a checkpoint at step 2 and validations.
+TWO_PROCESS_RUN = TINY_RUN + ["--max_train_steps", "4", "--gradient_accumulation_steps", "2", "--use_ema",
+                              "--ema_update_every", "2", "--encoder_freeze_steps", "2", "--checkpointing_steps", "2",
+                              "--validation_steps", "2"]
+FSDP_ON_CPU = Path(__file__).parent / "fsdp_on_cpu.py"
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("ddp")
+    log = launch(TWO_PROCESS_RUN + ["--output_dir", str(output_dir)], num_processes=2)
+    return output_dir, log
+
+
+def test_two_processes_keep_identical_weights(two_process_run):
+    output_dir, log = two_process_run
     assert "DistributedType.MULTI_CPU" in log and "Num processes: 2" in log and "Step 2: encoder frozen" in log
-    rank0, rank1 = checksums(tmp_path, 0), checksums(tmp_path, 1)
-    assert rank0["step"] == 3 and rank0 == rank1
-    assert (tmp_path / "checkpoint-2" / "random_states_1.pkl").is_file()
-    FlowMoPipeline.from_pretrained(tmp_path)
+    rank0, rank1 = checksums(output_dir, 0), checksums(output_dir, 1)
+    assert rank0["step"] == 4 and rank0 == rank1
+    assert (output_dir / "checkpoint-2" / "random_states_1.pkl").is_file()
+    FlowMoPipeline.from_pretrained(output_dir)
+
+
+def test_fsdp2_equals_ddp_and_resumes_exactly(two_process_run, tmp_path):
+    """FSDP2 through Accelerate (switched on for CPU processes by tests/fsdp_on_cpu.py): sharded norm fix, EMA,
+    encoder freeze, validation and checkpoints give bit-identical weights to the DDP run, and resume exactly."""
+    ddp_dir, _ = two_process_run
+
+    def launch_fsdp(output_dir, *extra):
+        return launch_script(FSDP_ON_CPU, [SCRIPT] + TWO_PROCESS_RUN + ["--output_dir", str(output_dir), *extra],
+                             num_processes=2)
+
+    log = launch_fsdp(tmp_path / "full")
+    assert "FSDP2: sharded parameters" in log and "Step 2: encoder frozen" in log
+    assert checksums(tmp_path / "full", 0) == checksums(tmp_path / "full", 1) == checksums(ddp_dir, 0)
+    # Checkpoints hold whole tensors (not shards): the same shapes as DDP's.
+    fsdp_weights = load_file(tmp_path / "full" / "checkpoint-2" / "model.safetensors")
+    ddp_weights = load_file(ddp_dir / "checkpoint-2" / "model.safetensors")
+    assert {k: v.shape for k, v in fsdp_weights.items()} == {k: v.shape for k, v in ddp_weights.items()}
+    assert validation_records(tmp_path / "full") == validation_records(ddp_dir)
+
+    (tmp_path / "resumed").mkdir()
+    os.rename(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    log = launch_fsdp(tmp_path / "resumed", "--resume_from_checkpoint", "latest")
+    assert "Resuming from" in log
+    assert checksums(tmp_path / "resumed", 0) == checksums(ddp_dir, 0)
+    FlowMoPipeline.from_pretrained(tmp_path / "resumed")
 
 
 def test_push_to_hub_uploads_pipeline_and_model_card(pretrained_run, tmp_path):

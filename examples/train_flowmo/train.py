@@ -39,11 +39,13 @@ from flowmo_diffusers.training.perceptual import (
     build_perceptual_loss,
 )
 from flowmo_diffusers.training.utils import (
+    EMACheckpoint,
     InitialNormFixer,
     TrainingProgress,
     create_ema,
     ema_update_due,
     freeze_encoder,
+    full_tensor,
     optimizer_param_groups,
     remove_stale_temporary_checkpoints,
     resolve_resume_checkpoint,
@@ -214,9 +216,10 @@ def load_model(args):
 
 
 def weights_checksum(parameters) -> str:
+    """sha256 of the whole weights (sharded ones are gathered: call it on every process)."""
     digest = hashlib.sha256()
     for parameter in parameters:
-        digest.update(parameter.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(full_tensor(parameter.detach()).float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -242,14 +245,17 @@ def main(argv=None):
         diffusers.utils.logging.set_verbosity_warning()
     else:
         diffusers.utils.logging.set_verbosity_error()
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # Sharded, each of these would need its own code: the norm fix (per-weight norms of sharded weights), the EMA
-        # (shards to checkpoint), validation and the final save (main-process forwards would wait on all-gathers).
-        # None of it can run on the CPU-only CI (Accelerate has no CPU FSDP), so it is refused rather than untested.
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(
-            f"{accelerator.distributed_type} is not supported by this script: use DDP (accelerate launch --multi_gpu). "
-            "FlowMo-Lo/Hi (866M parameters: ~17 GB of fp32 weights, gradients, Adam state and EMA) need no sharding."
+            "DeepSpeed is not supported by this script: use DDP (accelerate launch --multi_gpu) or FSDP2 "
+            "(accelerate launch --use_fsdp --fsdp_version 2). FlowMo-Lo/Hi (866M parameters: ~17 GB of fp32 weights, "
+            "gradients, Adam state and EMA) fit one 80 GB GPU with DDP."
         )
+    # FSDP2: parameters are DTensor shards. The norm fix, EMA and checkpoints handle them (flowmo_diffusers.training.
+    # utils); validation and the final save work on a gathered, unsharded copy.
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise ValueError("FSDP needs --fsdp_version 2 (FSDP1's flat parameters hide the per-weight norms of the recipe)")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
@@ -323,7 +329,7 @@ def main(argv=None):
     if args.use_ema:
         ema = create_ema(model.parameters(), decay=args.ema_decay, update_every=args.ema_update_every, foreach=True)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        accelerator.register_for_checkpointing(EMACheckpoint(ema))
 
     if resume:
         logger.info(f"Resuming from {resume[1]}")
@@ -353,7 +359,7 @@ def main(argv=None):
     with torch.random.fork_rng(devices=[]):
         batches = itertools.chain([next(batches)], batches)
     validation_images = None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or sharded:
         split = args.validation_split or args.train_split
         validation_dataset = train_dataset if args.validation_split is None else load_image_dataset(split=split, **dataset_kwargs)
         validation_loader = build_eval_dataloader(validation_dataset, resolution, args.num_validation_images)
@@ -366,36 +372,59 @@ def main(argv=None):
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
-    def run_validation(step, final=False):
-        """Reconstruct the fixed batch with the live (and EMA) weights; log PSNR and a grid (main process only).
+    def gather_autoencoder():
+        """An unsharded copy of the FSDP2-sharded autoencoder on the main process (None elsewhere); a collective."""
+        state = accelerator.get_state_dict(training_module)
+        if not accelerator.is_main_process:
+            return None
+        prefix = "autoencoder."
+        with torch.random.fork_rng(devices=[]):  # building draws random init weights: keep the training stream intact
+            copy = FlowMoModel.from_config(model.config)
+        copy.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
+        return copy.to(accelerator.device).eval()
 
-        `final`: the model already holds the weights that were saved; they are reconstructed as they are."""
-        pipeline = FlowMoPipeline(autoencoder=model, scheduler=FlowMoScheduler.from_config(scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
+    def run_validation(step):
+        """Reconstruct the fixed batch with the live (and EMA) weights; log PSNR and a grid.
 
-        def reconstruct():
+        Main process only, except when sharded: then every process takes part in gathering the weights."""
+        if not sharded:
+            autoencoders = [("psnr", model)]
+            if ema is not None:
+                autoencoders.append(("psnr_ema", None))  # the EMA weights are swapped into `model` in turn
+            return validate(step, autoencoders)
+        autoencoders = [("psnr", gather_autoencoder())]
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            autoencoders.append(("psnr_ema", gather_autoencoder()))
+            ema.restore(model.parameters())
+        return validate(step, autoencoders) if accelerator.is_main_process else None
+
+    def validate(step, autoencoders, final=False):
+        """Main process: reconstruct with each `(metric, autoencoder)` (None: `model` holding the EMA weights)."""
+        from flowmo_diffusers.metrics.psnr import psnr_per_image
+
+        rows, metrics = [validation_images], {}
+        for metric, autoencoder in autoencoders:
+            if autoencoder is None:
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
+            network = model if autoencoder is None else autoencoder
+            was_training = network.training
+            network.eval()
+            pipeline = FlowMoPipeline(autoencoder=network, scheduler=FlowMoScheduler.from_config(scheduler.config))
+            pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator(accelerator.device).manual_seed(args.seed)
             with accelerator.autocast():
                 output = pipeline(
                     images=validation_images / 2 + 0.5, generator=generator, output_type="pt",
                     num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
                 ).images
-            return output.float() * 2 - 1
-
-        from flowmo_diffusers.metrics.psnr import psnr_per_image
-
-        rows, metrics = [validation_images], {}
-        was_training = model.training
-        model.eval()
-        rows.append(reconstruct())
-        metrics["psnr"] = float(np.mean(psnr_per_image(validation_images, rows[-1])))
-        if ema is not None and not final:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            rows.append(reconstruct())
-            metrics["psnr_ema"] = float(np.mean(psnr_per_image(validation_images, rows[-1])))
-            ema.restore(model.parameters())
-        model.train(was_training)
+            rows.append(output.float() * 2 - 1)
+            metrics[metric] = float(np.mean(psnr_per_image(validation_images, rows[-1])))
+            network.train(was_training)
+            if autoencoder is None:
+                ema.restore(model.parameters())
         grid = validation_grid(rows)
         name = "reconstructions.png" if final else os.path.join("validation", f"step-{step:08d}.png")
         os.makedirs(os.path.dirname(os.path.join(args.output_dir, name)), exist_ok=True)
@@ -419,6 +448,8 @@ def main(argv=None):
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
+    logger.info(f"  {accelerator.distributed_type} on {accelerator.num_processes} process(es)"
+                + (" (FSDP2: sharded parameters)" if sharded else ""))
     logger.info(f"  Stage = {args.stage}, model = {args.pretrained_model_name_or_path or args.model_config}, "
                 f"resolution = {resolution}, parameters = {sum(p.numel() for p in model.parameters()):,}")
     logger.info(f"  Micro-batch per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}, "
@@ -427,7 +458,7 @@ def main(argv=None):
                 f"{args.encoder_freeze_steps} steps, EMA = {args.use_ema}")
 
     global_step = progress.global_step
-    if global_step == 0 and accelerator.is_main_process:
+    if global_step == 0 and (accelerator.is_main_process or sharded):
         run_validation(0)
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -470,7 +501,7 @@ def main(argv=None):
 
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+        if global_step % args.validation_steps == 0 and (accelerator.is_main_process or sharded):
             run_validation(global_step)
     progress_bar.close()
 
@@ -482,13 +513,14 @@ def main(argv=None):
             checksums["ema"] = weights_checksum(ema.shadow_params)
         with open(os.path.join(args.output_dir, "debug_checksums", f"rank{accelerator.process_index}.json"), "w") as f:
             json.dump(checksums, f)
+    if ema is not None and (accelerator.is_main_process or sharded):
+        ema.copy_to(model.parameters())  # the run is over: the saved pipeline holds the EMA weights
+    final_model = gather_autoencoder() if sharded else model
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(model.parameters())  # the run is over: the saved pipeline holds the EMA weights
-        model.disable_gradient_checkpointing()
-        pipeline = FlowMoPipeline(autoencoder=model, scheduler=FlowMoScheduler.from_config(scheduler.config))
+        final_model.disable_gradient_checkpointing()
+        pipeline = FlowMoPipeline(autoencoder=final_model, scheduler=FlowMoScheduler.from_config(scheduler.config))
         pipeline.save_pretrained(args.output_dir)
-        final_metrics = run_validation(global_step, final=True)
+        final_metrics = validate(global_step, [("psnr", final_model)], final=True)
         logger.info(f"Saved the {'EMA ' if ema is not None else ''}pipeline to {args.output_dir}")
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder

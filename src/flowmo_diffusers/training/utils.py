@@ -3,6 +3,11 @@ guidance dropout, training progress and checkpoint folders.
 
 Everything that must survive a resume is an object with ``state_dict`` / ``load_state_dict``, meant for
 ``accelerator.register_for_checkpointing``.
+
+Under FSDP2 the parameters are sharded ``DTensor`` s. The helpers here work on them too: the norm fix takes the norm of
+the whole weight (a reduction across the shards) and scales the local shard; the EMA averages shard by shard (the
+update is elementwise) and [`EMACheckpoint`] saves whole tensors, so checkpoints are the same files whatever the
+sharding.
 """
 
 from __future__ import annotations
@@ -17,6 +22,22 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
+
+try:  # public from torch 2.5; torch 2.4 has it under _tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - depends on the torch version
+    from torch.distributed._tensor import DTensor, distribute_tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded `DTensor` (a collective: call it on every process), or `tensor` itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a `DTensor` this process holds (in-place updates reach the `DTensor`), or `tensor` itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Initial-norm fixing
@@ -50,7 +71,10 @@ class InitialNormFixer:
 
     @torch.no_grad()
     def record(self, model: nn.Module) -> None:
-        self.norms = {name: torch.linalg.vector_norm(weight.float()).detach().cpu() for name, weight in weights_to_fix(model)}
+        self.norms = {
+            name: full_tensor(torch.linalg.vector_norm(weight.float())).detach().cpu()
+            for name, weight in weights_to_fix(model)
+        }
         self._device_norms = {}
         if not self.norms:
             raise ValueError("found no Linear layer inside encoder.blocks / decoder.blocks to fix the norm of")
@@ -66,8 +90,9 @@ class InitialNormFixer:
             key = (name, weight.device)
             if key not in self._device_norms:  # one host-to-device copy per weight, not one per step
                 self._device_norms[key] = self.norms[name].to(device=weight.device, dtype=torch.float32)
-            scale = self._device_norms[key] / torch.linalg.vector_norm(weight.float())
-            weight.mul_(scale.to(weight.dtype))
+            # Sharded (FSDP2): the norm is reduced over all shards, each process scales its own shard.
+            scale = self._device_norms[key] / full_tensor(torch.linalg.vector_norm(weight.float()))
+            local_tensor(weight).mul_(scale.to(weight.dtype))
             seen += 1
         if seen != len(self.norms):
             raise KeyError(f"recorded {len(self.norms)} norms but the model has {seen} weights to fix")
@@ -166,6 +191,39 @@ def create_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, 
         use_ema_warmup=False,
         **kwargs,
     )
+
+
+class EMACheckpoint:
+    """What `accelerator.register_for_checkpointing` should hold for an `EMAModel`: the same state dict, with whole
+    shadow tensors even when they are FSDP2 shards.
+
+    Accelerate calls `state_dict` on every process and writes the main process's result. For `DTensor` shadows
+    that file would hold only the main process's shards, so the shadows are gathered first (every process takes part
+    in the collective); loading gives each process its shards again (`distribute_tensor` with the layout of the live
+    shadow). Without sharding it is `EMAModel`'s own state dict, so checkpoints do not depend on the sharding.
+    """
+
+    def __init__(self, ema: EMAModel):
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        state = self.ema.state_dict()
+        state["shadow_params"] = [full_tensor(shadow).detach().clone() for shadow in state["shadow_params"]]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        live = list(self.ema.shadow_params)
+        saved = state_dict.get("shadow_params")
+        if saved is not None and len(saved) != len(live):
+            raise ValueError(f"the EMA checkpoint holds {len(saved)} tensors, the model has {len(live)} parameters")
+        if saved is not None:
+            state_dict = dict(state_dict)
+            state_dict["shadow_params"] = [
+                distribute_tensor(tensor.to(shadow.device, shadow.dtype), shadow.device_mesh, shadow.placements)
+                if isinstance(shadow, DTensor) else tensor
+                for tensor, shadow in zip(saved, live)
+            ]
+        self.ema.load_state_dict(state_dict)
 
 
 def ema_update_due(global_step: int, update_every: int = 10) -> bool:
@@ -489,12 +547,15 @@ def write_model_card(
 
 
 __all__ = [
+    "EMACheckpoint",
     "InitialNormFixer",
     "TrainingProgress",
     "create_ema",
     "ema_update_due",
     "encoder_module",
     "freeze_encoder",
+    "full_tensor",
+    "local_tensor",
     "guidance_dropout_mask",
     "list_checkpoints",
     "optimizer_param_groups",
