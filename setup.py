@@ -52,6 +52,7 @@ setup(
             "scipy",
             "scikit-image>=0.22",
             "tensorboard",
+            "wandb",
             "matplotlib",
         ],
     },

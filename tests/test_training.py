@@ -563,3 +563,15 @@ def test_demo_run_learns_to_reconstruct(tmp_path):
     before, after = records[0], records[-1]
     assert before["step"] == 0 and after["final"] and after["step"] == LEARNING_STEPS
     assert after["psnr"] - before["psnr"] > LEARNING_MARGIN_DB, records
+
+
+def test_report_to_wandb_logs_figures_offline(tmp_path):
+    """--report_to wandb (offline mode: no account, no network): the run, its scalars and the validation grids."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    launch(TINY_RUN + ["--max_train_steps", "2", "--validation_steps", "1", "--report_to", "wandb",
+                       "--output_dir", str(tmp_path / "out")], env=env)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    grids = list((runs[0] / "files" / "media" / "images" / "validation").glob("reconstructions_*.png"))
+    assert len(grids) >= 3  # steps 0, 1, 2
+    assert "validation" in (runs[0] / "files" / "output.log").read_text()
