@@ -117,17 +117,22 @@ def test_check_token_dataset_errors():
 
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory):
-    """A tiny tokenizer and the embedded photographs pre-tokenized by the script (with flips)."""
+    """A tiny tokenizer and the embedded photographs pre-tokenized by the script (2 processes, with flips)."""
     root = tmp_path_factory.mktemp("maskgit")
     FlowMoPipeline(autoencoder=tiny_flowmo_model(), scheduler=FlowMoScheduler()).save_pretrained(root / "tokenizer")
     launch(PRETOKENIZE, ["--pretrained_model_name_or_path", root / "tokenizer", "--output_dir", root / "tokens",
-                         "--flip", "--chunk_size", "4", "--batch_size", "4", "--dataloader_num_workers", "0"])
+                         "--flip", "--chunk_size", "4", "--batch_size", "4", "--dataloader_num_workers", "0"],
+           num_processes=2)
     return root
 
 
 def test_end_to_end_pretokenize_train_resume_sample(tokenized, tmp_path):
     tokens, info = load_token_dataset(str(tokenized / "tokens"))
     assert len(tokens) == 9 and info.flip and info.num_classes == 9 and info.class_names[0] == "astronaut"
+    assert info.num_processes == 2 and tokens["index"] == list(range(9))  # chunks 0 and 2 by rank 0, 1 by rank 1
+    photos = load_default_image_dataset()
+    autoencoder = FlowMoPipeline.from_pretrained(tokenized / "tokenizer").autoencoder
+    assert torch.equal(torch.tensor(tokens["indices"]), expected_ids(autoencoder, photos))
     common = TINY_TRAIN + ["--pretrained_model_name_or_path", tokenized / "tokenizer", "--train_dataset",
                            tokenized / "tokens", "--max_train_steps", "8", "--use_ema", "--checkpointing_steps", "3",
                            "--validation_steps", "4"]
