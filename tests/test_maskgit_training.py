@@ -205,3 +205,22 @@ def test_two_process_training(tokenized, tmp_path):
     pipeline = FlowMoMaskGiTPipeline.from_pretrained(tmp_path)
     pipeline.set_progress_bar_config(disable=True)
     assert pipeline([1], num_inference_steps=2, output_type="latent").images.shape == (1, 24)
+
+
+def test_training_from_a_hub_dataset_id(tokenized, tmp_path):
+    """--train_dataset as a Hub dataset id (parquet shards + tokenization.json), through the local Hub stand-in."""
+    from hub_stub import LocalHub
+
+    tokens, _ = load_token_dataset(str(tokenized / "tokens"))
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    tokens.to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    (repo / "tokenization.json").write_text((tokenized / "tokens" / "dataset" / "tokenization.json").read_text())
+    with LocalHub() as hub:
+        hub.add_repo("user/tiny-tokens", repo, repo_type="dataset")
+        log = launch(TRAIN, TINY_TRAIN + ["--pretrained_model_name_or_path", tokenized / "tokenizer", "--train_dataset",
+                                          "user/tiny-tokens", "--max_train_steps", "2", "--validation_steps", "1000",
+                                          "--output_dir", tmp_path / "out"], env=hub.client_env(tmp_path / "hf_home"))
+        assert not hub.unhandled
+    assert "9 sequences of 24 ids < 16, 9 classes, flip augmentation: True" in log
+    assert FlowMoMaskGiTPipeline.from_pretrained(tmp_path / "out").transformer.config.num_classes == 9
