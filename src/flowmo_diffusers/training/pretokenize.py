@@ -9,14 +9,14 @@ training ~10x cheaper than encoding on the fly. Each image becomes one row:
 * `label`: the class id (-1 for unlabeled data), `index`: where the image came from (see below).
 
 Work is split into chunks of `chunk_size` source rows, each written atomically (temporary file, then `os.replace`)
-as `chunks/chunk-XXXXXXXX.parquet`. A chunk that exists is done, so a restarted run (with any number of processes
+as `chunks/chunk-00000000.parquet`, `chunk-00000001.parquet`, .... A chunk that exists is done, so a restarted run (with any number of processes
 for map-style data) redoes at most the chunks that were in flight. Map-style chunk `c` covers rows
 `[c * chunk_size, (c + 1) * chunk_size)` and belongs to process `c % num_processes`. A streaming dataset cannot be
 indexed: each process takes its part of the stream (`split_dataset_by_node`) and its `k`-th chunk covers its stream
 positions `[k * chunk_size, (k + 1) * chunk_size)`; resuming skips the finished positions, which requires the same
 number of processes (recorded in `chunks/manifest.json` and checked).
 
-Undecodable images are skipped and counted (per chunk in `chunks/chunk-XXXXXXXX.json`), never fatal.
+Undecodable images are skipped and counted (per chunk in `chunks/chunk-<number>.json`), never fatal.
 """
 
 from __future__ import annotations
