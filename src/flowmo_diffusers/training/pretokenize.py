@@ -9,8 +9,8 @@ training ~10x cheaper than encoding on the fly. Each image becomes one row:
 * `label`: the class id (-1 for unlabeled data), `index`: where the image came from (see below).
 
 Work is split into chunks of `chunk_size` source rows, each written atomically (temporary file, then `os.replace`)
-as `chunks/chunk-00000000.parquet`, `chunk-00000001.parquet`, .... A chunk that exists is done, so a restarted run (with any number of processes
-for map-style data) redoes at most the chunks that were in flight. Map-style chunk `c` covers rows
+as `chunks/chunk-00000000.parquet`, `chunks/chunk-00000001.parquet` and so on. A chunk that exists is done, so a
+restarted run (with any number of processes for map-style data) redoes at most the chunks that were in flight. Map-style chunk `c` covers rows
 `[c * chunk_size, (c + 1) * chunk_size)` and belongs to process `c % num_processes`. A streaming dataset cannot be
 indexed: each process takes its part of the stream (`split_dataset_by_node`) and its `k`-th chunk covers its stream
 positions `[k * chunk_size, (k + 1) * chunk_size)`; resuming skips the finished positions, which requires the same
