@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import zipfile
 from contextlib import nullcontext
@@ -46,6 +45,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import PIL.Image
 import torch
+
+from .utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -209,15 +210,8 @@ def save_image_atomically(image: PIL.Image.Image, path: os.PathLike | str) -> No
     ``os.replace`` is atomic on POSIX and Windows, so ``path`` either does not exist or is complete.
     """
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f"{_TEMPORARY_PREFIX}{path.stem}-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            image.save(file, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_write(path, prefix=f"{_TEMPORARY_PREFIX}{path.stem}-") as file:
+        image.save(file, format="PNG")
 
 
 def remove_stale_temporary_files(folder: os.PathLike | str) -> int:
@@ -259,12 +253,8 @@ def write_samples_npz(
     with PIL.Image.open(image_paths[0]) as first:
         width, height = first.size
     shape = (len(image_paths), height, width, 3)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f"{_TEMPORARY_PREFIX}{npz_path.stem}-", suffix=".npz", dir=npz_path.parent
-    )
-    os.close(descriptor)
-    try:
-        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with atomic_write(npz_path, prefix=f"{_TEMPORARY_PREFIX}{npz_path.stem}-") as file:
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open("arr_0.npy", "w", force_zip64=True) as member:
                 descr = np.lib.format.dtype_to_descr(np.dtype(np.uint8))
                 np.lib.format.write_array_header_1_0(member, {"descr": descr, "fortran_order": False, "shape": shape})
@@ -279,11 +269,6 @@ def write_samples_npz(
             if class_labels is not None:
                 with archive.open("arr_1.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(class_labels, dtype=np.int64))
-        os.replace(temporary, npz_path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
     return npz_path
 
 

@@ -20,7 +20,6 @@ as such, so they cannot be compared with statistics of the real network by mista
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -34,6 +33,7 @@ from .fid_inception import FID_INCEPTION_WEIGHTS, FIDInceptionFeatureExtractor
 from .frechet_distance import frechet_distance
 from .image_conversion import check_image_batch
 from .inception_score import TORCH_FIDELITY_SHUFFLE_SEED, InceptionScore
+from ..utils.files import atomic_write
 from .pretrained_weights import PathLike
 
 #: ADM's (guided-diffusion) ImageNet 256x256 reference batch: ``mu``/``sigma`` of the 2048-d pool features of
@@ -170,23 +170,14 @@ class ReferenceStatistics:
             The path written.
         """
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         entries: Dict[str, Any] = {"mu": self.mu, "sigma": self.sigma}
         if self.num_samples is not None:
             entries["num_samples"] = np.int64(self.num_samples)
         if self.feature_network is not None:
             entries["feature_network"] = np.str_(self.feature_network)
-        descriptor, temporary = tempfile.mkstemp(prefix=".reference-statistics-", suffix=".npz.tmp", dir=directory)
-        try:
-            # A file object, not a name: np.savez would append ".npz" to a name without that suffix.
-            with os.fdopen(descriptor, "wb") as file:
-                np.savez(file, **entries)
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+        # A file object, not a name: np.savez would append ".npz" to a name without that suffix.
+        with atomic_write(path, prefix=".reference-statistics-") as file:
+            np.savez(file, **entries)
         return path
 
     def check_compatible(self, feature_network: str) -> None:

@@ -35,6 +35,7 @@ import torch.utils.data
 from datasets.distributed import split_dataset_by_node
 
 from ..models.autoencoder_flowmo import FlowMoModel
+from ..utils.files import atomic_write
 from .data import AnyDataset, ImageTransform, _prepare_columns, decode_image, resolve_image_columns
 
 logger = logging.getLogger(__name__)
@@ -79,10 +80,8 @@ class TokenizationInfo:
 
 
 def _write_json_atomically(path: str, payload: Dict[str, Any]) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(temporary, path)
+    with atomic_write(path) as file:
+        file.write(json.dumps(payload, indent=2).encode())
 
 
 def token_features(codebook_size: int, flip: bool) -> datasets.Features:
@@ -162,10 +161,8 @@ def _write_chunk(output_dir, chunk_name, features, columns, num_skipped, num_row
         chunk_path(output_dir, chunk_name, "json"),
         {"num_images": len(columns["label"]), "num_skipped": num_skipped, "num_rows_read": num_rows_read},
     )
-    final = chunk_path(output_dir, chunk_name)
-    temporary = f"{final}.tmp-{os.getpid()}"
-    datasets.Dataset.from_dict(columns, features=features).to_parquet(temporary)
-    os.replace(temporary, final)
+    with atomic_write(chunk_path(output_dir, chunk_name)) as file:
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(file)
 
 
 def _tokenize_rows(autoencoder, batches, flip, autocast) -> Tuple[Dict[str, list], int]:
