@@ -82,9 +82,11 @@ def test_pretokenize_streaming_skips_corrupt_images(tiny_model, tmp_path):
     summary = pretokenize(tiny_model, stream, str(tmp_path), batch_size=4, chunk_size=5, show_progress=False)
     assert summary["images"] == 8 and summary["skipped_images"] == 1
     assert chunk_statistics(str(tmp_path)) == {"num_images": 8, "num_skipped": 1, "num_rows_read": 9}
+    # num_classes 0 (no ClassLabel known up front, as for a stream): set from the largest label at assembly.
     info = TokenizationInfo(tokenizer="tiny", num_indices=24, codebook_size=16, resolution=32, flip=False,
-                            num_classes=9, streaming=True, num_processes=1)
+                            num_classes=0, streaming=True, num_processes=1)
     tokens = assemble_token_dataset(str(tmp_path), info)
+    assert info.num_classes == 9 and load_token_dataset(str(tmp_path))[1].num_classes == 9
     good = [i for i in range(9) if i != 2]
     reference = expected_ids(tiny_model, load_default_image_dataset().select(good))
     assert tokens["index"] == good and torch.equal(torch.tensor(tokens["indices"]), reference)

@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
@@ -100,16 +99,13 @@ def main(argv=None):
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        num_classes, class_names = dataset_num_classes(dataset, "label" if "label" in (dataset.column_names or []) else None)
+        num_classes, class_names = dataset_num_classes(dataset)
         info = TokenizationInfo(
             tokenizer=args.pretrained_model_name_or_path, num_indices=autoencoder.num_indices,
             codebook_size=autoencoder.codebook_size, resolution=resolution, flip=args.flip, num_classes=num_classes,
             streaming=args.streaming, num_processes=accelerator.num_processes, class_names=class_names,
         )
         tokens = assemble_token_dataset(args.output_dir, info)
-        if info.num_classes == 0 and len(tokens):
-            info.num_classes = int(max(tokens["label"])) + 1
-            info.save(os.path.join(args.output_dir, "dataset", TOKENIZATION_INFO_NAME))
         totals = chunk_statistics(args.output_dir)
         logger.info(
             f"{len(tokens)} images tokenized ({totals['num_skipped']} undecodable images skipped) -> "
@@ -132,5 +128,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()

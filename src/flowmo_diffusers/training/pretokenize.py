@@ -36,7 +36,7 @@ from datasets.distributed import split_dataset_by_node
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..utils.files import atomic_write
-from .data import AnyDataset, ImageTransform, _prepare_columns, decode_image, resolve_image_columns
+from .data import AnyDataset, ImageTransform, _ImageDecoder, _prepare_columns, resolve_image_columns
 
 logger = logging.getLogger(__name__)
 
@@ -101,24 +101,22 @@ def chunk_path(output_dir: str, chunk_name: str, suffix: str = "parquet") -> str
 class _DecodedRows(torch.utils.data.Dataset):
     """Rows of a map-style dataset -> (pixels `[3, R, R]` in [-1, 1] or None when undecodable, label, index)."""
 
-    def __init__(self, dataset: datasets.Dataset, image_column: str, label_column: Optional[str], first_index: int, transform):
+    def __init__(self, dataset: datasets.Dataset, image_column: str, label_column: Optional[str], first_index: int,
+                 decoder: _ImageDecoder):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
-        self.first_index, self.transform = first_index, transform
+        self.first_index, self.decoder = first_index, decoder
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, position: int):
         row = self.dataset[position]
-        return _decode_row(row, self.image_column, self.label_column, self.first_index + position, self.transform)
+        return _decode_row(row, self.image_column, self.label_column, self.first_index + position, self.decoder)
 
 
-def _decode_row(row, image_column, label_column, index, transform):
-    try:
-        pixels = transform(decode_image(row[image_column]))
-    except Exception as error:  # noqa: BLE001 - PIL raises many types
-        logger.warning(f"Skipping undecodable image at index {index}: {type(error).__name__}: {error}")
-        pixels = None
+def _decode_row(row, image_column, label_column, index, decoder: _ImageDecoder):
+    """The training loader's decoder (corrupt images logged and counted as None, never raised) plus label and index."""
+    pixels, _ = decoder(row[image_column], generator=None)
     label = row.get(label_column) if label_column is not None else None
     return pixels, -1 if label is None else int(label), index
 
@@ -224,7 +222,7 @@ def pretokenize(
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} is outside [0, {num_processes})")
     resolution = resolution or autoencoder.config.sample_size
-    transform = ImageTransform(resolution, random_crop=False)
+    decoder = _ImageDecoder(ImageTransform(resolution, random_crop=False))
     features = token_features(autoencoder.codebook_size, flip)
     os.makedirs(os.path.join(output_dir, CHUNKS_FOLDER), exist_ok=True)
     dataset, image_column, label_column = _prepare_columns(dataset, image_column, label_column)
@@ -248,7 +246,7 @@ def pretokenize(
                 summary["chunks_skipped"] += 1
                 continue
             start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_rows)
-            rows = _DecodedRows(dataset.select(range(start, stop)), image_column, label_column, start, transform)
+            rows = _DecodedRows(dataset.select(range(start, stop)), image_column, label_column, start, decoder)
             loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_decoded)
             columns, skipped = _tokenize_rows(autoencoder, loader, flip, autocast)
             _write_chunk(output_dir, name, features, columns, skipped, stop - start)
@@ -266,7 +264,7 @@ def pretokenize(
     if max_samples is not None:
         stream = stream.take(max(0, max_samples - done * chunk_size))
     decoded = (
-        _decode_row(row, image_column, label_column, process_index + num_processes * (done * chunk_size + position), transform)
+        _decode_row(row, image_column, label_column, process_index + num_processes * (done * chunk_size + position), decoder)
         for position, row in enumerate(stream)
     )
     for chunk, rows in enumerate(progress(_batched(decoded, chunk_size), None), start=done):
@@ -317,7 +315,8 @@ def chunk_statistics(output_dir: str) -> Dict[str, int]:
 def assemble_token_dataset(output_dir: str, info: TokenizationInfo) -> datasets.Dataset:
     """Concatenate the chunks in order into one `datasets.Dataset` saved at `output_dir/dataset` (+ `tokenization.json`).
 
-    Map-style sources come out in source order; streaming ones grouped by process.
+    Map-style sources come out in source order; streaming ones grouped by process. An `info.num_classes` of 0 (the
+    source had no `ClassLabel`) is set here to the largest label + 1.
     """
     paths = sorted(glob.glob(os.path.join(output_dir, CHUNKS_FOLDER, "*.parquet")))
     if not paths:
@@ -325,6 +324,8 @@ def assemble_token_dataset(output_dir: str, info: TokenizationInfo) -> datasets.
     features = token_features(info.codebook_size, info.flip)
     parts = [datasets.Dataset.from_parquet(path, features=features, keep_in_memory=True) for path in paths]
     dataset = datasets.concatenate_datasets(parts)
+    if info.num_classes == 0 and len(dataset):
+        info.num_classes = max(0, int(max(dataset["label"])) + 1)
     target = os.path.join(output_dir, DATASET_FOLDER)
     dataset.save_to_disk(target)
     info.save(os.path.join(target, TOKENIZATION_INFO_NAME))
