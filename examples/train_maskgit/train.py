@@ -310,11 +310,11 @@ def main(argv=None):
             flip = torch.rand(ids.shape[0], generator=generator) < 0.5
             ids = torch.where(flip.to(ids.device)[:, None], batch["indices_flipped"], ids)
         with accelerator.accumulate(transformer):
-            with accelerator.autocast():
-                output = maskgit_training_step(
-                    transformer, scheduler, ids, batch["label"], class_dropout_prob=args.class_dropout,
-                    label_smoothing=args.label_smoothing, generator=generator,
-                )
+            # The prepared transformer autocasts its own forward; the loss is computed in float32.
+            output = maskgit_training_step(
+                transformer, scheduler, ids, batch["label"], class_dropout_prob=args.class_dropout,
+                label_smoothing=args.label_smoothing, generator=generator,
+            )
             accelerator.backward(output.loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)

@@ -86,13 +86,6 @@ def masked_cross_entropy(
     return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while isinstance(getattr(module, "module", None), torch.nn.Module) or hasattr(module, "_orig_mod"):
-        module = getattr(module, "_orig_mod", None) or module.module
-    return module
-
-
 def maskgit_training_step(
     transformer: FlowMoMaskGiTTransformer,
     scheduler: MaskGiTScheduler,
@@ -112,8 +105,10 @@ def maskgit_training_step(
         class_dropout_prob, label_smoothing (`float`): 0.1 each by default (MaskGiT / TiTok).
         generator: for the masking and the class dropout.
     """
+    from accelerate.utils import extract_model_from_parallel
+
     # The forward goes through the wrapper (DDP / FSDP / compile), the attributes come from the model inside.
-    model = _unwrap(transformer)
+    model = extract_model_from_parallel(transformer, keep_torch_compile=False)
     if scheduler.config.mask_token_id != model.mask_token_id:
         raise ValueError(
             f"scheduler.mask_token_id ({scheduler.config.mask_token_id}) != transformer.mask_token_id "
