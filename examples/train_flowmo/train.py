@@ -11,6 +11,7 @@ This script holds arguments, the loop and logging only; the recipe lives in `flo
 """
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -387,48 +388,55 @@ def main(argv=None):
         copy.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
         return copy.to(accelerator.device).eval()
 
+    @contextlib.contextmanager
+    def ema_weights():
+        """`model` holds the EMA weights inside the block (call on every process when sharded)."""
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        try:
+            yield
+        finally:
+            ema.restore(model.parameters())
+
+    def reconstruct(autoencoder):
+        """The fixed validation batch through `autoencoder` with the paper's sampler, in [-1, 1]."""
+        was_training = autoencoder.training
+        autoencoder.eval()
+        pipeline = FlowMoPipeline(autoencoder=autoencoder, scheduler=FlowMoScheduler.from_config(scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+        with accelerator.autocast():
+            output = pipeline(
+                images=validation_images / 2 + 0.5, generator=generator, output_type="pt",
+                num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
+            ).images
+        autoencoder.train(was_training)
+        return output.float() * 2 - 1
+
     def run_validation(step):
         """Reconstruct the fixed batch with the live (and EMA) weights; log PSNR and a grid.
 
-        Main process only, except when sharded: then every process takes part in gathering the weights."""
-        if not sharded:
-            autoencoders = [("psnr", model)]
-            if ema is not None:
-                autoencoders.append(("psnr_ema", None))  # the EMA weights are swapped into `model` in turn
-            return validate(step, autoencoders)
-        autoencoders = [("psnr", gather_autoencoder())]
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            autoencoders.append(("psnr_ema", gather_autoencoder()))
-            ema.restore(model.parameters())
-        return validate(step, autoencoders) if accelerator.is_main_process else None
+        Main process only, except when sharded: then every process takes part in gathering the weights, and the
+        main process reconstructs with the gathered copy."""
+        rows = [validation_images]
 
-    def validate(step, autoencoders, final=False):
-        """Main process: reconstruct with each `(metric, autoencoder)` (None: `model` holding the EMA weights)."""
+        def add_row():
+            autoencoder = gather_autoencoder() if sharded else model
+            if accelerator.is_main_process:
+                rows.append(reconstruct(autoencoder))
+
+        add_row()
+        if ema is not None:
+            with ema_weights():
+                add_row()
+        if accelerator.is_main_process:
+            return record_validation(step, rows, ["psnr", "psnr_ema"][: len(rows) - 1])
+
+    def record_validation(step, rows, metric_names, final=False):
+        """Main process: PSNR of each reconstruction row against the first row, the grid, the trackers."""
         from flowmo_diffusers.metrics.psnr import psnr_per_image
 
-        rows, metrics = [validation_images], {}
-        for metric, autoencoder in autoencoders:
-            if autoencoder is None:
-                ema.store(model.parameters())
-                ema.copy_to(model.parameters())
-            network = model if autoencoder is None else autoencoder
-            was_training = network.training
-            network.eval()
-            pipeline = FlowMoPipeline(autoencoder=network, scheduler=FlowMoScheduler.from_config(scheduler.config))
-            pipeline.set_progress_bar_config(disable=True)
-            generator = torch.Generator(accelerator.device).manual_seed(args.seed)
-            with accelerator.autocast():
-                output = pipeline(
-                    images=validation_images / 2 + 0.5, generator=generator, output_type="pt",
-                    num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
-                ).images
-            rows.append(output.float() * 2 - 1)
-            metrics[metric] = float(np.mean(psnr_per_image(validation_images, rows[-1])))
-            network.train(was_training)
-            if autoencoder is None:
-                ema.restore(model.parameters())
+        metrics = {name: float(np.mean(psnr_per_image(validation_images, row))) for name, row in zip(metric_names, rows[1:])}
         grid = validation_grid(rows)
         name = "reconstructions.png" if final else os.path.join("validation", f"step-{step:08d}.png")
         os.makedirs(os.path.dirname(os.path.join(args.output_dir, name)), exist_ok=True)
@@ -524,7 +532,9 @@ def main(argv=None):
         final_model.disable_gradient_checkpointing()
         pipeline = FlowMoPipeline(autoencoder=final_model, scheduler=FlowMoScheduler.from_config(scheduler.config))
         pipeline.save_pretrained(args.output_dir)
-        final_metrics = validate(global_step, [("psnr", final_model)], final=True)
+        final_metrics = record_validation(
+            global_step, [validation_images, reconstruct(final_model)], ["psnr"], final=True
+        )
         logger.info(f"Saved the {'EMA ' if ema is not None else ''}pipeline to {args.output_dir}")
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
