@@ -650,6 +650,26 @@ def create_accelerator(config: EvaluationConfig):
     return accelerator
 
 
+def start_command(parse_args, argv: Optional[Sequence[str]] = None):
+    """The common start of the evaluation-style scripts (evaluate, sample, evaluate_generation).
+
+    Logging, the parsed config (a ValueError from `parse_args` becomes a one-line error exit), the Accelerator of
+    [`create_accelerator`], and non-main processes quieted to errors so that every message appears once.
+
+    Returns:
+        `(config, accelerator)`.
+    """
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        config = parse_args(argv)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    accelerator = create_accelerator(config)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+    return config, accelerator
+
+
 def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> Dict[str, Any]:
     """Evaluate every model of ``config`` on the same images and write the report (main process).
 
@@ -989,13 +1009,9 @@ def write_report(report: Dict[str, Any], output_dir: str | os.PathLike) -> Dict[
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Command-line entry point: parse, evaluate, print the markdown table on the main process."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from .metrics import MissingPretrainedWeightsError
 
-    config = parse_args(argv)
-    accelerator = create_accelerator(config)
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.ERROR)  # one copy of every message, from the main process
+    config, accelerator = start_command(parse_args, argv)
     try:
         report = evaluate_tokenizers(config, accelerator)
     except MissingPretrainedWeightsError as error:
@@ -1025,5 +1041,6 @@ __all__ = [
     "main",
     "parse_args",
     "plot_rate_distortion",
+    "start_command",
     "write_report",
 ]

@@ -790,17 +790,10 @@ def write_report(report: Dict[str, Any], output_dir: os.PathLike | str) -> Dict[
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Command-line entry point: parse, evaluate, print the markdown on the main process."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from .evaluation import create_accelerator
+    from .evaluation import start_command
     from .metrics import MissingPretrainedWeightsError
 
-    try:
-        config = parse_args(argv)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    accelerator = create_accelerator(config)
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.ERROR)
+    config, accelerator = start_command(parse_args, argv)
     try:
         report = evaluate_generation(config, accelerator)
     except (MissingPretrainedWeightsError, FileNotFoundError) as error:

@@ -575,16 +575,9 @@ def sample_to_folder(config: SamplingConfig, accelerator=None) -> Dict[str, Any]
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Command-line entry point of ``examples/train_maskgit/sample.py``."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from .evaluation import create_accelerator
+    from .evaluation import start_command
 
-    try:
-        config = parse_args(argv)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    accelerator = create_accelerator(config)
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.ERROR)
+    config, accelerator = start_command(parse_args, argv)
     summary = sample_to_folder(config, accelerator)
     if accelerator.is_main_process:
         print(json.dumps(summary, indent=2))
