@@ -249,3 +249,18 @@ def test_missing_image_column_and_missing_folder_raise_value_error(tmp_path):
         build_eval_dataloader(make_indexed_dataset(2), RESOLUTION, 1, image_column="pixels")
     with pytest.raises(ValueError, match="does not exist"):
         load_image_dataset(train_data_dir=str(tmp_path / "missing"))
+
+
+def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
+    from flowmo_diffusers.utils.files import atomic_write
+
+    target = tmp_path / "sub" / "file.json"
+    with atomic_write(target) as file:
+        file.write(b"first")
+    assert target.read_bytes() == b"first"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, prefix=".partial-") as file:
+            file.write(b"half of the second")
+            raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]  # no temporary file left
