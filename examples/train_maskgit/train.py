@@ -340,12 +340,13 @@ def main(argv=None):
         accelerator.log(logs, step=global_step)
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.3f}")
+        if not math.isfinite(logs["loss"]):
+            # Before any checkpoint of this step: `--resume_from_checkpoint latest` must not pick diverged weights.
+            raise FloatingPointError(f"step {global_step}: the loss is {logs['loss']}")
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process:
             run_validation(global_step)
-        if not math.isfinite(logs["loss"]):
-            raise FloatingPointError(f"step {global_step}: the loss is {logs['loss']}")
     progress_bar.close()
 
     accelerator.wait_for_everyone()
