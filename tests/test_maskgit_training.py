@@ -226,3 +226,13 @@ def test_training_from_a_hub_dataset_id(tokenized, tmp_path):
         assert not hub.unhandled
     assert "9 sequences of 24 ids < 16, 9 classes, flip augmentation: True" in log
     assert FlowMoMaskGiTPipeline.from_pretrained(tmp_path / "out").transformer.config.num_classes == 9
+
+
+def test_diverged_training_stops_before_checkpointing_the_bad_step(tokenized, tmp_path):
+    """lr 1e30: step 1's loss is finite, the weights are then ruined; step 2 stops the run before its checkpoint."""
+    with pytest.raises(AssertionError, match="FloatingPointError: step 2: the loss is nan"):
+        launch(TRAIN, TINY_TRAIN + ["--pretrained_model_name_or_path", tokenized / "tokenizer", "--train_dataset",
+                                    tokenized / "tokens", "--max_train_steps", "4", "--learning_rate", "1e30",
+                                    "--lr_warmup_steps", "0", "--max_grad_norm", "0", "--checkpointing_steps", "1",
+                                    "--validation_steps", "100", "--output_dir", tmp_path])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
