@@ -13,6 +13,14 @@ What is measured (`--what`, comma separated):
 - `encode`: `FlowMoModel.encode` (encoder, quantizer, token ids) on a batch, no grad.
 - `decoder_step`: one decoder forward (velocity at t = 0.5, RoPE tables precomputed as the pipeline does), no grad;
   also achieved matmul TFLOP/s from an analytic count and, with `--peak_tflops`, the model FLOP utilisation (MFU).
+- `decoder_floor`: how close one decoder forward comes to the speed of its own matmuls. Each distinct matmul of the
+  forward (every linear layer's shape and the joint attention, `benchmark_utils.decoder_matmuls`) is run alone on
+  random operands of its shape and precision; the floor is the sum of those times, each multiplied by how often the
+  forward runs it: what the decoder would cost if it did nothing but its matmuls at the speed the library reaches
+  for them in isolation. The decoder forward and the floor are timed in alternating rounds, so load hits both
+  alike. `floor / decoder` is the fraction of the decoder's time spent at isolated-kernel speed in matmuls, and
+  `decoder / floor` bounds the speedup any implementation doing the same arithmetic with the same kernels can reach
+  on this machine.
 - `reconstruct`: `FlowMoPipeline(images=..., latents=noise, output_type="pt")`: encode, `--steps` Euler steps with
   guidance 1.5 inside the guidance interval (code and null-code passes batched into one forward), clip.
 - `train_step`: one optimizer step of the training recipe, through `flowmo_diffusers.training.losses`
@@ -44,7 +52,7 @@ import benchmark_utils as common  # noqa: E402
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config  # noqa: E402
 
-WHAT = ("encode", "decoder_step", "reconstruct", "train_step")
+WHAT = ("encode", "decoder_step", "decoder_floor", "reconstruct", "train_step")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -151,7 +159,8 @@ def bench_encode(model, images, args):
     return _row("encode", args, timing, memory, len(images), tflops_per_s=flops / timing["median_s"] / 1e12)
 
 
-def bench_decoder_step(model, images, args):
+def _decoder_call(model, images, args):
+    """A closure running one no-grad decoder forward at t = 0.5, RoPE tables precomputed as the pipeline does."""
     height, width = images.shape[-2:]
     with torch.no_grad():
         code = model.encode(images).code
@@ -163,7 +172,12 @@ def bench_decoder_step(model, images, args):
         with torch.no_grad(), common.autocast_context(args.device, args.dtype):
             model(noisy, times, code, rotary_emb=rotary_emb)
 
-    timing, memory = measure(run, args)
+    return run
+
+
+def bench_decoder_step(model, images, args):
+    height, width = images.shape[-2:]
+    timing, memory = measure(_decoder_call(model, images, args), args)
     flops = common.decoder_forward_flops(model.config, len(images), height, width)
     achieved = flops / timing["median_s"] / 1e12
     mfu = achieved / args.peak_tflops if args.peak_tflops else None
@@ -171,6 +185,78 @@ def bench_decoder_step(model, images, args):
         "decoder_step", args, timing, memory, len(images), flops=flops, tflops_per_s=achieved, mfu=mfu,
         peak_tflops=args.peak_tflops,
     )
+
+
+def bench_decoder_floor(model, images, args):
+    height, width = images.shape[-2:]
+    decoder_call = _decoder_call(model, images, args)
+    entries = common.decoder_matmuls(model.config, len(images), height, width)
+    attention_scale = model.decoder.blocks[0].attention_scale
+    runners = common.matmul_runners(entries, args.device, args.dtype, attention_scale, seed=args.seed)
+
+    def floor_round():
+        # One timed run of every matmul; returns each one's seconds.
+        return [common.time_function(run, args.device, warmup=0, repeats=1)["median_s"] for run in runners]
+
+    for _ in range(args.warmup):
+        decoder_call()
+        floor_round()
+    decoder_times, floor_times, op_times = [], [], []
+    with common.peak_memory(args.device) as memory:
+        for _ in range(args.repeats):
+            decoder_times += common.time_function(decoder_call, args.device, warmup=0, repeats=1)["times_s"]
+            seconds = floor_round()
+            op_times.append(seconds)
+            floor_times.append(sum(s * entry["count"] for s, entry in zip(seconds, entries)))
+    timing = common.summarize(decoder_times)
+    timing["times_s"] = decoder_times
+    floor = common.summarize(floor_times)
+    per_round = [f / d for f, d in zip(floor_times, decoder_times)]
+    ops = []
+    for index, entry in enumerate(entries):
+        seconds = sorted(times[index] for times in op_times)[len(op_times) // 2]
+        flops = common.matmul_flops(dict(entry, count=1))
+        ops.append(
+            dict(
+                name=entry["name"], op=entry["op"], shape=list(entry["shape"]), count=entry["count"],
+                seconds_each=seconds, seconds_total=seconds * entry["count"], tflops_per_s=flops / seconds / 1e12,
+            )
+        )
+    flops = sum(common.matmul_flops(entry) for entry in entries)
+    return _row(
+        "decoder_floor", args, timing, memory, len(images),
+        flops=flops,
+        tflops_per_s=flops / timing["median_s"] / 1e12,
+        floor_s=floor["median_s"],
+        floor_min_s=floor["min_s"],
+        floor_max_s=floor["max_s"],
+        floor_times_s=floor_times,
+        floor_tflops_per_s=flops / floor["median_s"] / 1e12,
+        floor_fraction=floor["median_s"] / timing["median_s"],
+        floor_fraction_per_round=per_round,
+        max_speedup_same_kernels=timing["median_s"] / floor["median_s"],
+        matmuls=ops,
+    )
+
+
+def format_floor(row: Dict[str, Any]) -> str:
+    """The per-matmul breakdown of a `decoder_floor` row."""
+    table = [
+        [
+            op["name"], "x".join(str(n) for n in op["shape"]), op["count"], f"{op['seconds_each'] * 1e3:.2f}",
+            f"{op['seconds_total'] * 1e3:.1f}", f"{op['tflops_per_s']:.3f}",
+        ]
+        for op in row["matmuls"]
+    ]
+    headers = ["matmul", "shape", "count", "ms each", "ms total", "TFLOP/s"]
+    summary = (
+        f"decoder {row['latency_s'] * 1e3:.1f} ms, floor {row['floor_s'] * 1e3:.1f} ms "
+        f"({row['floor_min_s'] * 1e3:.1f}-{row['floor_max_s'] * 1e3:.1f}): floor / decoder "
+        f"{100 * row['floor_fraction']:.0f}% (per round {100 * min(row['floor_fraction_per_round']):.0f}-"
+        f"{100 * max(row['floor_fraction_per_round']):.0f}%), at most {row['max_speedup_same_kernels']:.2f}x faster "
+        "with the same arithmetic and kernels"
+    )
+    return common.markdown_table(headers, table) + "\n" + summary
 
 
 def bench_reconstruct(model, images, args):
@@ -335,6 +421,8 @@ def format_rows(rows: List[Dict[str, Any]]) -> str:
         extra = []
         if row.get("tflops_per_s") is not None:
             extra.append(f"{row['tflops_per_s']:.3f} TFLOP/s")
+        if row.get("floor_fraction") is not None:
+            extra.append(f"matmul floor {row['floor_s'] * 1e3:.1f} ms = {100 * row['floor_fraction']:.0f}%")
         if row.get("mfu") is not None:
             extra.append(f"MFU {100 * row['mfu']:.1f}%")
         if row.get("steps"):
@@ -380,6 +468,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             rows.append(bench_encode(model, images, args))
         elif what == "decoder_step":
             rows.append(bench_decoder_step(model, images, args))
+        elif what == "decoder_floor":
+            rows.append(bench_decoder_floor(model, images, args))
         elif what == "reconstruct":
             rows.append(bench_reconstruct(model, images, args))
         elif what == "train_step":
@@ -396,6 +486,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         row["environment"] = env
     print()
     print(format_rows(rows))
+    for row in rows:
+        if row["measurement"] == "decoder_floor":
+            print()
+            print(format_floor(row))
     memory_method = rows[0]["memory"].get("method") if rows else None
     print(f"peak memory: {memory_method}")
     path = common.record(rows, args.output)

@@ -218,7 +218,7 @@ def autocast_context(device: str, dtype: str):
 
 # --------------------------------------------------------------------------------------------------------------
 # FLOPs (multiply-adds count 2)
-def transformer_forward_flops(
+def transformer_matmuls(
     hidden_size: int,
     depth: int,
     mlp_ratio: float,
@@ -228,35 +228,81 @@ def transformer_forward_flops(
     code_dim: int,
     batch_size: int,
     output: str,
-) -> float:
+    num_heads: int = 1,
+) -> List[Dict[str, Any]]:
     """
-    Matmul FLOPs of one FlowMoTransformer forward as this package computes it: both streams' qkv, joint attention
-    (QK^T and AV), output projection and MLP, except the last block's discarded stream (qkv only), plus the input
-    and output projections. Elementwise work (norms, RoPE, modulation) is left out.
+    Every matmul of one FlowMoTransformer forward as this package computes it, grouped by shape: both streams' qkv,
+    joint attention (QK^T and AV), output projection and MLP, except the last block's discarded stream (qkv only),
+    plus the input and output projections. Elementwise work (norms, RoPE, modulation, activations) and the
+    batch-sized modulation and timestep-embedding matmuls are left out.
+
+    Each entry: `op` (`"linear"` with `shape` = (rows, in_features, out_features), or `"attention"` with `shape` =
+    (batch, sequence, heads, head_dim)), `name`, and `count` (how many times one forward runs it).
     """
-    d, mlp = hidden_size, hidden_size * mlp_ratio
+    d, mlp = hidden_size, int(hidden_size * mlp_ratio)
+    full_blocks = {"code": depth - 1 if output == "image" else depth, "image": depth - 1 if output == "code" else depth}
+    entries = []
+    for stream, tokens in (("code", code_length), ("image", num_patches)):
+        rows = batch_size * tokens
+        entries.append(dict(op="linear", name=f"{stream} qkv", shape=(rows, d, 3 * d), count=depth))
+        for name, shape in (("proj", (rows, d, d)), ("ff in", (rows, d, mlp)), ("ff out", (rows, mlp, d))):
+            entries.append(dict(op="linear", name=f"{stream} {name}", shape=shape, count=full_blocks[stream]))
     seq = code_length + num_patches
-    full_stream = lambda n: 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * d * mlp  # noqa: E731
-    qkv_only = lambda n: 2 * n * d * 3 * d  # noqa: E731
-    attention = 2 * 2 * seq * seq * d
-    total = 0.0
-    for index in range(depth):
-        last = index == depth - 1
-        code_part = qkv_only(code_length) if (last and output == "image") else full_stream(code_length)
-        image_part = qkv_only(num_patches) if (last and output == "code") else full_stream(num_patches)
-        per_block = code_part + image_part + attention
-        total += per_block
-    total += 2 * num_patches * patch_dim * d  # patch embedding
+    entries.append(dict(op="attention", name="joint attention", shape=(batch_size, seq, num_heads, d // num_heads),
+                        count=depth))
+    entries.append(dict(op="linear", name="patch embed", shape=(batch_size * num_patches, patch_dim, d), count=1))
     if output == "image":
-        total += 2 * code_length * code_dim * d + 2 * num_patches * d * patch_dim
+        entries.append(dict(op="linear", name="code embed", shape=(batch_size * code_length, code_dim, d), count=1))
+        entries.append(dict(op="linear", name="proj out", shape=(batch_size * num_patches, d, patch_dim), count=1))
     else:
-        total += 2 * code_length * d * code_dim
-    return total * batch_size
+        entries.append(dict(op="linear", name="proj out", shape=(batch_size * code_length, d, code_dim), count=1))
+    return [entry for entry in entries if entry["count"] > 0]
 
 
-def decoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, width: int) -> float:
+def matmul_flops(entry: Dict[str, Any]) -> float:
+    """FLOPs of all `count` runs of one [`transformer_matmuls`] entry (a multiply-add counts 2)."""
+    if entry["op"] == "linear":
+        rows, in_features, out_features = entry["shape"]
+        return 2.0 * rows * in_features * out_features * entry["count"]
+    batch, seq, heads, head_dim = entry["shape"]
+    return 4.0 * batch * seq * seq * heads * head_dim * entry["count"]
+
+
+def transformer_forward_flops(*args, **kwargs) -> float:
+    """Matmul FLOPs of one FlowMoTransformer forward: the sum over [`transformer_matmuls`] (same arguments)."""
+    return sum(matmul_flops(entry) for entry in transformer_matmuls(*args, **kwargs))
+
+
+def matmul_runners(entries: List[Dict[str, Any]], device: str, dtype: str, attention_scale: float, seed: int = 0):
+    """
+    One closure per [`transformer_matmuls`] entry that runs that matmul once, alone, on random operands of its shape
+    in the working precision (`bf16`: bfloat16 operands, the kernels autocast dispatches to; `fp32`: float32).
+    Attention goes through the model's own `joint_attention` (diffusers' attention dispatch).
+    """
+    from flowmo_diffusers.models.transformer_flowmo import joint_attention
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def operand(*shape):
+        return torch.randn(shape, generator=generator).to(device=device, dtype=torch_dtype)
+
+    runners = []
+    for entry in entries:
+        if entry["op"] == "linear":
+            rows, in_features, out_features = entry["shape"]
+            inputs, weight, bias = operand(rows, in_features), operand(out_features, in_features), operand(out_features)
+            runners.append(lambda x=inputs, w=weight, b=bias: torch.nn.functional.linear(x, w, b))
+        else:
+            query, key, value = (operand(*entry["shape"]) for _ in range(3))
+            runners.append(lambda q=query, k=key, v=value: joint_attention(q, k, v, attention_scale))
+    return runners
+
+
+def decoder_matmuls(config: Dict[str, Any], batch_size: int, height: int, width: int) -> List[Dict[str, Any]]:
+    """[`transformer_matmuls`] of a [`FlowMoModel`] config's decoder at `height` x `width` (code + mask channel)."""
     patch = config["patch_size"]
-    return transformer_forward_flops(
+    return transformer_matmuls(
         config["decoder_hidden_size"],
         config["decoder_depth"],
         config["mlp_ratio"],
@@ -266,12 +312,18 @@ def decoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, 
         config["context_dim"] + 1,
         batch_size,
         "image",
+        config["decoder_num_heads"],
     )
 
 
-def encoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, width: int) -> float:
+def decoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, width: int) -> float:
+    return sum(matmul_flops(entry) for entry in decoder_matmuls(config, batch_size, height, width))
+
+
+def encoder_matmuls(config: Dict[str, Any], batch_size: int, height: int, width: int) -> List[Dict[str, Any]]:
+    """[`transformer_matmuls`] of the encoder of a [`FlowMoModel`] config at `height` x `width`."""
     patch = config["patch_size"]
-    return transformer_forward_flops(
+    return transformer_matmuls(
         config["encoder_hidden_size"],
         config["encoder_depth"],
         config["mlp_ratio"],
@@ -281,7 +333,12 @@ def encoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, 
         config["context_dim"],
         batch_size,
         "code",
+        config["encoder_num_heads"],
     )
+
+
+def encoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, width: int) -> float:
+    return sum(matmul_flops(entry) for entry in encoder_matmuls(config, batch_size, height, width))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def test_benchmark_flowmo_runs_every_measurement(tmp_path, capsys):
          "--warmup", "0", "--repeats", "1", "--threads", "1", "--output", str(output)]
     )
     printed = capsys.readouterr().out
-    expected = ["encode", "decoder_step", "reconstruct", "train_step_1a", "train_step_1b"]
+    expected = ["encode", "decoder_step", "decoder_floor", "reconstruct", "train_step_1a", "train_step_1b"]
     assert [row["measurement"] for row in rows] == expected
     assert "| what | model | dtype |" in printed and "machine:" in printed and "peak memory: psutil RSS" in printed
     records = read_records(output)
@@ -38,6 +38,11 @@ def test_benchmark_flowmo_runs_every_measurement(tmp_path, capsys):
         assert record["memory"]["peak_bytes"] > 0
         assert record["environment"]["torch_threads"] == 1 and record["environment"]["cpu"]
     assert records[1]["flops"] > 0
+    floor = records[2]
+    assert floor["flops"] == records[1]["flops"] and floor["floor_s"] > 0
+    assert floor["floor_fraction"] == pytest.approx(floor["floor_s"] / floor["latency_s"])
+    assert sum(op["seconds_total"] for op in floor["matmuls"]) == pytest.approx(floor["floor_times_s"][0])
+    assert "| matmul | shape | count |" in printed and "at most" in printed
 
 
 def test_benchmark_flowmo_bf16_and_call_checkpointing(tmp_path):
@@ -82,6 +87,52 @@ def test_flop_count_of_the_paper_decoder():
     flops = utils.decoder_forward_flops(get_preset_config("flowmo-lo"), batch_size=1, height=256, width=256)
     # 16 blocks over 4096 patches + 256 code tokens at width 1152: about 3.6 TFLOP per image.
     assert 3.0e12 < flops < 4.2e12
+
+
+def test_matmul_inventory_is_what_the_decoder_and_encoder_run(monkeypatch):
+    """Every token-sized linear layer and attention call of a forward, by shape and count, is in the inventory."""
+    import collections
+
+    import torch
+
+    from flowmo_diffusers import FlowMoModel, get_preset_config
+    from flowmo_diffusers.models import transformer_flowmo
+
+    utils = load_script("benchmark_utils")
+    config = get_preset_config("flowmo-tiny")
+    model = FlowMoModel(**config).eval()
+    batch_size, side = 2, 32
+    seen = collections.Counter()
+
+    def record_linear(module, inputs, output):
+        rows = inputs[0].reshape(-1, module.in_features).shape[0]
+        if rows > batch_size:  # modulation and timestep-embedding layers run on one row per image
+            seen["linear", (rows, module.in_features, module.out_features)] += 1
+
+    original_attention = transformer_flowmo.joint_attention
+
+    def record_attention(query, key, value, scale):
+        seen["attention", tuple(query.shape)] += 1
+        return original_attention(query, key, value, scale)
+
+    monkeypatch.setattr(transformer_flowmo, "joint_attention", record_attention)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(record_linear)
+
+    def expected(entries):
+        counts = collections.Counter()
+        for entry in entries:
+            counts[entry["op"], tuple(entry["shape"])] += entry["count"]
+        return counts
+
+    images = torch.rand(batch_size, 3, side, side) * 2 - 1
+    with torch.no_grad():
+        code = model.encode(images).code
+        assert seen == expected(utils.encoder_matmuls(config, batch_size, side, side))
+        seen.clear()
+        model(images, torch.full((batch_size,), 0.5), code)
+    assert seen == expected(utils.decoder_matmuls(config, batch_size, side, side))
 
 
 @pytest.mark.parametrize("bad", [["--what", "nothing"], ["--stages", "2"]])
