@@ -464,6 +464,15 @@ def test_resume_reproduces_the_uninterrupted_run(pretrained_run, tmp_path):
     assert resumed == reference  # bit-identical live and EMA weights
 
 
+def test_diverged_training_stops_before_checkpointing_the_bad_step(tmp_path):
+    """lr 1e30: step 1's loss is finite, the weights are then ruined; step 2 stops the run before its checkpoint."""
+    with pytest.raises(AssertionError, match="FloatingPointError: step 2: the loss is nan"):
+        launch(TINY_RUN + ["--max_train_steps", "4", "--learning_rate", "1e30", "--perceptual_weight", "0",
+                           "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (tmp_path / "model_index.json").exists()
+
+
 def test_posttrain_from_the_pretrained_pipeline(pretrained_run, tmp_path):
     pretrain_dir, _ = pretrained_run
     log = launch(TINY_RUN + ["--stage", "posttrain", "--pretrained_model_name_or_path", str(pretrain_dir),

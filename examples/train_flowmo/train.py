@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -510,6 +511,10 @@ def main(argv=None):
         accelerator.log(logs, step=global_step)
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", flow=f"{logs['flow_loss']:.4f}")
+        if not math.isfinite(logs["loss"]):
+            # Before any checkpoint of this step: `--resume_from_checkpoint latest` must not pick diverged weights.
+            # The loss was reduced across processes, so every process stops here together.
+            raise FloatingPointError(f"step {global_step}: the loss is {logs['loss']}")
 
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)
