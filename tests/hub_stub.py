@@ -17,8 +17,14 @@ Uploads (what ``create_repo`` + ``upload_folder`` / ``create_commit`` / ``push_t
 need an ``Authorization`` header -- any token -- or get a 401, unless ``LocalHub(require_token_for_writes=False)``)
     * ``POST /api/repos/create`` (409 if the repo exists; ``exist_ok=True`` handles that client side).
     * ``POST /api/validate-yaml`` (README.md metadata check made by ``create_commit``).
-    * ``POST /api/{type}s/{repo_id}/preupload/{rev}`` -> every file is uploaded "regular" (inline base64),
-      so neither LFS nor Xet storage is involved.
+    * ``POST /api/{type}s/{repo_id}/preupload/{rev}`` -> files matching the Hub's default ``.gitattributes`` LFS
+      patterns (:data:`LFS_SUFFIXES`: weights, ``.parquet``, ``.arrow``, ...) are uploaded "lfs", all others
+      "regular" (inline base64 in the commit call). ``datasets``' ``push_to_hub`` relies on this: it deletes each
+      parquet shard's temporary file right after ``preupload_lfs_files``.
+    * LFS (basic transfer; the clients are pointed away from Xet, which the stub does not speak, with
+      ``HF_HUB_DISABLE_XET``): ``POST /[{datasets,spaces}/]{repo_id}.git/info/lfs/objects/batch`` answers upload
+      and verify actions for objects not stored yet, ``PUT /lfs-objects/{sha256}`` stores the bytes (their sha256
+      must match), ``POST /lfs-verify/{sha256}`` checks them; commits then name them by ``lfsFile`` operations.
     * ``POST /api/{type}s/{repo_id}/commit/{rev}`` (ndjson) -> applied to the in-memory repo and recorded in
       :attr:`LocalHub.commits` (repo id, revision, files with sizes, deletions), so a test can push and pull back.
 
@@ -75,7 +81,8 @@ __all__ = [
 ]
 
 # Files the real Hub stores with git LFS by default (see the .gitattributes it creates for new repos).
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".pb")
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".pb",
+                ".parquet", ".arrow")
 DEFAULT_GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
 _TYPE_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _API_TYPE = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -170,6 +177,8 @@ _API_RE = re.compile(
     r"^/api/(?P<type>models|datasets|spaces)/(?P<repo>[^/]+(?:/[^/]+)?)"
     r"(?:/(?P<action>revision|tree|preupload|commit)/(?P<rev>[^/]+)(?P<rest>/.*)?)?/?$"
 )
+_LFS_BATCH_RE = re.compile(r"^/(?:(?P<prefix>datasets|spaces)/)?(?P<repo>[^/]+(?:/[^/]+)?)\.git/info/lfs/objects/batch$")
+_LFS_OBJECT_RE = re.compile(r"^/lfs-(?P<action>objects|verify)/(?P<oid>[0-9a-f]{64})$")
 _RESOLVE_RE = re.compile(
     r"^/(?:(?P<prefix>datasets|spaces)/)?(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"
 )
@@ -191,6 +200,7 @@ class LocalHub:
         self._requests: list[HubRequest] = []
         self._unhandled: list[HubRequest] = []
         self._commits: list[HubCommit] = []
+        self._lfs_objects: dict[str, bytes] = {}  # sha256 -> content uploaded through the LFS routes
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.client: HubClientPatch | None = None  # set by `running_hub` / the `local_hub` fixture
@@ -405,8 +415,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if handler is None:
                 handled = False
                 raise _HttpError(404, None, f"LocalHub: no route for {method} {split.path}")
+            # LFS object uploads go to storage URLs the batch call handed out, which need no Authorization.
             if (method == "POST" and split.path != "/api/validate-yaml" and hub.require_token_for_writes
-                    and not self._authorized()):
+                    and not split.path.startswith("/lfs-") and not self._authorized()):
                 raise _HttpError(401, None, "Invalid username or password.")
             handler(split, urllib.parse.parse_qs(split.query))
         except _HttpError as e:
@@ -425,6 +436,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._create_repo
         if method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml
+        m = _LFS_BATCH_RE.match(path)
+        if m and method == "POST":
+            return lambda s, q: self._lfs_batch(m)
+        m = _LFS_OBJECT_RE.match(path)
+        if m and (method, m["action"]) in (("PUT", "objects"), ("POST", "verify")):
+            return lambda s, q: self._lfs_object(m)
         m = _API_RE.match(path)
         if m:
             action = m["action"]
@@ -589,10 +606,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         payload = json.loads(self._read_body() or b"{}")
         with hub._lock:
             hub._get_repo(repo_type, repo_id)
-        # "regular" => the content travels base64-encoded inside the commit call (no LFS / Xet upload).
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                 for f in payload.get("files", [])]
+        # "regular" => the content travels base64-encoded inside the commit call; "lfs" => through the LFS routes.
+        files = [{"path": f["path"], "uploadMode": "lfs" if _is_lfs(f["path"]) else "regular", "shouldIgnore": False,
+                  "oid": None} for f in payload.get("files", [])]
         self._send_json({"files": files})
+
+    def _lfs_batch(self, m: re.Match) -> None:
+        hub = self.server.hub
+        repo_type = _API_TYPE[m["prefix"]] if m["prefix"] else "model"
+        payload = json.loads(self._read_body() or b"{}")
+        with hub._lock:
+            hub._get_repo(repo_type, m["repo"])
+            stored = set(hub._lfs_objects)
+        if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", ["basic"]):
+            raise _HttpError(400, None, "LocalHub's LFS batch endpoint only takes basic uploads")
+        objects = []
+        for obj in payload.get("objects", []):
+            entry = {"oid": obj["oid"], "size": obj["size"]}
+            if obj["oid"] not in stored:  # no "actions": the client skips objects already stored
+                entry["actions"] = {"upload": {"href": f"{self._base()}/lfs-objects/{obj['oid']}"},
+                                    "verify": {"href": f"{self._base()}/lfs-verify/{obj['oid']}"}}
+            objects.append(entry)
+        self._send_json({"transfer": "basic", "objects": objects})
+
+    def _lfs_object(self, m: re.Match) -> None:
+        hub = self.server.hub
+        oid = m["oid"]
+        if m["action"] == "objects":
+            data = self._read_body()
+            if hashlib.sha256(data).hexdigest() != oid:
+                raise _HttpError(400, None, f"LFS object {oid}: the uploaded bytes have another sha256")
+            with hub._lock:
+                hub._lfs_objects[oid] = data
+            self._send(200, b"", {})
+            return
+        claimed = json.loads(self._read_body() or b"{}")
+        with hub._lock:
+            data = hub._lfs_objects.get(oid)
+        if data is None or claimed.get("size") != len(data):
+            raise _HttpError(404, None, f"LFS object {oid} is not stored (or has another size)")
+        self._send_json({"success": True})
 
     def _commit(self, m: re.Match, query: Mapping[str, list[str]]) -> None:
         hub = self.server.hub
@@ -610,7 +663,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"])
             elif key == "lfsFile":
-                raise _HttpError(400, None, "LocalHub only accepts 'regular' uploads (preupload never asks for LFS)")
+                with hub._lock:
+                    data = hub._lfs_objects.get(value["oid"])
+                if data is None or value.get("algo", "sha256") != "sha256":
+                    raise _HttpError(400, None, f"{value['path']}: LFS object {value['oid']} was never uploaded")
+                added[value["path"]] = data
             elif key != "header":
                 raise _HttpError(400, None, f"Unknown commit operation {key!r}")
         with hub._lock:
@@ -673,6 +730,7 @@ def _client_env_changes(endpoint: str, home: Path) -> dict[str, str | None]:
         "HF_MODULES_CACHE": str(home / "modules"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_DISABLE_XET": "1",  # the stub speaks LFS, not Xet
         "NO_PROXY": no_proxy,
         "no_proxy": no_proxy,
     })
@@ -777,7 +835,8 @@ class HubClientPatch:
         self._str_map["HF_MODULES_CACHE"] = (orig_env.get("HF_MODULES_CACHE", os.path.join(orig_home, "modules")),
                                              str(self.home / "modules"))
         self._bool_map = {"HF_HUB_OFFLINE": (bool(C.HF_HUB_OFFLINE), False),
-                          "HF_HUB_DISABLE_TELEMETRY": (bool(C.HF_HUB_DISABLE_TELEMETRY), True)}
+                          "HF_HUB_DISABLE_TELEMETRY": (bool(C.HF_HUB_DISABLE_TELEMETRY), True),
+                          "HF_HUB_DISABLE_XET": (bool(getattr(C, "HF_HUB_DISABLE_XET", False)), True)}
 
         for mod in self._modules():
             d = mod.__dict__

@@ -366,6 +366,9 @@ def test_push_to_hub_uploads_exactly_the_pipeline_files(local_hub, tmp_path):
     assert commit.deleted == ()
     assert all(r.authorized for r in local_hub.requests if r.method == "POST")
     assert local_hub.unhandled == []
+    # Weights go through LFS (the Hub's default .gitattributes pattern), the JSON files inline in the commit.
+    lfs_uploads = [p for p in local_hub.request_paths("PUT") if p.startswith("/lfs-objects/")]
+    assert len(lfs_uploads) == len({f for f in PIPELINE_FILES if f.endswith(".safetensors")}) > 0
 
     # ... and what was pushed loads back by repo id
     _assert_same_weights(TinyHubMixinPipeline.from_pretrained("user/pushed").autoencoder,

@@ -209,20 +209,29 @@ def test_two_process_training(tokenized, tmp_path):
     assert pipeline([1], num_inference_steps=2, output_type="latent").images.shape == (1, 24)
 
 
-def test_training_from_a_hub_dataset_id(tokenized, tmp_path):
-    """--train_dataset as a Hub dataset id (parquet shards + tokenization.json), through the local Hub stand-in."""
+def test_pretokenize_pushes_to_the_hub_and_training_reads_it_back(tokenized, tmp_path):
+    """`pretokenize.py --push_to_hub` (datasets' push_to_hub: parquet shards through LFS, plus tokenization.json), then
+    `--train_dataset` as that Hub dataset id, through the local Hub stand-in."""
     from hub_stub import LocalHub
 
-    tokens, _ = load_token_dataset(str(tokenized / "tokens"))
-    repo = tmp_path / "repo"
-    (repo / "data").mkdir(parents=True)
-    tokens.to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
-    (repo / "tokenization.json").write_text((tokenized / "tokens" / "dataset" / "tokenization.json").read_text())
     with LocalHub() as hub:
-        hub.add_repo("user/tiny-tokens", repo, repo_type="dataset")
+        env = hub.client_env(tmp_path / "hf_home")
+        launch(PRETOKENIZE, ["--pretrained_model_name_or_path", tokenized / "tokenizer", "--output_dir",
+                             tmp_path / "tokens", "--flip", "--batch_size", "4", "--dataloader_num_workers", "0",
+                             "--push_to_hub", "--hub_dataset_id", "user/tiny-tokens", "--hub_token", "dummy"], env=env)
+        pushed = hub.repo_files("user/tiny-tokens", repo_type="dataset")
+        shards = [path for path in pushed if path.endswith(".parquet")]
+        assert len(shards) == 1 and shards[0].startswith("data/train-")
+        assert any("/lfs-objects/" in path for path in hub.request_paths("PUT"))
+        local_info = (tmp_path / "tokens" / "dataset" / "tokenization.json").read_bytes()
+        assert pushed["tokenization.json"] == local_info
+        (tmp_path / "shard.parquet").write_bytes(pushed[shards[0]])
+        local, _ = load_token_dataset(str(tokenized / "tokens"))
+        assert datasets.Dataset.from_parquet(str(tmp_path / "shard.parquet")).to_dict() == local.to_dict()
+
         log = launch(TRAIN, TINY_TRAIN + ["--pretrained_model_name_or_path", tokenized / "tokenizer", "--train_dataset",
                                           "user/tiny-tokens", "--max_train_steps", "2", "--validation_steps", "1000",
-                                          "--output_dir", tmp_path / "out"], env=hub.client_env(tmp_path / "hf_home"))
+                                          "--output_dir", tmp_path / "out"], env=env)
         assert not hub.unhandled
     assert "9 sequences of 24 ids < 16, 9 classes, flip augmentation: True" in log
     assert FlowMoMaskGiTPipeline.from_pretrained(tmp_path / "out").transformer.config.num_classes == 9
