@@ -24,7 +24,7 @@ What is measured (`--what`, comma separated):
 - `reconstruct`: `FlowMoPipeline(images=..., latents=noise, output_type="pt")`: encode, `--steps` Euler steps with
   guidance 1.5 inside the guidance interval (code and null-code passes batched into one forward), clip.
 - `train_step`: one optimizer step of the training recipe, through `flowmo_diffusers.training.losses`
-  (`flowmo_training_losses`; written with the model API directly when that module is absent), Adam
+  (`flowmo_training_losses`), Adam
   (betas 0.9, 0.95) and initial-norm fixing. Stage 1A (`--stages 1a`): encode with quantizer losses, 10% null-code
   dropout, decoder forward at fat-lognormal times, velocity MSE + quantizer loss + 0.1 x LPIPS-VGG on the one-step
   prediction; encoder and decoder trained. Stage 1B (`--stages 1b`): encoder frozen (as the original after 200k
@@ -32,6 +32,8 @@ What is measured (`--what`, comma separated):
   from noise at per-sample random times, backpropagated through the whole chain. `--posttrain_checkpointing call`
   checkpoints each decoder call of the chain (the original's scheme); `block` instead turns on
   `enable_gradient_checkpointing` (one checkpoint per transformer block, in every decoder forward of the step).
+  `--optimizer sgd` swaps Adam for stateless SGD, to measure how a step's memory grows with the batch on a machine
+  too small for Adam's state (which adds 8 bytes per trained parameter, whatever the batch).
   The perceptual networks run with random weights (`--perceptual random`: the pretrained weights are not bundled,
   and the compute is the same); `--perceptual mse` swaps in a plain MSE.
 
@@ -45,12 +47,13 @@ import sys
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_utils as common  # noqa: E402
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config  # noqa: E402
+from flowmo_diffusers.training.losses import flowmo_training_losses  # noqa: E402
+from flowmo_diffusers.training.utils import InitialNormFixer  # noqa: E402
 
 WHAT = ("encode", "decoder_step", "decoder_floor", "reconstruct", "train_step")
 
@@ -81,6 +84,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         choices=["random", "mse", "none"],
         help="perceptual term: the recipe's networks with random weights (same compute), an MSE stand-in, or none "
         "(stage 1A only)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=["adam", "sgd"],
+        help="train_step optimizer: the recipe's Adam, or plain SGD (no state) to measure how activation memory grows "
+        "with the batch where Adam's state does not fit; Adam adds 8 bytes per trained parameter whatever the batch",
     )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -281,15 +291,6 @@ def bench_reconstruct(model, images, args):
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _training_modules():
-    """The package's training losses and helpers (`flowmo_diffusers.training`), or None where they are absent."""
-    try:
-        from flowmo_diffusers.training import losses, utils
-    except ImportError:
-        return None
-    return losses, utils
-
-
 def _mse_distance(images: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
     return (predictions.float() - images.float()).pow(2).flatten(1).mean(dim=1)
 
@@ -310,46 +311,11 @@ def perceptual_network(stage: str, kind: str, device: str):
     return _mse_distance, "mse stand-in"
 
 
-def _fallback_losses(model, scheduler, images, rotary_emb, generator, stage, k, per_call_checkpoint, perceptual):
-    """Stage 1A / 1B losses written with the model API, for when `flowmo_diffusers.training.losses` is absent."""
-    batch = len(images)
-    device = images.device
-    encoded = model.encode(images, return_quantizer_losses=True)
-    times = scheduler.sample_training_times(batch, generator=generator, device=device)
-    noise = torch.randn(images.shape, generator=generator, device=device)
-    noisy = scheduler.add_noise_at_times(images, noise, times)
-    keep = (torch.rand((batch,), generator=generator, device=device) > 0.1).float()
-    velocity = model(noisy, times, encoded.code, code_mask=keep, rotary_emb=rotary_emb).sample
-    target = scheduler.velocity_target(images, noise)
-    loss = F.mse_loss(velocity.float(), target.float()) + encoded.quantizer.loss.float()
-    if perceptual is None:
-        return loss
-    if stage == "1a":
-        return loss + 0.1 * perceptual(images, scheduler.predict_image(noisy, velocity, times)).mean()
-    z = torch.randn(images.shape, generator=generator, device=device)
-    grid = torch.rand((batch, k + 1), generator=generator, device=device).cumsum(dim=1)
-    grid = grid - grid[:, :1]
-    grid = (grid / grid[:, -1:]).flip(dims=(1,))
-
-    def decoder_call(z_in, t_in, code_in):
-        return model(z_in, t_in, code_in, rotary_emb=rotary_emb).sample
-
-    for step in range(k):
-        if per_call_checkpoint:
-            v = torch.utils.checkpoint.checkpoint(decoder_call, z, grid[:, step], encoded.code, use_reentrant=False)
-        else:
-            v = decoder_call(z, grid[:, step], encoded.code)
-        z = z - (grid[:, step] - grid[:, step + 1]).reshape(-1, 1, 1, 1) * v.float()
-    return loss + 0.01 * perceptual(images, z).mean()
-
-
 def bench_train_step(model, images, args, stage: str):
     device = args.device
     height, width = images.shape[-2:]
     scheduler = FlowMoScheduler()
-    rotary_emb = model.decoder_rotary_embedding(height, width, images.device)
     generator = torch.Generator(device).manual_seed(args.seed + 2)
-    training = _training_modules()
     perceptual_kind = args.perceptual
     if stage == "1b" and perceptual_kind == "none":
         perceptual_kind = "mse"  # stage 1B's sample chain only exists to feed a loss
@@ -362,11 +328,15 @@ def bench_train_step(model, images, args, stage: str):
     if stage == "1b":
         model.encoder.requires_grad_(False)  # the original freezes the encoder after 200k steps
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-4 if stage == "1a" else 5e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    norm_fixer = None
-    if training is not None:
-        norm_fixer = training[1].InitialNormFixer()
-        norm_fixer.record(model)
+    learning_rate = 1e-4 if stage == "1a" else 5e-5
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer_name = "Adam(betas=(0.9, 0.95))"
+    else:
+        optimizer = torch.optim.SGD(params, lr=learning_rate)
+        optimizer_name = "SGD (no optimizer state)"
+    norm_fixer = InitialNormFixer()
+    norm_fixer.record(model)
     if stage == "1b" and not per_call:
         model.enable_gradient_checkpointing()
         model.encoder.gradient_checkpointing = False
@@ -374,38 +344,31 @@ def bench_train_step(model, images, args, stage: str):
     def step():
         optimizer.zero_grad(set_to_none=True)
         with common.autocast_context(device, args.dtype):
-            if training is not None:
-                loss = training[0].flowmo_training_losses(
-                    model,
-                    images,
-                    scheduler,
-                    perceptual_loss=perceptual,
-                    perceptual_weight=weight,
-                    posttrain_sample_steps=args.posttrain_k if stage == "1b" else None,
-                    posttrain_gradient_checkpointing=per_call,
-                    generator=generator,
-                )["loss"]
-            else:
-                loss = _fallback_losses(
-                    model, scheduler, images, rotary_emb, generator, stage, args.posttrain_k, per_call, perceptual
-                )
+            loss = flowmo_training_losses(
+                model,
+                images,
+                scheduler,
+                perceptual_loss=perceptual,
+                perceptual_weight=weight,
+                posttrain_sample_steps=args.posttrain_k if stage == "1b" else None,
+                posttrain_gradient_checkpointing=per_call,
+                generator=generator,
+            )["loss"]
         loss.backward()
         optimizer.step()
-        if norm_fixer is not None:
-            norm_fixer.apply(model)
+        norm_fixer.apply(model)
 
     try:
         timing, memory = measure(step, args)
     finally:
         model.disable_gradient_checkpointing()
         optimizer.zero_grad(set_to_none=True)
-        del optimizer
         model.requires_grad_(False)
         model.eval()
     extra = dict(
         stage=stage,
-        optimizer="Adam(betas=(0.9, 0.95))" + (" + initial-norm fixing" if norm_fixer is not None else ""),
-        losses="flowmo_diffusers.training.losses" if training is not None else "model API (training.losses absent)",
+        optimizer=optimizer_name + " + initial-norm fixing",
+        losses="flowmo_diffusers.training.losses",
         perceptual=perceptual_name,
         trained_parameters=sum(p.numel() for p in params),
     )

@@ -50,10 +50,11 @@ def test_benchmark_flowmo_bf16_and_call_checkpointing(tmp_path):
     rows = script.main(
         ["--preset", "flowmo-tiny", "--dtype", "bf16", "--what", "train_step", "--stages", "1b",
          "--posttrain_checkpointing", "call", "--posttrain_k", "2", "--warmup", "0", "--repeats", "1",
-         "--threads", "1", "--output", ""]
+         "--threads", "1", "--optimizer", "sgd", "--output", ""]
     )
     assert [row["measurement"] for row in rows] == ["train_step_1b"]
     assert rows[0]["posttrain_checkpointing"] == "call" and rows[0]["dtype"] == "bf16"
+    assert rows[0]["optimizer"].startswith("SGD (no optimizer state)")
 
 
 def test_reconstruction_ablation_variants_match_the_straightforward_path(tmp_path, capsys):
