@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import shlex
 import sys
@@ -44,6 +43,7 @@ from flowmo_diffusers.training.utils import (
     EMACheckpoint,
     InitialNormFixer,
     TrainingProgress,
+    check_finite_loss,
     create_ema,
     ema_update_due,
     freeze_encoder,
@@ -511,10 +511,7 @@ def main(argv=None):
         accelerator.log(logs, step=global_step)
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", flow=f"{logs['flow_loss']:.4f}")
-        if not math.isfinite(logs["loss"]):
-            # Before any checkpoint of this step: `--resume_from_checkpoint latest` must not pick diverged weights.
-            # The loss was reduced across processes, so every process stops here together.
-            raise FloatingPointError(f"step {global_step}: the loss is {logs['loss']}")
+        check_finite_loss(logs["loss"], global_step)  # before this step's checkpoint
 
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)

@@ -14,7 +14,6 @@ script holds arguments, the loop and logging. See examples/train_maskgit/README.
 import argparse
 import json
 import logging
-import math
 import os
 import shlex
 import sys
@@ -37,6 +36,7 @@ from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
 from flowmo_diffusers.training.utils import (
     TrainingProgress,
+    check_finite_loss,
     remove_stale_temporary_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -340,9 +340,7 @@ def main(argv=None):
         accelerator.log(logs, step=global_step)
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.3f}")
-        if not math.isfinite(logs["loss"]):
-            # Before any checkpoint of this step: `--resume_from_checkpoint latest` must not pick diverged weights.
-            raise FloatingPointError(f"step {global_step}: the loss is {logs['loss']}")
+        check_finite_loss(logs["loss"], global_step)  # before this step's checkpoint
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process:

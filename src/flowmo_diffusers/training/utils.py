@@ -13,6 +13,7 @@ sharding.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -411,6 +412,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
             log(f"Saved {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def check_finite_loss(loss: float, step: int) -> None:
+    """Raise `FloatingPointError` if `loss` is NaN or infinite.
+
+    Call it with the loss reduced across processes (so every process stops together) *before* checkpointing `step`:
+    `--resume_from_checkpoint latest` must never pick diverged weights.
+    """
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"step {step}: the loss is {loss}")
 
 
 def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> List[str]:
