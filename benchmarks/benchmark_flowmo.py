@@ -224,7 +224,7 @@ def bench_decoder_floor(model, images, args):
     per_round = [f / d for f, d in zip(floor_times, decoder_times)]
     ops = []
     for index, entry in enumerate(entries):
-        seconds = sorted(times[index] for times in op_times)[len(op_times) // 2]
+        seconds = common.summarize([times[index] for times in op_times])["median_s"]
         flops = common.matmul_flops(dict(entry, count=1))
         ops.append(
             dict(
