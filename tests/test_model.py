@@ -81,8 +81,6 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
         (torch.zeros(1, 4, 32, 32), "must have 3 channels"),
         (torch.zeros(1, 3, 30, 32), "multiples of patch_size 4"),
         (torch.zeros(1, 3, 32, 32, dtype=torch.long), "floating-point"),
-        (torch.full((1, 3, 32, 32), float("nan")), "NaN or infinite"),
-        (torch.full((1, 3, 32, 32), 255.0), "must lie in \\[-1, 1\\]"),
     ],
 )
 def test_bad_images_are_named(tiny_model, images, message):

@@ -1,13 +1,21 @@
 """FlowMoModel: the FlowMo diffusion autoencoder (encoder, lookup-free quantizer, velocity decoder)."""
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
+from ..schedulers.flow_sampling import (
+    count_decoder_passes,
+    evaluation_flow_times,
+    guided_evaluations,
+    set_flow_timesteps,
+)
+from ..schedulers.scheduling_flowmo import TIME_SCHEDULES, FlowMoScheduler
 from .quantizer import LFQOutput, LookupFreeQuantizer
 from .transformer_flowmo import FlowMoTransformer, patchify, unpatchify
 
@@ -43,6 +51,21 @@ class FlowMoDecoderOutput(BaseOutput):
     sample: torch.Tensor
 
 
+@dataclass
+class FlowMoDecodeOutput(BaseOutput):
+    """
+    Output of [`FlowMoModel.decode`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, 3, height, width)`): decoded images in [-1, 1], float32.
+        num_decoder_passes (`int`): decoder evaluations per image that produced them (a guided evaluation counts
+            two: code and null code). The paper's sampler takes 31.
+    """
+
+    sample: torch.Tensor
+    num_decoder_passes: int
+
+
 class FlowMoModel(ModelMixin, ConfigMixin):
     r"""
     FlowMo (Sargent et al., 2025, "Flow to the Mode"): a transformer-only diffusion autoencoder. The encoder turns an
@@ -69,10 +92,21 @@ class FlowMoModel(ModelMixin, ConfigMixin):
             `1 / sqrt(head_dim)`.
         timestep_embedding_dim (`int`): sinusoidal features of the flow time.
         entropy_temperature, entropy_loss_weight, commitment_loss_weight (`float`): quantizer training losses.
+        sampling_num_inference_steps (`int`, *optional*, defaults to 25), sampling_guidance_scale (`float`,
+            *optional*, defaults to 1.5), sampling_time_schedule (`str`, *optional*, defaults to `"power"`),
+            sampling_time_power (`float`, *optional*, defaults to 4.0), sampling_guidance_interval
+            (`Tuple[float, float]`, *optional*, defaults to `(0.17, 1.02)`): the decoder's own sampler, used by
+            [`decode`] and by the pipeline when an argument is not given: the paper's (25 steps on t = (i/N)^4,
+            guidance 1.5 within the EDM-sigma interval) for a trained FlowMo; K steps without guidance for a
+            K-pass student (`--stage distill`). The grid and interval also apply to a diffusers scheduler swapped
+            into the pipeline.
+        distilled_from (`str`, *optional*): the teacher a distilled student decoder was trained to reproduce.
     """
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["FlowMoBlock"]
+    # `compile_repeated_blocks()` compiles each of these once and reuses the graph for every instance.
+    _repeated_blocks = ["FlowMoBlock"]
 
     @register_to_config
     def __init__(
@@ -99,8 +133,20 @@ class FlowMoModel(ModelMixin, ConfigMixin):
         entropy_temperature: float = 0.1,
         entropy_loss_weight: float = 0.0025,
         commitment_loss_weight: float = 0.000625,
+        sampling_num_inference_steps: int = 25,
+        sampling_guidance_scale: float = 1.5,
+        sampling_time_schedule: str = "power",
+        sampling_time_power: float = 4.0,
+        sampling_guidance_interval: Optional[Tuple[float, float]] = (0.17, 1.02),
+        distilled_from: Optional[str] = None,
     ):
         super().__init__()
+        if sampling_time_schedule not in TIME_SCHEDULES:
+            raise ValueError(f"sampling_time_schedule must be one of {TIME_SCHEDULES}, got {sampling_time_schedule!r}")
+        if isinstance(sampling_num_inference_steps, bool) or not isinstance(sampling_num_inference_steps, int) or (
+            sampling_num_inference_steps < 1
+        ):
+            raise ValueError(f"sampling_num_inference_steps must be a positive integer, got {sampling_num_inference_steps!r}")
         if context_dim % bits_per_subtoken != 0:
             raise ValueError(f"context_dim {context_dim} is not a multiple of bits_per_subtoken {bits_per_subtoken}")
         if sample_size % patch_size != 0:
@@ -169,9 +215,12 @@ class FlowMoModel(ModelMixin, ConfigMixin):
         return self.config.code_length * self.config.context_dim / self.config.sample_size**2
 
     # ----------------------------------------------------------------------------------------------------------
-    # Input checks: a clear error here beats a shape error deep inside attention.
+    # Input checks: a clear error here beats a shape error deep inside attention. They read shapes and dtypes only,
+    # never tensor values, so that encode and forward never wait on the device; values (NaN, range) are checked at
+    # the pipeline boundary.
     def check_images(self, images: torch.Tensor, name: str = "images") -> None:
-        """Raise ValueError unless `images` is a finite float tensor `(B, in_channels, H, W)` in [-1, 1]."""
+        """Raise ValueError unless `images` is a float tensor `(B, in_channels, H, W)`, H and W multiples of the
+        patch size."""
         if not isinstance(images, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
         if images.ndim != 4:
@@ -187,8 +236,6 @@ class FlowMoModel(ModelMixin, ConfigMixin):
             raise ValueError(f"{name} height and width must be positive multiples of patch_size {patch}, got {height}x{width}")
         if not images.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
-        if not torch.isfinite(images).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
 
     def check_indices(self, indices: torch.Tensor) -> None:
         """Raise ValueError unless `indices` is an integer tensor `(B, num_indices)` of valid ids."""
@@ -215,17 +262,13 @@ class FlowMoModel(ModelMixin, ConfigMixin):
 
         Args:
             images (`torch.Tensor` of shape `(B, 3, H, W)`): images in [-1, 1], H and W multiples of `patch_size`.
+                Values are not checked here (that would wait on the device); [`FlowMoPipeline`] checks them.
             return_quantizer_losses (`bool`): also compute the entropy and commitment losses (training).
 
         Returns:
             [`FlowMoEncoderOutput`] with `code` `(B, code_length, context_dim)` and `indices` `(B, num_indices)`.
         """
         self.check_images(images)
-        if images.min() < -1.001 or images.max() > 1.001:
-            raise ValueError(
-                f"images must lie in [-1, 1], got range [{float(images.min()):.3f}, {float(images.max()):.3f}]; "
-                "the pipeline takes [0, 1] images and converts them"
-            )
         height, width = images.shape[-2:]
         patch = self.config.patch_size
         rotary_emb = self.encoder.rotary_embedding(self.config.code_length, height // patch, width // patch, images.device)
@@ -269,6 +312,7 @@ class FlowMoModel(ModelMixin, ConfigMixin):
         Returns:
             [`FlowMoDecoderOutput`] whose `sample` is the velocity, same shape as `sample`.
         """
+        self.check_images(sample, "sample")
         batch_size = sample.shape[0]
         expected_code = (batch_size, self.config.code_length, self.config.context_dim)
         if tuple(code.shape) != expected_code:
@@ -280,8 +324,9 @@ class FlowMoModel(ModelMixin, ConfigMixin):
             raise ValueError(f"timestep must be a scalar or have shape ({batch_size},), got {tuple(timestep.shape)}")
         height, width = sample.shape[-2:]
         if rotary_emb is None:
-            self.check_images(sample, "sample")
             rotary_emb = self.decoder_rotary_embedding(height, width, sample.device)
+        else:
+            self._check_rotary_emb(rotary_emb, height, width)
 
         condition = torch.cat([code, torch.ones_like(code[..., :1])], dim=-1)
         if code_mask is not None:
@@ -289,3 +334,143 @@ class FlowMoModel(ModelMixin, ConfigMixin):
         velocity = self.decoder(patchify(sample, self.config.patch_size), rotary_emb, code=condition, timestep=timestep)
         velocity = unpatchify(velocity, self.config.patch_size, height, width)
         return FlowMoDecoderOutput(sample=velocity) if return_dict else (velocity,)
+
+    def _check_rotary_emb(self, rotary_emb, height: int, width: int) -> None:
+        patch = self.config.patch_size
+        expected = (self.config.code_length + (height // patch) * (width // patch), sum(self.config.decoder_axes_dim))
+        if (
+            not isinstance(rotary_emb, (tuple, list))
+            or len(rotary_emb) != 2
+            or not all(isinstance(table, torch.Tensor) and tuple(table.shape) == expected for table in rotary_emb)
+        ):
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in rotary_emb] if isinstance(
+                rotary_emb, (tuple, list)
+            ) else type(rotary_emb).__name__
+            raise ValueError(
+                f"rotary_emb must be the (cos, sin) pair from decoder_rotary_embedding({height}, {width}), each of "
+                f"shape {expected}; got {got}"
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Sampling
+    def sampling_scheduler(self) -> FlowMoScheduler:
+        """A [`FlowMoScheduler`] on this decoder's own grid and guidance interval (the `sampling_*` config)."""
+        return FlowMoScheduler(
+            time_schedule=self.config.sampling_time_schedule,
+            time_power=self.config.sampling_time_power,
+            guidance_interval=self.config.sampling_guidance_interval,
+        )
+
+    @torch.no_grad()
+    def decode(
+        self,
+        code: torch.Tensor,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        scheduler=None,
+        step_callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
+        progress_bar: Optional[Callable] = None,
+        return_dict: bool = True,
+    ) -> Union[FlowMoDecodeOutput, Tuple]:
+        """
+        Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
+
+        Like diffusers' `ConsistencyDecoderVAE.decode`, the model owns its sampler, so code that holds only the model
+        can decode; [`FlowMoPipeline`] decodes through this method too.
+
+        Args:
+            code (`torch.Tensor`): quantized code `(B, code_length, context_dim)` (floating point) or token ids
+                `(B, num_indices)` (integer), as from [`encode`].
+            num_inference_steps (`int`, *optional*, defaults to `config.sampling_num_inference_steps`): solver steps.
+            guidance_scale (`float`, *optional*, defaults to `config.sampling_guidance_scale`): classifier-free
+                guidance on the code, `v_null + s (v_code - v_null)`, applied to each model evaluation whose flow
+                time lies in the guidance interval; 1 disables it.
+            generator (`torch.Generator` or a list of one per sample, *optional*): source of the initial noise.
+            latents (`torch.Tensor` of shape `(B, 3, H, W)`, *optional*): initial noise; drawn when None.
+            height (`int`, *optional*), width (`int`, *optional*): output size (default `sample_size`); ignored when
+                `latents` is given.
+            scheduler (*optional*): the solver: [`FlowMoScheduler`] (default: [`sampling_scheduler`]) or a diffusers
+                flow-matching scheduler (see `flowmo_diffusers.schedulers.flow_sampling`), which then runs on this
+                decoder's grid where it accepts one, with this decoder's guidance interval.
+            step_callback (`Callable`, *optional*): `f(step_index, timestep, latents)` after every solver step; a
+                tensor it returns replaces the latents.
+            progress_bar (`Callable`, *optional*): wraps the iterable of timesteps (e.g. a pipeline's `progress_bar`).
+
+        Returns:
+            [`FlowMoDecodeOutput`] with `sample` `(B, 3, H, W)` in [-1, 1] and `num_decoder_passes`.
+        """
+        if code.dtype.is_floating_point:
+            expected = (self.config.code_length, self.config.context_dim)
+            if code.ndim != 3 or tuple(code.shape[1:]) != expected:
+                raise ValueError(f"code must have shape (batch, {expected[0]}, {expected[1]}), got {tuple(code.shape)}")
+            code = code.to(self.dtype)
+        else:
+            code = self.indices_to_code(code, dtype=self.dtype)
+        config = self.config
+        num_inference_steps = config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
+        scheduler = self.sampling_scheduler() if scheduler is None else scheduler
+        batch_size, device = code.shape[0], code.device
+
+        if latents is None:
+            height = height or config.sample_size
+            width = width or config.sample_size
+            shape = (batch_size, config.in_channels, height, width)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            self.check_images(latents, "latents")
+            if latents.shape[0] != batch_size:
+                raise ValueError(f"latents hold {latents.shape[0]} samples for a batch of {batch_size} codes")
+            latents = latents.to(device=device, dtype=torch.float32)
+        height, width = latents.shape[-2:]
+        patch = config.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"height and width must be multiples of patch_size {patch}, got {height}x{width}")
+
+        set_flow_timesteps(scheduler, num_inference_steps, config.sampling_time_schedule, config.sampling_time_power)
+        # Start at step 0 without the scheduler looking the first timestep up (a device read).
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        interval = (
+            scheduler.config.guidance_interval if isinstance(scheduler, FlowMoScheduler) else config.sampling_guidance_interval
+        )
+        # Guidance decisions come from the grid, read once here, so the loop never waits on the device.
+        guided = guided_evaluations(evaluation_flow_times(scheduler), guidance_scale, interval)
+        flow_times = scheduler.sigmas.to(device=device, dtype=torch.float32)
+        # RoPE tables depend only on the image size: build them once, not once per step.
+        rotary_emb = self.decoder_rotary_embedding(height, width, device)
+        keep_and_drop = torch.cat([torch.ones(batch_size, device=device), torch.zeros(batch_size, device=device)])
+        double_code = torch.cat([code, code]) if any(guided) else None
+
+        timesteps = scheduler.timesteps
+        for index, timestep in enumerate(progress_bar(timesteps) if progress_bar is not None else timesteps):
+            model_input = latents.to(self.dtype)
+            flow_time = flow_times[index]
+            if guided[index]:
+                # Code and null-code passes share one batched forward.
+                velocity = self(
+                    torch.cat([model_input, model_input]),
+                    flow_time.expand(2 * batch_size),
+                    double_code,
+                    code_mask=keep_and_drop,
+                    rotary_emb=rotary_emb,
+                ).sample.float()
+                velocity_code, velocity_null = velocity.chunk(2)
+                velocity = velocity_null + guidance_scale * (velocity_code - velocity_null)
+            else:
+                velocity = self(model_input, flow_time.expand(batch_size), code, rotary_emb=rotary_emb).sample.float()
+            # The state stays float32 whatever the decoder's dtype, as in the original.
+            latents = scheduler.step(velocity, timestep, latents.float()).prev_sample.float()
+            if step_callback is not None:
+                replaced = step_callback(index, timestep, latents)
+                if replaced is not None:
+                    latents = replaced
+        images = latents.clamp(-1, 1)
+        passes = count_decoder_passes(guided)
+        if not return_dict:
+            return (images, passes)
+        return FlowMoDecodeOutput(sample=images, num_decoder_passes=passes)

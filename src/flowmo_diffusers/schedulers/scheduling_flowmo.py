@@ -13,6 +13,39 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 TRAINING_TIME_DISTRIBUTIONS = ("fat_lognormal", "lognormal", "uniform")
+TIME_SCHEDULES = ("power", "linear")
+
+
+def flow_time_grid(num_inference_steps: int, time_schedule: str = "power", time_power: float = 4.0) -> torch.Tensor:
+    """The N + 1 flow times from 1 down to 0, float32, computed exactly as the original does.
+
+    `"power"`: t_i = (i / N) ** time_power for i = N..0 (the paper samples with `time_power = 4`); `"linear"`: i / N.
+    """
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if time_schedule not in TIME_SCHEDULES:
+        raise ValueError(f"time_schedule must be one of {TIME_SCHEDULES}, got {time_schedule!r}")
+    steps = torch.arange(0, num_inference_steps + 1).flip(0)
+    if time_schedule == "power":
+        power = float(time_power)
+        return steps**power / num_inference_steps**power
+    return steps / num_inference_steps
+
+
+def edm_sigma_to_flow_time(sigma: float) -> float:
+    """EDM noise level sigma (z = x + sigma n) to flow time t = sigma / (1 + sigma)."""
+    if sigma < 0 or math.isinf(sigma) or math.isnan(sigma):
+        raise ValueError(f"sigma must be finite and non-negative, got {sigma}")
+    return sigma / (1 + sigma)
+
+
+def in_guidance_interval(flow_time: float, guidance_interval: Optional[Tuple[float, float]]) -> bool:
+    """Whether guidance applies at flow time t: t inside the EDM-sigma `guidance_interval` converted to flow time
+    (bounds included, compared in float64 like the original); None means everywhere."""
+    if guidance_interval is None:
+        return True
+    low, high = guidance_interval
+    return edm_sigma_to_flow_time(low) <= float(flow_time) <= edm_sigma_to_flow_time(high)
 
 
 class FlowMoScheduler(SchedulerMixin, ConfigMixin):
@@ -39,7 +72,21 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
             time with probability `uniform_time_probability`), `"lognormal"` or `"uniform"`.
         uniform_time_probability (`float`): the uniform share of `"fat_lognormal"`.
         num_train_timesteps (`int`): diffusers' `timesteps` are `1000 * t`; the model takes t itself.
+
+    Any diffusers flow-matching scheduler in `_compatibles` can replace it in a pipeline:
+    `pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)`; the multistep solvers need
+    their flow mode spelled out, `UniPCMultistepScheduler.from_config(pipe.scheduler.config,
+    prediction_type="flow_prediction", use_flow_sigmas=True)` (a scheduler that cannot integrate a velocity is refused
+    with a ValueError when the pipeline runs).
     """
+
+    # Schedulers that can replace this one in a FlowMoPipeline (see `flowmo_diffusers.schedulers.flow_sampling`).
+    _compatibles = [
+        "FlowMatchEulerDiscreteScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+        "UniPCMultistepScheduler",
+        "DPMSolverMultistepScheduler",
+    ]
 
     @register_to_config
     def __init__(
@@ -51,7 +98,7 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         uniform_time_probability: float = 0.1,
         num_train_timesteps: int = 1000,
     ):
-        if time_schedule not in ("power", "linear"):
+        if time_schedule not in TIME_SCHEDULES:
             raise ValueError(f"time_schedule must be 'power' or 'linear', got {time_schedule!r}")
         if training_time_distribution not in TRAINING_TIME_DISTRIBUTIONS:
             raise ValueError(
@@ -82,6 +129,16 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
     def step_index(self) -> Optional[int]:
         return self.euler.step_index
 
+    @property
+    def begin_index(self) -> Optional[int]:
+        """The first step's index, when set with [`set_begin_index`]."""
+        return self.euler.begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start stepping at `begin_index` without looking the first timestep up in the grid (which reads a device
+        tensor on the host)."""
+        self.euler.set_begin_index(begin_index)
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -97,14 +154,8 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------
     # Sampling
     def time_grid(self, num_inference_steps: int) -> torch.Tensor:
-        """The N + 1 flow times from 1 down to 0, float32, computed exactly as the original does."""
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        steps = torch.arange(0, num_inference_steps + 1).flip(0)
-        if self.config.time_schedule == "power":
-            power = float(self.config.time_power)
-            return steps**power / num_inference_steps**power
-        return steps / num_inference_steps
+        """The N + 1 flow times from 1 down to 0 of this scheduler's grid ([`flow_time_grid`])."""
+        return flow_time_grid(num_inference_steps, self.config.time_schedule, self.config.time_power)
 
     def set_timesteps(
         self,
@@ -132,11 +183,7 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
 
     def is_guidance_step(self, flow_time: Union[float, torch.Tensor]) -> bool:
         """Whether guidance applies at flow time t (bounds included, compared in float64 like the original)."""
-        interval = self.guidance_interval_flow_time
-        if interval is None:
-            return True
-        flow_time = float(flow_time)
-        return interval[0] <= flow_time <= interval[1]
+        return in_guidance_interval(float(flow_time), self.config.guidance_interval)
 
     # ----------------------------------------------------------------------------------------------------------
     # Training
@@ -176,9 +223,4 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         """One-step image estimate `x = z_t - t v`."""
         return noisy - velocity * times.reshape(-1, *([1] * (noisy.ndim - 1))).to(noisy.dtype)
 
-    @staticmethod
-    def edm_sigma_to_flow_time(sigma: float) -> float:
-        """EDM noise level sigma (z = x + sigma n) to flow time t = sigma / (1 + sigma)."""
-        if sigma < 0 or math.isinf(sigma):
-            raise ValueError(f"sigma must be finite and non-negative, got {sigma}")
-        return sigma / (1 + sigma)
+    edm_sigma_to_flow_time = staticmethod(edm_sigma_to_flow_time)
