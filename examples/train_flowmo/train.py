@@ -5,6 +5,7 @@
     accelerate launch examples/train_flowmo/train.py                       # offline CPU demo (see README)
     accelerate launch examples/train_flowmo/train.py --dataset_name ILSVRC/imagenet-1k --streaming ...
     accelerate launch examples/train_flowmo/train.py --stage posttrain --pretrained_model_name_or_path DIR ...
+    accelerate launch examples/train_flowmo/train.py --stage distill --pretrained_model_name_or_path DIR --distill_steps 4
 
 This script holds arguments, the loop and logging only; the recipe lives in `flowmo_diffusers.training`
 (`losses`, `perceptual`, `utils`, `data`). See examples/train_flowmo/README.md.
@@ -33,6 +34,7 @@ from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_p
 from flowmo_diffusers.models.presets import PRESETS
 from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
 from flowmo_diffusers.training.data import build_eval_dataloader, build_train_dataloader, load_image_dataset
+from flowmo_diffusers.training.distillation import FlowMoDistillationModule, make_student_config
 from flowmo_diffusers.training.losses import FlowMoTrainingModule
 from flowmo_diffusers.training.perceptual import (
     PERCEPTUAL_NETWORKS,
@@ -64,6 +66,9 @@ STAGE_DEFAULTS = {
     "pretrain": dict(learning_rate=1e-4, perceptual_weight=0.1, perceptual_network="lpips-vgg", encoder_freeze_steps=200_000),
     # The original post-trains from a pre-training checkpoint past 200k steps, so its encoder is frozen throughout.
     "posttrain": dict(learning_rate=5e-5, perceptual_weight=0.01, perceptual_network="resnet50", encoder_freeze_steps=0),
+    # Not in the paper: a K-pass student of a trained FlowMo. The encoder (and so every token id) never changes; the
+    # perceptual term compares the student's image with the teacher's, with stage 1A's network and weight.
+    "distill": dict(learning_rate=5e-5, perceptual_weight=0.1, perceptual_network="lpips-vgg", encoder_freeze_steps=0),
 }
 # With no data flag the script trains on the embedded photographs: a CPU demo that must run offline.
 # The learning rate is 10x the paper's: measured on the tiny preset, 1e-3 reaches in 200 steps the PSNR that 1e-4
@@ -76,9 +81,11 @@ DEMO_DEFAULTS = dict(
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a FlowMo tokenizer (stage 1A pre-training / 1B post-training).")
     # Model and stage
-    parser.add_argument("--stage", choices=("pretrain", "posttrain"), default="pretrain",
+    parser.add_argument("--stage", choices=("pretrain", "posttrain", "distill"), default="pretrain",
                         help="pretrain: stage 1A (flow + LPIPS on the one-step prediction). posttrain: stage 1B "
-                        "(perceptual loss on a k-step sample), starting from --pretrained_model_name_or_path.")
+                        "(perceptual loss on a k-step sample), starting from --pretrained_model_name_or_path. distill: "
+                        "a student decoder that reproduces in --distill_steps passes what the teacher "
+                        "(--pretrained_model_name_or_path) decodes with its sampler; the encoder stays frozen.")
     parser.add_argument("--model_config", type=str, default=None,
                         help=f"Preset ({', '.join(sorted(PRESETS))}) or path to a FlowMoModel config.json. Default: "
                         "flowmo-lo; flowmo-tiny for the embedded demo data. Ignored with --pretrained_model_name_or_path.")
@@ -140,6 +147,14 @@ def parse_args(argv=None):
     parser.add_argument("--perceptual_random_init", action="store_true",
                         help="Randomly initialised perceptual network (tests / smoke runs only: not a perceptual loss).")
     parser.add_argument("--posttrain_sample_steps", type=int, default=8, help="k: Euler steps of the stage-1B sample.")
+    parser.add_argument("--distill_steps", type=int, default=4,
+                        help="K: decoder passes of the distilled student (--stage distill), 1, 2 or 4 typically.")
+    parser.add_argument("--distill_time_schedule", choices=("linear", "power"), default="linear",
+                        help="Grid of the student's K Euler steps (linear: t = i/K).")
+    parser.add_argument("--teacher_num_inference_steps", type=int, default=None,
+                        help="Teacher sampler steps for --stage distill (default: the teacher's own, 25).")
+    parser.add_argument("--teacher_guidance_scale", type=float, default=None,
+                        help="Teacher guidance for --stage distill (default: the teacher's own, 1.5).")
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights and save it at the end.")
     parser.add_argument("--ema_decay", type=float, default=0.9999, help="Per-step decay; applied as decay**k every k steps.")
     parser.add_argument("--ema_update_every", type=int, default=10)
@@ -152,8 +167,10 @@ def parse_args(argv=None):
                         help="Reconstruct the fixed validation batch and log PSNR every N steps and at the start "
                         "(default 1000; 100 for the embedded demo data).")
     parser.add_argument("--num_validation_images", type=int, default=4)
-    parser.add_argument("--validation_inference_steps", type=int, default=25)
-    parser.add_argument("--validation_guidance_scale", type=float, default=1.5)
+    parser.add_argument("--validation_inference_steps", type=int, default=None,
+                        help="Default: the decoder's own sampler (25 steps; K for --stage distill).")
+    parser.add_argument("--validation_guidance_scale", type=float, default=None,
+                        help="Default: the decoder's own (1.5; 1 for --stage distill).")
     parser.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     parser.add_argument("--logging_dir", type=str, default="logs")
     parser.add_argument("--tracker_project_name", type=str, default="train_flowmo")
@@ -183,12 +200,16 @@ def parse_args(argv=None):
         args.validation_steps = 1000
     if args.stage == "posttrain" and args.pretrained_model_name_or_path is None:
         parser.error("--stage posttrain starts from a stage-1A model: pass --pretrained_model_name_or_path")
+    if args.stage == "distill" and args.pretrained_model_name_or_path is None:
+        parser.error("--stage distill distils a trained FlowMo: pass the teacher as --pretrained_model_name_or_path")
     if args.max_train_steps is None:
         parser.error("--max_train_steps is required when training on a dataset (1.3M FlowMo-Lo / 800k FlowMo-Hi)")
+    if args.teacher_num_inference_steps is not None and args.teacher_num_inference_steps < 1:
+        parser.error("--teacher_num_inference_steps must be at least 1")
     if args.perceptual_random_init and args.perceptual_weights_path:
         parser.error("--perceptual_random_init and --perceptual_weights_path exclude each other")
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "ema_update_every", "posttrain_sample_steps"):
+                 "validation_steps", "ema_update_every", "posttrain_sample_steps", "distill_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
@@ -215,7 +236,22 @@ def load_model(args):
         scheduler = FlowMoScheduler()
     if args.training_time_distribution is not None:
         scheduler = FlowMoScheduler.from_config(scheduler.config, training_time_distribution=args.training_time_distribution)
+    if args.stage == "distill":
+        # The student starts as the teacher and decodes, from now on, in K unguided passes on its own grid.
+        make_student_config(model, args.distill_steps, args.distill_time_schedule, teacher=args.pretrained_model_name_or_path)
+        scheduler = FlowMoScheduler.from_config(scheduler.config, time_schedule=args.distill_time_schedule)
     return model.float().train(), scheduler
+
+
+def load_teacher(args, device):
+    """The frozen teacher of --stage distill: --pretrained_model_name_or_path, decoding with its own sampler."""
+    from flowmo_diffusers.utils.hub import download_pipeline_folder
+
+    folder = download_pipeline_folder(
+        args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision, token=args.hub_token
+    )
+    teacher = FlowMoPipeline.from_pretrained(folder).autoencoder
+    return teacher.float().eval().requires_grad_(False).to(device)
 
 
 def weights_checksum(parameters) -> str:
@@ -316,16 +352,27 @@ def main(argv=None):
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    training_module = FlowMoTrainingModule(
-        model,
-        scheduler,
-        guidance_dropout=args.guidance_dropout,
-        perceptual_weight=args.perceptual_weight,
-        posttrain_sample_steps=args.posttrain_sample_steps if args.stage == "posttrain" else None,
-        # Per-block checkpointing already bounds the chain's memory; checkpointing each call around it would only
-        # add a third forward pass (benchmarks/RESULTS.md section 4 measures this configuration).
-        posttrain_gradient_checkpointing=not args.gradient_checkpointing,
-    )
+    # Per-block checkpointing already bounds a sampling chain's memory; checkpointing each call around it would only
+    # add a third forward pass (benchmarks/RESULTS.md section 4 measures this configuration).
+    forward_inputs = {}
+    if args.stage == "distill":
+        training_module = FlowMoDistillationModule(
+            model,
+            teacher_num_inference_steps=args.teacher_num_inference_steps,
+            teacher_guidance_scale=args.teacher_guidance_scale,
+            perceptual_weight=args.perceptual_weight,
+            gradient_checkpointing=not args.gradient_checkpointing,
+        )
+        forward_inputs["teacher"] = load_teacher(args, accelerator.device)
+    else:
+        training_module = FlowMoTrainingModule(
+            model,
+            scheduler,
+            guidance_dropout=args.guidance_dropout,
+            perceptual_weight=args.perceptual_weight,
+            posttrain_sample_steps=args.posttrain_sample_steps if args.stage == "posttrain" else None,
+            posttrain_gradient_checkpointing=not args.gradient_checkpointing,
+        )
     training_module, optimizer = accelerator.prepare(training_module, optimizer)
     model = accelerator.unwrap_model(training_module).autoencoder
 
@@ -469,6 +516,12 @@ def main(argv=None):
                 f"global batch = {total_batch}, steps = {args.max_train_steps}, lr = {args.learning_rate}")
     logger.info(f"  Perceptual = {args.perceptual_weight} x {args.perceptual_network}, encoder frozen after "
                 f"{args.encoder_freeze_steps} steps, EMA = {args.use_ema}")
+    if args.stage == "distill":
+        teacher_config = forward_inputs["teacher"].config
+        logger.info(f"  Distilling a {args.distill_steps}-pass student ({args.distill_time_schedule} grid, no guidance) of "
+                    f"{args.pretrained_model_name_or_path}; teacher sampler: "
+                    f"{args.teacher_num_inference_steps or teacher_config.sampling_num_inference_steps} steps, guidance "
+                    f"{args.teacher_guidance_scale or teacher_config.sampling_guidance_scale}")
 
     global_step = progress.global_step
     if global_step == 0 and (accelerator.is_main_process or sharded):
@@ -480,7 +533,7 @@ def main(argv=None):
     while global_step < args.max_train_steps:
         images = next(batches)["pixel_values"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(training_module):
-            terms = training_module(images, perceptual)
+            terms = training_module(images, perceptual, **forward_inputs)
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients and args.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(training_module.parameters(), args.max_grad_norm)
@@ -510,7 +563,7 @@ def main(argv=None):
         tic = time.time()
         accelerator.log(logs, step=global_step)
         progress_bar.update(1)
-        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", flow=f"{logs['flow_loss']:.4f}")
+        progress_bar.set_postfix({k: f"{logs[k]:.4f}" for k in ("loss", "flow_loss", "teacher_psnr") if k in logs})
         check_finite_loss(logs["loss"], global_step)  # before this step's checkpoint
 
         if global_step % args.checkpointing_steps == 0:
@@ -538,18 +591,18 @@ def main(argv=None):
             global_step, [validation_images, reconstruct(final_model)], ["psnr"], final=True
         )
         logger.info(f"Saved the {'EMA ' if ema is not None else ''}pipeline to {args.output_dir}")
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
-            repo_id = create_repo(
-                args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), exist_ok=True, token=args.hub_token
-            ).repo_id
-            write_model_card(
-                args.output_dir, repo_id=repo_id, stage=args.stage, command=command, model_config=dict(model.config),
-                training_args={k: v for k, v in vars(args).items() if k not in ("hub_token",)},
-                base_model=args.pretrained_model_name_or_path, final_metrics=final_metrics, global_step=global_step,
-                images=["reconstructions.png"], ema=ema is not None,
-            )
+            repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+        write_model_card(
+            args.output_dir, repo_id=repo_id, stage=args.stage, command=command, model_config=dict(model.config),
+            training_args={k: v for k, v in vars(args).items() if k not in ("hub_token",)},
+            base_model=args.pretrained_model_name_or_path, final_metrics=final_metrics, global_step=global_step,
+            images=["reconstructions.png"], ema=ema is not None,
+        )
+        if args.push_to_hub:
             upload_folder(
                 repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
                 commit_message=f"FlowMo {args.stage}: step {global_step}",

@@ -493,6 +493,16 @@ def write_model_card(
         pipeline_tag=pipeline_tag,
     )
     stage_name = {"pretrain": "stage 1A pre-training (mode matching)", "posttrain": "stage 1B post-training (mode seeking)"}
+    if summary is None and stage == "distill":
+        passes = model_config.get("sampling_num_inference_steps")
+        summary = (
+            f"A {passes}-pass student of `{base_model}`: a [FlowMo](https://arxiv.org/abs/2503.11056) decoder distilled "
+            f"with `flowmo-diffusers` ({global_step} optimizer steps) to reproduce in {passes} decoder passes, without a "
+            "guidance pass, what the teacher decodes with its own sampler (the paper's: 25 steps, guidance 1.5, 31 "
+            "passes) from the same token ids and noise. Its encoder is the teacher's, unchanged: it reads and writes "
+            "the teacher's token ids, and `pipe(indices=ids)` decodes in "
+            f"{passes} passes by default."
+        )
     if summary is None:
         summary = (
             f"A [FlowMo](https://arxiv.org/abs/2503.11056) image tokenizer trained with `flowmo-diffusers` "
