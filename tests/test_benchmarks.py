@@ -141,3 +141,40 @@ def test_bad_arguments_are_refused(bad):
     script = load_script("benchmark_flowmo")
     with pytest.raises(SystemExit):
         script.parse_args(bad)
+
+
+def test_fast_decoding_benchmark_measures_every_decoder(tmp_path, capsys):
+    """With a given teacher and student (no training), every decoder row is measured on held-out tiles."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import tiny_flowmo_model
+
+    from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
+    from flowmo_diffusers.training.distillation import make_student_config
+
+    FlowMoPipeline(autoencoder=tiny_flowmo_model(0), scheduler=FlowMoScheduler()).save_pretrained(tmp_path / "teacher")
+    student = tiny_flowmo_model(0)
+    make_student_config(student, 1, teacher="teacher")
+    FlowMoPipeline(autoencoder=student, scheduler=student.sampling_scheduler()).save_pretrained(tmp_path / "student")
+    output = tmp_path / "fast.jsonl"
+    script = load_script("benchmark_fast_decoding")
+    script.main(["--teacher", str(tmp_path / "teacher"), "--students", f"1={tmp_path / 'student'}", "--distill_ks", "1",
+                 "--solver_steps", "2", "--num_eval_images", "4", "--timing_rounds", "1", "--threads", "1",
+                 "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "| decoder | passes |" in printed and "two-seed agreement" in printed
+    (record,) = read_records(output)
+    rows = {row["decoder"]: row for row in record["results"]}
+    assert {row["family"] for row in rows.values()} == {"paper", "euler", "heun", "unipc", "dpm", "student"}
+    paper = rows["paper sampler (Euler 25, guidance 1.5)"]
+    assert paper["passes"] == 31 and paper["psnr_vs_paper"] == 99.0 and paper["speedup_vs_paper"] == 1.0
+    assert rows["distilled student, K=1"]["passes"] == 1 and rows["Heun 2"]["passes"] >= 3
+    assert all(row["seconds_per_image"] > 0 and 0 < row["ssim"] <= 1 for row in rows.values())
+    assert record["reference"]["num_eval_images"] == 4 and set(record["thresholds"]) == {"euler", "heun", "unipc", "dpm"}
+    # A blurred image has less high-frequency energy than the original.
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
+    assert script.high_frequency_energy(blurred) < 0.5 * script.high_frequency_energy(images)

@@ -187,3 +187,23 @@ def test_compile_repeated_blocks(tiny_model):
     compiled_blocks = [block for block in tiny_model.modules() if type(block).__name__ == "FlowMoBlock"]
     assert compiled_blocks and all(getattr(block, "_compiled_call_impl", None) is not None for block in compiled_blocks)
     torch.testing.assert_close(tiny_model(noise, torch.tensor([0.5]), code).sample, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_steps_never_read_a_device_tensor_on_the_host():
+    """Stage 1A, stage 1B and distillation losses with their backward pass, on the meta device (see above)."""
+    from flowmo_diffusers.training.distillation import distillation_losses, make_student_config
+    from flowmo_diffusers.training.losses import flowmo_training_losses
+
+    with torch.device("meta"):
+        model = FlowMoModel(**get_preset_config("flowmo-tiny"))
+        teacher = FlowMoModel(**get_preset_config("flowmo-tiny"))
+    images = torch.zeros(2, 3, 32, 32, device="meta")
+    perceptual = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731
+    for steps in (None, 2):
+        terms = flowmo_training_losses(model, images, FlowMoScheduler(), posttrain_sample_steps=steps,
+                                       perceptual_weight=0.1, perceptual_loss=perceptual)
+        terms["loss"].backward()
+    make_student_config(model, 2)
+    terms = distillation_losses(model, teacher, images, perceptual_weight=0.1, perceptual_loss=perceptual)
+    terms["loss"].backward()
+    assert terms["loss"].device.type == "meta" and model.decoder.proj_out.weight.grad.device.type == "meta"
