@@ -50,6 +50,7 @@ from flowmo_diffusers.training.utils import (
     weights_to_fix,
     write_model_card,
 )
+from flowmo_diffusers.utils.output_lock import OutputDirLock
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_flowmo" / "train.py"
@@ -333,7 +334,8 @@ def test_checkpoint_folders_are_published_atomically_and_pruned(tmp_path):
     (tmp_path / "checkpoint-10.tmp" / "state").write_text("new")
     publish_checkpoint(out, 10)
     assert (tmp_path / "checkpoint-10" / "state").read_text() == "new"
-    assert remove_stale_temporary_checkpoints(out) == [str(tmp_path / "checkpoint-12.tmp")]
+    with OutputDirLock(out) as lock:
+        assert remove_stale_temporary_checkpoints(out, lock) == [str(tmp_path / "checkpoint-12.tmp")]
     assert prune_checkpoints(out, 2) == [str(tmp_path / "checkpoint-2")]
     assert [s for s, _ in list_checkpoints(out)] == [4, 10]
 
