@@ -424,7 +424,7 @@ class SampleImages(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, position: int) -> Tuple[int, torch.Tensor]:
-        from .training.data import convert_to_rgb
+        from .utils.images import to_rgb as convert_to_rgb
 
         index = self.indices[position]
         if isinstance(self.source, NpzImageArray):

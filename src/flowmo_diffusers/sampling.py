@@ -242,7 +242,7 @@ def write_samples_npz(
     Returns:
         The written path. ``arr_0`` is ``[N, H, W, 3]`` uint8.
     """
-    from .training.data import convert_to_rgb
+    from .utils.images import to_rgb as convert_to_rgb
 
     if not image_paths:
         raise ValueError("no images to pack")

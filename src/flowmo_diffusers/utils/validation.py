@@ -74,3 +74,97 @@ def positive_int(text: str) -> int:
 
 
 __all__ = ["check_bool", "check_float", "check_int", "is_integer", "is_real", "positive_int"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config.json values
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class IntRule:
+    """An integer in `[minimum, maximum]` (never a bool, never a string)."""
+
+    def __init__(self, minimum: int, maximum: int):
+        self.minimum, self.maximum = minimum, maximum
+
+    def __call__(self, name: str, value: Any) -> None:
+        check_int(name, value, self.minimum, self.maximum)
+
+
+class FloatRule:
+    """A finite real number in `[minimum, maximum]` (`exclusive_minimum`: strictly above `minimum`)."""
+
+    def __init__(self, minimum: Optional[float] = None, maximum: Optional[float] = None, exclusive_minimum=False):
+        self.minimum, self.maximum, self.exclusive_minimum = minimum, maximum, exclusive_minimum
+
+    def __call__(self, name: str, value: Any) -> None:
+        value = check_float(name, value, self.minimum, self.maximum)
+        if self.exclusive_minimum and value <= self.minimum:
+            raise ValueError(f"{name} must be greater than {self.minimum}, got {value}")
+
+
+class BoolRule:
+    def __call__(self, name: str, value: Any) -> None:
+        check_bool(name, value)
+
+
+class IntSequenceRule:
+    """A list (or tuple) of `length` integers, each in `[minimum, maximum]`."""
+
+    def __init__(self, length: int, minimum: int, maximum: int):
+        self.length, self.minimum, self.maximum = length, minimum, maximum
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not isinstance(value, (list, tuple)) or len(value) != self.length:
+            raise TypeError(f"{name} must be a list of {self.length} integers, got {value!r}")
+        for index, item in enumerate(value):
+            check_int(f"{name}[{index}]", item, self.minimum, self.maximum)
+
+
+class OptionalRule:
+    """None, or what `rule` accepts."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value is not None:
+            self.rule(name, value)
+
+
+class FloatPairRule:
+    """A list (or tuple) of two finite real numbers, the first at most the second."""
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise TypeError(f"{name} must be a pair [low, high] of numbers, got {value!r}")
+        low, high = (check_float(f"{name}[{index}]", item) for index, item in enumerate(value))
+        if low > high:
+            raise ValueError(f"{name} must be [low, high] with low <= high, got {list(value)}")
+
+
+def validate_config(owner: str, values: dict, rules: dict) -> None:
+    """Check `config.json` (or constructor) values against `rules` (`{key: rule}`), before any weight exists.
+
+    Raises:
+        ValueError: naming `owner`, the key, what was expected and what was found (also for a wrong type, e.g.
+            `"32"` as a string or `true` as a depth: a config file is data, and its errors are value errors).
+    """
+    for key, rule in rules.items():
+        if key not in values:
+            continue
+        try:
+            rule(key, values[key])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{owner} config: {error}") from None
+
+
+__all__ += [
+    "BoolRule",
+    "FloatPairRule",
+    "FloatRule",
+    "IntRule",
+    "IntSequenceRule",
+    "OptionalRule",
+    "validate_config",
+]
