@@ -997,6 +997,47 @@ def build_eval_dataloader(
     )
 
 
+def take_images(loader: ImageBatchLoader, count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` decodable images of an evaluation loader, in dataset order, as one batch.
+
+    Evaluation batches leave undecodable images out, so the first batch of a dataset whose first files are corrupt
+    holds fewer than ``batch_size`` images; this keeps reading later rows until ``count`` images are found (or the
+    data end). Use it for a fixed validation batch.
+
+    Returns:
+        ``{"pixel_values": [n, 3, R, R], "labels": [n] (if labeled)}`` with ``n = min(count, decodable images)``.
+
+    Raises:
+        ValueError: ``count`` is not positive, or no image of the dataset can be decoded.
+    """
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}.")
+    parts: dict[str, list[torch.Tensor]] = {}
+    found = 0
+    for batch in loader:
+        take = min(count - found, len(batch["pixel_values"]))
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value[:take])
+        found += take
+        if found == count:
+            break
+    if not found:
+        raise ValueError(
+            f"no decodable image in the dataset ({loader.skipped_images.count} skipped; last error: "
+            f"{loader.skipped_images.last_error})"
+        )
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def total_skipped_images(accelerator, *loaders: ImageBatchLoader) -> int:
+    """Undecodable images skipped by ``loaders`` on all processes (a collective: call it on every process).
+
+    ``accelerator`` is an ``accelerate.Accelerator``; its ``reduce`` sums the per-process counts.
+    """
+    local = torch.tensor(sum(loader.skipped_images.count for loader in loaders), device=accelerator.device)
+    return int(accelerator.reduce(local, reduction="sum"))
+
+
 __all__ = [
     "DEFAULT_IMAGE_FILES",
     "FOLDER_SPLIT",
@@ -1012,4 +1053,6 @@ __all__ = [
     "load_default_image_dataset",
     "load_image_dataset",
     "resolve_image_columns",
+    "take_images",
+    "total_skipped_images",
 ]
