@@ -169,3 +169,27 @@ def test_stale_temporary_checkpoints_are_only_removed_under_the_lock(tmp_path):
     assert (tmp_path / "checkpoint-3.tmp").exists()
     with OutputDirLock(str(tmp_path)) as lock:
         assert remove_stale_temporary_checkpoints(str(tmp_path), lock) == [str(tmp_path / "checkpoint-3.tmp")]
+
+
+def load_script(relative_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, required", [
+    ("examples/train_flowmo/train.py", ["--max_train_steps", "1"]),
+    ("examples/train_maskgit/train.py", ["--max_train_steps", "1", "--pretrained_model_name_or_path", "x",
+                                         "--train_dataset", "y"]),
+])
+def test_checkpoints_total_limit_0_is_refused_at_argument_parsing(script, required, capsys):
+    parse_args = load_script(script).parse_args
+    with pytest.raises(SystemExit):
+        parse_args(required + ["--checkpoints_total_limit", "0"])
+    assert "--checkpoints_total_limit: must be at least 1, got 0" in capsys.readouterr().err
+    assert parse_args(required + ["--checkpoints_total_limit", "2"]).checkpoints_total_limit == 2

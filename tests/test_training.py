@@ -436,9 +436,13 @@ def test_pretrain_run_writes_pipeline_checkpoints_and_validation(pretrained_run)
     assert "RANDOMLY initialised" in log and "Step 2: encoder frozen" in log
     assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-4"]  # limit 1
     checkpoint = output_dir / "checkpoint-4"
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-                 "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl"):
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "training_states.json",
+                 "training_states.safetensors"):
         assert (checkpoint / name).is_file(), name
+    # No pickle that Accelerate would load with weights_only=False.
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+    states = json.loads((checkpoint / "training_states.json").read_text())["states"]
+    assert sorted(states) == ["ema", "norm_fixer", "progress"] and states["progress"]["global_step"] == 4
     assert (output_dir / "reconstructions.png").is_file() and (output_dir / "validation" / "step-00000002.png").is_file()
     records = validation_records(output_dir)
     assert [r["step"] for r in records] == [0, 2, 4, 4] and records[-1]["final"]

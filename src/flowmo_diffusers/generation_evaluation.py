@@ -48,6 +48,7 @@ from .sampling import (
     resolve_class_ids,
     validate_sampling_settings,
 )
+from .utils.output_lock import lock_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -652,6 +653,7 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
     config.validate()
     if accelerator is None:
         accelerator = create_accelerator(config)
+    lock_output_dir(config.output_dir, accelerator, purpose="generation evaluation", log=logger.warning)
     start = time.perf_counter()
     source: Dict[str, Any]
     if config.mode == "reference_statistics":

@@ -142,10 +142,16 @@ class OutputDirLock:
         self.release()
 
 
+# Locks taken by lock_output_dir in this process, by folder: flock refuses a second lock of one file even to the
+# process that holds the first.
+_HELD_BY_THIS_PROCESS: Dict[str, OutputDirLock] = {}
+
+
 def lock_output_dir(output_dir: str, accelerator=None, purpose: Optional[str] = None, log=None) -> Optional[OutputDirLock]:
     """Take the [`OutputDirLock`] of `output_dir` on the main process (others return None); call it first.
 
-    The lock is released when the process ends. With Accelerate, only the main process locks: the other processes of the same run write under its lock. A
+    The lock is released when the process ends; a second call for the same folder in the same process returns the
+    lock already held. With Accelerate, only the main process locks: the other processes of the same run write under its lock. A
     refusal raises on the main process, which ends the launch.
 
     Args:
@@ -156,7 +162,11 @@ def lock_output_dir(output_dir: str, accelerator=None, purpose: Optional[str] = 
     """
     if accelerator is not None and not accelerator.is_main_process:
         return None
+    held = _HELD_BY_THIS_PROCESS.get(os.path.abspath(output_dir))
+    if held is not None and held.is_locked:
+        return held  # this process is already the folder's writer (e.g. two evaluations in one Python session)
     lock = OutputDirLock(output_dir, purpose=purpose).acquire()
+    _HELD_BY_THIS_PROCESS[lock.output_dir] = lock
     # Released at any normal end of the process, failures included; a killed process's lock is released by the OS
     # and its description then names a dead pid.
     atexit.register(lock.release)
