@@ -193,3 +193,11 @@ def test_checkpoints_total_limit_0_is_refused_at_argument_parsing(script, requir
         parse_args(required + ["--checkpoints_total_limit", "0"])
     assert "--checkpoints_total_limit: must be at least 1, got 0" in capsys.readouterr().err
     assert parse_args(required + ["--checkpoints_total_limit", "2"]).checkpoints_total_limit == 2
+
+
+def test_a_sharded_fsdp_checkpoint_is_refused_with_the_flag_to_use(checkpoint):
+    accelerator, _, _, _, path = checkpoint
+    os.makedirs(os.path.join(path, "pytorch_model_fsdp_0"))
+    open(os.path.join(path, "pytorch_model_fsdp_0", ".metadata"), "wb").close()
+    with pytest.raises(UnsafeCheckpointError, match="FULL_STATE_DICT"):
+        load_checkpoint(accelerator, path, training_setup(seed=1)[3])

@@ -57,3 +57,26 @@ def test_validation_batch_is_filled_from_later_rows_when_the_first_files_are_cor
     assert take_images(loader, 100)["pixel_values"].shape[0] == 6  # all there is
     with pytest.raises(ValueError, match="count must be positive"):
         take_images(loader, 0)
+
+
+def test_training_counts_skipped_images_and_fills_the_validation_batch(tmp_path):
+    from accelerate_launch import REPO, launch
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for index in range(3):
+        (root / f"a{index}.png").write_bytes(b"not an image")  # the first rows: the validation batch's
+    for index in range(4):
+        PIL.Image.fromarray(np.full((40, 40, 3), 60 * index, np.uint8)).save(root / f"b{index}.png")
+    output_dir = tmp_path / "run"
+    log = launch(REPO / "examples" / "train_flowmo" / "train.py", [
+        "--train_data_dir", root, "--model_config", "flowmo-tiny", "--max_train_steps", "3", "--train_batch_size", "2",
+        "--num_validation_images", "2", "--validation_inference_steps", "1", "--validation_steps", "100",
+        "--perceptual_weight", "0", "--report_to", "none", "--cache_dir", tmp_path / "cache", "--output_dir", output_dir,
+    ])
+    assert "Validation batch: 2 images" in log  # not 1: a2 and b0 shared the second batch of the first rows
+    import json
+
+    final = [json.loads(line) for line in (output_dir / "validation_metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and final["skipped_images"] > 0
+    assert f"{final['skipped_images']} undecodable training images were skipped" in log

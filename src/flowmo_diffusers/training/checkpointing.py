@@ -386,6 +386,12 @@ def verify_checkpoint_files(folder: str) -> Dict[str, Any]:
                     f"training states in {STATES_JSON_NAME} / {STATES_TENSORS_NAME}; this folder was written by "
                     "another program (or an earlier version) and is not loaded"
                 )
+            if name.endswith((".metadata", ".distcp")):
+                raise UnsafeCheckpointError(
+                    f"refusing to resume from {folder}: {path} belongs to a sharded FSDP checkpoint "
+                    "(SHARDED_STATE_DICT), whose .metadata torch unpickles without restriction. Save checkpoints with "
+                    "--fsdp_state_dict_type FULL_STATE_DICT"
+                )
             try:
                 loaded = _load_torch_pickle_safely(path)
             except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ... for bad files
