@@ -243,9 +243,9 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
                 )
         generators = generator if isinstance(generator, list) else [generator]
         if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            got = sorted({type(g).__name__ for g in generators})
             raise TypeError(
-                "generator must be a torch.Generator or a list of them (one per image), got "
-                f"{type(generator).__name__}{'' if not isinstance(generator, list) else ' of ' + str(sorted({type(g).__name__ for g in generators}))}; "
+                f"generator must be a torch.Generator or a list of them (one per image), got {got}; "
                 "e.g. torch.Generator().manual_seed(0)"
             )
         if isinstance(indices, torch.Tensor) and indices.ndim >= 1 and indices.shape[0] == 0:
