@@ -32,7 +32,7 @@ IDS = torch.zeros(1, 24, dtype=torch.long)
         ({"indices": IDS, "height": "32"}, ValueError, "height must be a positive integer"),
         ({"indices": IDS, "height": 0}, ValueError, "height must be a positive integer"),
         ({"indices": IDS, "height": 8192}, ValueError, "height=8192 exceeds max_image_size=128"),
-        ({"indices": IDS, "latents": torch.randn(1, 3, 8192, 8192)}, ValueError, "latents height=8192 exceeds"),
+        ({"indices": IDS, "latents": torch.randn(1, 3, 8192, 8192)}, ValueError, "latents of 8192x8192 exceed max_image_size=128"),
         ({"indices": IDS, "guidance_scale": "1.5"}, ValueError, "guidance_scale must be a finite real number"),
         ({"indices": IDS, "guidance_scale": 1 + 2j}, ValueError, "guidance_scale must be a finite real number"),
         ({"indices": IDS, "guidance_scale": 1e30}, ValueError, "guidance_scale must lie in \\[-100, 100\\]"),
@@ -197,3 +197,13 @@ def test_a_component_of_the_wrong_class_is_refused_at_load(tmp_path):
     with pytest.raises(ValueError, match="names flowmo_diffusers.FlowMoMaskGiTTransformer for 'autoencoder', but "
                                          "FlowMoPipeline takes FlowMoModel"):
         FlowMoPipeline.from_pretrained(tmp_path)
+
+
+def test_model_decode_is_bounded_before_allocation(tiny_model):
+    with pytest.raises(ValueError, match="height=8192 exceeds max_image_size=128"):
+        tiny_model.decode(IDS, height=8192, width=32)
+    with pytest.raises(ValueError, match="num_inference_steps=1000000000 exceeds max_inference_steps=1000"):
+        tiny_model.decode(IDS, num_inference_steps=10**9)
+    with pytest.raises(ValueError, match="guidance_scale must lie in"):
+        tiny_model.decode(IDS, guidance_scale=1e30)
+    assert tiny_model.decode(IDS, num_inference_steps=1, height=160, max_image_size=160).sample.shape == (1, 3, 160, 32)

@@ -26,7 +26,7 @@ from ..utils.validation import (
     is_real,
     validate_config,
 )
-from .modeling_utils import StrictLoadingMixin
+from .modeling_utils import StrictLoadingMixin, check_decode_bounds
 from .quantizer import LFQOutput, LookupFreeQuantizer
 from .transformer_flowmo import FlowMoTransformer, patchify, unpatchify
 
@@ -439,6 +439,8 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         step_callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
         progress_bar: Optional[Callable] = None,
         return_dict: bool = True,
+        max_image_size: Optional[int] = None,
+        max_inference_steps: Optional[int] = None,
     ) -> Union[FlowMoDecodeOutput, Tuple]:
         """
         Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
@@ -463,6 +465,9 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             step_callback (`Callable`, *optional*): `f(step_index, timestep, latents)` after every solver step; a
                 tensor it returns replaces the latents.
             progress_bar (`Callable`, *optional*): wraps the iterable of timesteps (e.g. a pipeline's `progress_bar`).
+            max_image_size (`int`, *optional*, defaults to 4 x `sample_size`), max_inference_steps (`int`,
+                *optional*, defaults to 1000): bounds of the output size and of `num_inference_steps`, checked before
+                anything is allocated.
 
         Returns:
             [`FlowMoDecodeOutput`] with `sample` `(B, 3, H, W)` in [-1, 1] and `num_decoder_passes`.
@@ -477,6 +482,11 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         config = self.config
         num_inference_steps = config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
+        sized = isinstance(latents, torch.Tensor) and latents.ndim == 4  # the latents give the size when passed
+        check_decode_bounds(
+            config.sample_size, latents.shape[-2] if sized else height, latents.shape[-1] if sized else width,
+            num_inference_steps, guidance_scale, max_image_size, max_inference_steps,
+        )
         scheduler = self.sampling_scheduler() if scheduler is None else scheduler
         batch_size, device = code.shape[0], code.device
 

@@ -11,19 +11,11 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.autoencoder_flowmo import FlowMoModel
+from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, resolve_max_image_size
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
-from ..utils.validation import check_int
 
-#: Default bound of an image's height and width, and of a decoded one: this many times the model's `sample_size`
-#: (1024 for a 256 model). Attention grows with the square of the pixel count: an 8192x8192 image would allocate
-#: tens of GB before failing. Pass `max_image_size=` to go beyond.
-MAX_IMAGE_SIZE_FACTOR = 4
-#: Default bound of `num_inference_steps` (the paper samples with 25); pass `max_inference_steps=` to go beyond.
-MAX_INFERENCE_STEPS = 1000
-#: Bound of `|guidance_scale|` (the paper uses 1.5): far larger values only amplify numerical noise.
-MAX_GUIDANCE_SCALE = 100.0
 
 
 @dataclass
@@ -125,9 +117,7 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
         return pixels
 
     def _max_image_size(self, max_image_size: Optional[int]) -> int:
-        if max_image_size is None:
-            return MAX_IMAGE_SIZE_FACTOR * self.autoencoder.config.sample_size
-        return check_int("max_image_size", max_image_size, minimum=1)
+        return resolve_max_image_size(self.autoencoder.config.sample_size, max_image_size)
 
     @staticmethod
     def _image_size(item) -> Tuple[int, int]:
@@ -211,35 +201,25 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
             or num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        step_limit = MAX_INFERENCE_STEPS if max_inference_steps is None else check_int(
-            "max_inference_steps", max_inference_steps, minimum=1
-        )
-        if num_inference_steps is not None and num_inference_steps > step_limit:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} exceeds max_inference_steps={step_limit}; pass "
-                "max_inference_steps= to allow more"
-            )
         if guidance_scale is not None and (
             isinstance(guidance_scale, bool)
             or not isinstance(guidance_scale, (int, float, np.integer, np.floating))
             or not np.isfinite(guidance_scale)
         ):
             raise ValueError(f"guidance_scale must be a finite real number, got {guidance_scale!r}")
-        if guidance_scale is not None and abs(guidance_scale) > MAX_GUIDANCE_SCALE:
-            raise ValueError(
-                f"guidance_scale must lie in [-{MAX_GUIDANCE_SCALE:g}, {MAX_GUIDANCE_SCALE:g}] (the paper uses 1.5), "
-                f"got {guidance_scale!r}"
-            )
         for name, value in (("height", height), ("width", width)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        size_limit = self._max_image_size(max_image_size)
-        latent_size = tuple(latents.shape[-2:]) if isinstance(latents, torch.Tensor) and latents.ndim == 4 else ()
-        for name, value in (("height", height), ("width", width)) + tuple(zip(("latents height", "latents width"), latent_size)):
-            if value is not None and value > size_limit:
+        check_decode_bounds(
+            self.autoencoder.config.sample_size, height, width, num_inference_steps, guidance_scale, max_image_size,
+            max_inference_steps,
+        )
+        if isinstance(latents, torch.Tensor) and latents.ndim == 4:
+            size_limit = self._max_image_size(max_image_size)
+            if max(latents.shape[-2:]) > size_limit:
                 raise ValueError(
-                    f"{name}={value} exceeds max_image_size={size_limit} ({MAX_IMAGE_SIZE_FACTOR} x the model's "
-                    f"sample_size {self.autoencoder.config.sample_size} by default); pass max_image_size= to allow it"
+                    f"latents of {latents.shape[-2]}x{latents.shape[-1]} exceed max_image_size={size_limit} "
+                    f"({MAX_IMAGE_SIZE_FACTOR} x the model's sample_size by default); pass max_image_size= to allow them"
                 )
         generators = generator if isinstance(generator, list) else [generator]
         if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
@@ -339,6 +319,8 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
             width=width,
             scheduler=self.scheduler,
             progress_bar=self.progress_bar,
+            max_image_size=max_image_size,
+            max_inference_steps=max_inference_steps,
         )
         latents = decoded.sample
         images = latents
