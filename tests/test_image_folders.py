@@ -2,10 +2,12 @@
 training, evaluation and pre-tokenization alike; corrupt images are counted and the validation batch is filled from
 later rows."""
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
-import torch
+from accelerate_launch import REPO, launch
 
 from flowmo_diffusers.training.data import build_eval_dataloader, load_image_dataset, take_images
 
@@ -60,8 +62,6 @@ def test_validation_batch_is_filled_from_later_rows_when_the_first_files_are_cor
 
 
 def test_training_counts_skipped_images_and_fills_the_validation_batch(tmp_path):
-    from accelerate_launch import REPO, launch
-
     root = tmp_path / "images"
     root.mkdir()
     for index in range(3):
@@ -75,8 +75,6 @@ def test_training_counts_skipped_images_and_fills_the_validation_batch(tmp_path)
         "--perceptual_weight", "0", "--report_to", "none", "--cache_dir", tmp_path / "cache", "--output_dir", output_dir,
     ])
     assert "Validation batch: 2 images" in log  # not 1: a2 and b0 shared the second batch of the first rows
-    import json
-
     final = [json.loads(line) for line in (output_dir / "validation_metrics.jsonl").read_text().splitlines()][-1]
     assert final["final"] and final["skipped_images"] > 0
     assert f"{final['skipped_images']} undecodable training images were skipped" in log
