@@ -15,6 +15,7 @@ setup(
         "torch>=2.4",
         "diffusers>=0.35",
         "huggingface_hub>=0.34",
+        "filelock",  # the output-folder lock (also a dependency of huggingface_hub)
         "safetensors>=0.4",
         "numpy",
         "Pillow",

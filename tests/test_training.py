@@ -50,6 +50,7 @@ from flowmo_diffusers.training.utils import (
     weights_to_fix,
     write_model_card,
 )
+from flowmo_diffusers.utils.output_lock import OutputDirLock
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_flowmo" / "train.py"
@@ -333,7 +334,8 @@ def test_checkpoint_folders_are_published_atomically_and_pruned(tmp_path):
     (tmp_path / "checkpoint-10.tmp" / "state").write_text("new")
     publish_checkpoint(out, 10)
     assert (tmp_path / "checkpoint-10" / "state").read_text() == "new"
-    assert remove_stale_temporary_checkpoints(out) == [str(tmp_path / "checkpoint-12.tmp")]
+    with OutputDirLock(out) as lock:
+        assert remove_stale_temporary_checkpoints(out, lock) == [str(tmp_path / "checkpoint-12.tmp")]
     assert prune_checkpoints(out, 2) == [str(tmp_path / "checkpoint-2")]
     assert [s for s, _ in list_checkpoints(out)] == [4, 10]
 
@@ -434,9 +436,13 @@ def test_pretrain_run_writes_pipeline_checkpoints_and_validation(pretrained_run)
     assert "RANDOMLY initialised" in log and "Step 2: encoder frozen" in log
     assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-4"]  # limit 1
     checkpoint = output_dir / "checkpoint-4"
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-                 "custom_checkpoint_1.pkl", "custom_checkpoint_2.pkl"):
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "training_states.json",
+                 "training_states.safetensors"):
         assert (checkpoint / name).is_file(), name
+    # No pickle that Accelerate would load with weights_only=False.
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+    states = json.loads((checkpoint / "training_states.json").read_text())["states"]
+    assert sorted(states) == ["ema", "norm_fixer", "progress"] and states["progress"]["global_step"] == 4
     assert (output_dir / "reconstructions.png").is_file() and (output_dir / "validation" / "step-00000002.png").is_file()
     records = validation_records(output_dir)
     assert [r["step"] for r in records] == [0, 2, 4, 4] and records[-1]["final"]

@@ -33,7 +33,19 @@ import diffusers
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config
 from flowmo_diffusers.models.presets import PRESETS
 from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
-from flowmo_diffusers.training.data import build_eval_dataloader, build_train_dataloader, load_image_dataset
+from flowmo_diffusers.training.checkpointing import (
+    load_checkpoint,
+    remove_stale_temporary_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
+from flowmo_diffusers.training.data import (
+    build_eval_dataloader,
+    build_train_dataloader,
+    load_image_dataset,
+    take_images,
+    total_skipped_images,
+)
 from flowmo_diffusers.training.distillation import FlowMoDistillationModule, make_student_config
 from flowmo_diffusers.training.losses import FlowMoTrainingModule
 from flowmo_diffusers.training.perceptual import (
@@ -51,13 +63,12 @@ from flowmo_diffusers.training.utils import (
     freeze_encoder,
     full_tensor,
     optimizer_param_groups,
-    remove_stale_temporary_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
     update_ema,
     validation_grid,
     write_model_card,
 )
+from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
+from flowmo_diffusers.utils.validation import positive_int
 
 logger = get_logger(__name__)
 
@@ -160,7 +171,7 @@ def parse_args(argv=None):
     parser.add_argument("--ema_update_every", type=int, default=10)
     # Checkpoints, validation, logging
     parser.add_argument("--checkpointing_steps", type=int, default=5000)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help="'latest' (newest complete checkpoint in --output_dir, or a fresh start) or a path.")
     parser.add_argument("--validation_steps", type=int, default=None,
@@ -297,9 +308,9 @@ def main(argv=None):
         raise ValueError("FSDP needs --fsdp_version 2 (FSDP1's flat parameters hide the per-weight norms of the recipe)")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    lock = lock_output_dir(args.output_dir, accelerator, purpose=f"FlowMo {args.stage} training", log=logger.warning)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        for path in remove_stale_temporary_checkpoints(args.output_dir):
+        for path in remove_stale_temporary_checkpoints(args.output_dir, lock):
             logger.warning(f"Removed the incomplete checkpoint {path} left by an interrupted save")
     if args.demo:
         logger.info(
@@ -377,16 +388,15 @@ def main(argv=None):
     model = accelerator.unwrap_model(training_module).autoencoder
 
     ema = None
-    accelerator.register_for_checkpointing(progress)
-    accelerator.register_for_checkpointing(norm_fixer)
+    states = {"progress": progress, "norm_fixer": norm_fixer}  # saved as JSON + safetensors with every checkpoint
     if args.use_ema:
         ema = create_ema(model.parameters(), decay=args.ema_decay, update_every=args.ema_update_every, foreach=True)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(EMACheckpoint(ema))
+        states["ema"] = EMACheckpoint(ema)
 
     if resume:
         logger.info(f"Resuming from {resume[1]}")
-        accelerator.load_state(resume[1])
+        load_checkpoint(accelerator, resume[1], states, flags={"ema": "--use_ema"})
         if ema is not None:
             ema.to(accelerator.device)
         if progress.global_step != start_step:
@@ -417,7 +427,7 @@ def main(argv=None):
         validation_dataset = train_dataset if args.validation_split is None else load_image_dataset(split=split, **dataset_kwargs)
         validation_loader = build_eval_dataloader(validation_dataset, resolution, args.num_validation_images)
         with torch.random.fork_rng(devices=[]):
-            validation_images = next(iter(validation_loader))["pixel_values"].to(accelerator.device)
+            validation_images = take_images(validation_loader, args.num_validation_images)["pixel_values"].to(accelerator.device)
         logger.info(f"Validation batch: {len(validation_images)} images of split {split!r}"
                     + ("" if args.validation_split else " (training images, not held out)"))
 
@@ -480,7 +490,7 @@ def main(argv=None):
         if accelerator.is_main_process:
             return record_validation(step, rows, ["psnr", "psnr_ema"][: len(rows) - 1])
 
-    def record_validation(step, rows, metric_names, final=False):
+    def record_validation(step, rows, metric_names, final=False, extra=None):
         """Main process: PSNR of each reconstruction row against the first row, the grid, the trackers."""
         from flowmo_diffusers.metrics.psnr import psnr_per_image
 
@@ -489,7 +499,7 @@ def main(argv=None):
         name = "reconstructions.png" if final else os.path.join("validation", f"step-{step:08d}.png")
         os.makedirs(os.path.dirname(os.path.join(args.output_dir, name)), exist_ok=True)
         grid.save(os.path.join(args.output_dir, name))
-        record = {"step": step, "final": final, **metrics}
+        record = {"step": step, "final": final, **metrics, **(extra or {})}
         with open(os.path.join(args.output_dir, "validation_metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         logger.info(f"validation {record}")
@@ -504,7 +514,7 @@ def main(argv=None):
         return metrics
 
     def checkpoint(step):
-        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, log=logger.info)
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, log=logger.info, states=states)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
@@ -572,6 +582,8 @@ def main(argv=None):
             run_validation(global_step)
     progress_bar.close()
 
+    skipped_images = total_skipped_images(accelerator, train_loader)  # all processes; written with the final metrics
+    (logger.warning if skipped_images else logger.info)(f"{skipped_images} undecodable training images were skipped")
     accelerator.wait_for_everyone()
     if args.debug_checksums:
         os.makedirs(os.path.join(args.output_dir, "debug_checksums"), exist_ok=True)
@@ -588,7 +600,8 @@ def main(argv=None):
         pipeline = FlowMoPipeline(autoencoder=final_model, scheduler=FlowMoScheduler.from_config(scheduler.config))
         pipeline.save_pretrained(args.output_dir)
         final_metrics = record_validation(
-            global_step, [validation_images, reconstruct(final_model)], ["psnr"], final=True
+            global_step, [validation_images, reconstruct(final_model)], ["psnr"], final=True,
+            extra={"skipped_images": skipped_images},
         )
         logger.info(f"Saved the {'EMA ' if ema is not None else ''}pipeline to {args.output_dir}")
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
@@ -606,7 +619,8 @@ def main(argv=None):
             upload_folder(
                 repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
                 commit_message=f"FlowMo {args.stage}: step {global_step}",
-                ignore_patterns=["checkpoint-*", "step_*", "epoch_*", f"{args.logging_dir}/*", "validation/*", "debug_checksums/*"],
+                ignore_patterns=["checkpoint-*", "step_*", "epoch_*", f"{args.logging_dir}/*", "validation/*", "debug_checksums/*",
+                                 LOCK_FILES_PATTERN],
             )
             logger.info(f"Pushed to https://huggingface.co/{repo_id}")
     accelerator.end_training()

@@ -29,6 +29,7 @@ from flowmo_diffusers.training.pretokenize import (
     pretokenize,
 )
 from flowmo_diffusers.utils.hub import download_pipeline_folder
+from flowmo_diffusers.utils.output_lock import lock_output_dir
 
 logger = get_logger(__name__)
 
@@ -66,6 +67,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    lock_output_dir(args.output_dir, accelerator, purpose="pre-tokenization", log=logger.warning)
     folder = download_pipeline_folder(
         args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision, token=args.hub_token
     )

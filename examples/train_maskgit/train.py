@@ -34,16 +34,16 @@ from flowmo_diffusers.models.maskgit_transformer import MASKGIT_PRESETS, get_mas
 from flowmo_diffusers.training.data import _seeded_generator
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
-from flowmo_diffusers.training.utils import (
-    TrainingProgress,
-    check_finite_loss,
+from flowmo_diffusers.training.checkpointing import (
+    load_checkpoint,
     remove_stale_temporary_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
-    validation_grid,
-    write_model_card,
 )
+from flowmo_diffusers.training.utils import TrainingProgress, check_finite_loss, validation_grid, write_model_card
 from flowmo_diffusers.utils.hub import download_pipeline_folder
+from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
+from flowmo_diffusers.utils.validation import positive_int
 
 logger = get_logger(__name__)
 
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     # Checkpoints, validation, logging
     parser.add_argument("--checkpointing_steps", type=int, default=10_000)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help="'latest' (newest complete checkpoint in --output_dir, or a fresh start) or a path.")
     parser.add_argument("--validation_steps", type=int, default=5000)
@@ -169,9 +169,9 @@ def main(argv=None):
     diffusers.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else diffusers.utils.logging.set_verbosity_error()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    lock = lock_output_dir(args.output_dir, accelerator, purpose="MaskGiT training", log=logger.warning)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        for path in remove_stale_temporary_checkpoints(args.output_dir):
+        for path in remove_stale_temporary_checkpoints(args.output_dir, lock):
             logger.warning(f"Removed the incomplete checkpoint {path} left by an interrupted save")
 
     dataset, info = load_token_dataset(args.train_dataset, split=args.train_split, cache_dir=args.cache_dir, token=args.hub_token)
@@ -216,15 +216,15 @@ def main(argv=None):
     model = accelerator.unwrap_model(transformer)
 
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
+    states = {"progress": progress}  # saved as JSON + safetensors with every checkpoint
     ema = None
     if args.use_ema:
         ema = EMAModel(model.parameters(), decay=args.ema_decay, foreach=True)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        states["ema"] = ema
     if resume:
         logger.info(f"Resuming from {resume[1]}")
-        accelerator.load_state(resume[1])
+        load_checkpoint(accelerator, resume[1], states, flags={"ema": "--use_ema"})
         if ema is not None:
             ema.to(accelerator.device)
         if progress.global_step != resume[0]:
@@ -277,7 +277,7 @@ def main(argv=None):
         return name
 
     def checkpoint(step):
-        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, log=logger.info)
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, log=logger.info, states=states)
 
     logger.info("***** Running MaskGiT training *****")
     logger.info(f"  {len(dataset)} sequences of {model.config.num_indices} ids < {model.config.codebook_size}, "
@@ -387,7 +387,7 @@ def main(argv=None):
             upload_folder(
                 repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
                 commit_message=f"MaskGiT prior: step {global_step}",
-                ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*"],
+                ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", LOCK_FILES_PATTERN],
             )
             logger.info(f"Pushed to https://huggingface.co/{repo_id}")
     accelerator.end_training()

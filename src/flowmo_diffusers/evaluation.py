@@ -40,6 +40,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .utils.output_lock import lock_output_dir
+
 logger = logging.getLogger(__name__)
 
 #: Name of the column added to the dataset that carries each image's position in the evaluated set.
@@ -700,6 +702,8 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> Dict[str,
 
     with accelerator.main_process_first():  # one download into the torch hub cache, not one per process
         metrics = build_reconstruction_metrics(config, accelerator.device)
+    # After the fail-fast weight checks (which leave no folder behind), before any work whose results it holds.
+    lock_output_dir(config.output_dir, accelerator, purpose="tokenizer evaluation", log=logger.warning)
     with accelerator.main_process_first():  # one download / Arrow preparation for map-style datasets
         dataset = load_evaluation_dataset(config)
 

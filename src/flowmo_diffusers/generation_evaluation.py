@@ -48,6 +48,7 @@ from .sampling import (
     resolve_class_ids,
     validate_sampling_settings,
 )
+from .utils.output_lock import lock_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +425,7 @@ class SampleImages(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, position: int) -> Tuple[int, torch.Tensor]:
-        from .training.data import convert_to_rgb
+        from .utils.images import to_rgb as convert_to_rgb
 
         index = self.indices[position]
         if isinstance(self.source, NpzImageArray):
@@ -652,6 +653,7 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
     config.validate()
     if accelerator is None:
         accelerator = create_accelerator(config)
+    lock_output_dir(config.output_dir, accelerator, purpose="generation evaluation", log=logger.warning)
     start = time.perf_counter()
     source: Dict[str, Any]
     if config.mode == "reference_statistics":

@@ -47,6 +47,7 @@ import PIL.Image
 import torch
 
 from .utils.files import atomic_write
+from .utils.output_lock import lock_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,8 @@ def save_image_atomically(image: PIL.Image.Image, path: os.PathLike | str) -> No
 
 
 def remove_stale_temporary_files(folder: os.PathLike | str) -> int:
-    """Delete temporary files that an interrupted run left behind; returns how many (call before sampling)."""
+    """Delete temporary files that an interrupted run left behind; returns how many (call before sampling, holding
+    the folder's lock: [`~flowmo_diffusers.utils.output_lock.lock_output_dir`])."""
     removed = 0
     for path in Path(folder).glob(f"{_TEMPORARY_PREFIX}*"):
         path.unlink(missing_ok=True)
@@ -242,7 +244,7 @@ def write_samples_npz(
     Returns:
         The written path. ``arr_0`` is ``[N, H, W, 3]`` uint8.
     """
-    from .training.data import convert_to_rgb
+    from .utils.images import to_rgb as convert_to_rgb
 
     if not image_paths:
         raise ValueError("no images to pack")
@@ -493,8 +495,9 @@ def sample_to_folder(config: SamplingConfig, accelerator=None) -> Dict[str, Any]
     if accelerator is None:
         accelerator = create_accelerator(config)
     output_dir = Path(config.output_dir)
+    # First: with the folder locked, every temporary file found is a dead run's, never a live sampler's.
+    lock_output_dir(str(output_dir), accelerator, purpose="sampling", log=logger.warning)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_temporary_files(output_dir)
         if removed:
             logger.info("removed %d temporary files of an interrupted run", removed)

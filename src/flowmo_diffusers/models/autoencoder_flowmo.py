@@ -16,6 +16,17 @@ from ..schedulers.flow_sampling import (
     set_flow_timesteps,
 )
 from ..schedulers.scheduling_flowmo import TIME_SCHEDULES, FlowMoScheduler
+from ..utils.validation import (
+    BoolRule,
+    FloatPairRule,
+    FloatRule,
+    IntRule,
+    IntSequenceRule,
+    OptionalRule,
+    is_real,
+    validate_config,
+)
+from .modeling_utils import StrictLoadingMixin, check_decode_bounds
 from .quantizer import LFQOutput, LookupFreeQuantizer
 from .transformer_flowmo import FlowMoTransformer, patchify, unpatchify
 
@@ -66,7 +77,50 @@ class FlowMoDecodeOutput(BaseOutput):
     num_decoder_passes: int
 
 
-class FlowMoModel(ModelMixin, ConfigMixin):
+#: Bounds of every `config.json` value, checked at construction (and so at `from_pretrained`) before any weight is
+#: allocated. They are far beyond FlowMo-Lo/Hi (sample_size 256, depth 8/16, hidden 768/1152, context_dim 18/56)
+#: and refuse only values that would hang, exhaust memory or divide by zero.
+CONFIG_RULES = {
+    "sample_size": IntRule(1, 8192),
+    "in_channels": IntRule(1, 64),
+    "patch_size": IntRule(1, 256),
+    "code_length": IntRule(1, 65536),
+    "context_dim": IntRule(1, 4096),
+    "bits_per_subtoken": IntRule(1, 24),  # ids in [0, 2**bits); the entropy loss enumerates the 2**bits codewords
+    "encoder_hidden_size": IntRule(1, 65536),
+    "encoder_num_heads": IntRule(1, 1024),
+    "encoder_depth": IntRule(1, 1024),
+    "encoder_axes_dim": IntSequenceRule(3, 0, 65536),
+    "decoder_hidden_size": IntRule(1, 65536),
+    "decoder_num_heads": IntRule(1, 1024),
+    "decoder_depth": IntRule(1, 1024),
+    "decoder_axes_dim": IntSequenceRule(3, 0, 65536),
+    "mlp_ratio": FloatRule(0.0, 64.0, exclusive_minimum=True),
+    "qkv_bias": BoolRule(),
+    "rope_theta": FloatRule(0.0, 1e12, exclusive_minimum=True),
+    "mup_attention_scale": BoolRule(),
+    "timestep_embedding_dim": IntRule(2, 65536),
+    "entropy_temperature": FloatRule(0.0, 1e6, exclusive_minimum=True),
+    "entropy_loss_weight": FloatRule(0.0, 1e6),
+    "commitment_loss_weight": FloatRule(0.0, 1e6),
+    "sampling_num_inference_steps": IntRule(1, 1000),
+    "sampling_guidance_scale": FloatRule(-100.0, 100.0),
+    "sampling_time_power": FloatRule(0.0, 100.0, exclusive_minimum=True),
+    "sampling_guidance_interval": OptionalRule(FloatPairRule()),
+}
+#: A config describing a larger model is refused before allocation (FlowMo-Hi: about 0.9 billion parameters).
+MAX_PARAMETERS = 50_000_000_000
+
+
+def _estimated_parameters(values: dict) -> int:
+    """Rough parameter count of a config (double-stream blocks: ~36 hidden^2 per block), to refuse absurd sizes."""
+    total = 0
+    for side in ("encoder", "decoder"):
+        total += 36 * values[f"{side}_depth"] * values[f"{side}_hidden_size"] ** 2 * max(values["mlp_ratio"] / 4, 1)
+    return int(total)
+
+
+class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     FlowMo (Sargent et al., 2025, "Flow to the Mode"): a transformer-only diffusion autoencoder. The encoder turns an
     image into `code_length` tokens of `context_dim` channels, the lookup-free quantizer binarizes them (token ids of
@@ -141,6 +195,13 @@ class FlowMoModel(ModelMixin, ConfigMixin):
         distilled_from: Optional[str] = None,
     ):
         super().__init__()
+        values = dict(locals())
+        validate_config(type(self).__name__, values, CONFIG_RULES)
+        if _estimated_parameters(values) > MAX_PARAMETERS:
+            raise ValueError(
+                f"{type(self).__name__} config: encoder/decoder depth and hidden sizes describe a model of about "
+                f"{_estimated_parameters(values):.2e} parameters (more than {MAX_PARAMETERS:.0e}); check the config"
+            )
         if sampling_time_schedule not in TIME_SCHEDULES:
             raise ValueError(f"sampling_time_schedule must be one of {TIME_SCHEDULES}, got {sampling_time_schedule!r}")
         if isinstance(sampling_num_inference_steps, bool) or not isinstance(sampling_num_inference_steps, int) or (
@@ -313,6 +374,9 @@ class FlowMoModel(ModelMixin, ConfigMixin):
             [`FlowMoDecoderOutput`] whose `sample` is the velocity, same shape as `sample`.
         """
         self.check_images(sample, "sample")
+        if not isinstance(timestep, torch.Tensor) and not (is_real(timestep) and 0.0 <= float(timestep) <= 1.0):
+            # A Python scalar costs nothing to check; tensor values are the pipeline's to check (no device read).
+            raise ValueError(f"timestep must be a flow time in [0, 1] (1 is pure noise) or a tensor, got {timestep!r}")
         batch_size = sample.shape[0]
         expected_code = (batch_size, self.config.code_length, self.config.context_dim)
         if tuple(code.shape) != expected_code:
@@ -375,6 +439,8 @@ class FlowMoModel(ModelMixin, ConfigMixin):
         step_callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
         progress_bar: Optional[Callable] = None,
         return_dict: bool = True,
+        max_image_size: Optional[int] = None,
+        max_inference_steps: Optional[int] = None,
     ) -> Union[FlowMoDecodeOutput, Tuple]:
         """
         Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
@@ -399,6 +465,9 @@ class FlowMoModel(ModelMixin, ConfigMixin):
             step_callback (`Callable`, *optional*): `f(step_index, timestep, latents)` after every solver step; a
                 tensor it returns replaces the latents.
             progress_bar (`Callable`, *optional*): wraps the iterable of timesteps (e.g. a pipeline's `progress_bar`).
+            max_image_size (`int`, *optional*, defaults to 4 x `sample_size`), max_inference_steps (`int`,
+                *optional*, defaults to 1000): bounds of the output size and of `num_inference_steps`, checked before
+                anything is allocated.
 
         Returns:
             [`FlowMoDecodeOutput`] with `sample` `(B, 3, H, W)` in [-1, 1] and `num_decoder_passes`.
@@ -413,6 +482,11 @@ class FlowMoModel(ModelMixin, ConfigMixin):
         config = self.config
         num_inference_steps = config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
+        sized = isinstance(latents, torch.Tensor) and latents.ndim == 4  # the latents give the size when passed
+        check_decode_bounds(
+            config.sample_size, latents.shape[-2] if sized else height, latents.shape[-1] if sized else width,
+            num_inference_steps, guidance_scale, max_image_size, max_inference_steps,
+        )
         scheduler = self.sampling_scheduler() if scheduler is None else scheduler
         batch_size, device = code.shape[0], code.device
 

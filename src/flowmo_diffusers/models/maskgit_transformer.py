@@ -22,6 +22,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from ..utils.validation import FloatRule, IntRule, validate_config
+from .modeling_utils import StrictLoadingMixin
+
 # Named configurations. "maskgit-flowmo-lo" is *our* choice of size for a prior on FlowMo-Lo tokens (512 ids of 9 bits
 # per 256x256 image): the FlowMo paper reports a MaskGiT on its tokens but did not release its configuration. The
 # size (hidden 1024, 24 layers, 16 heads, MLP 4096, dropout 0.1; 305M parameters) is BERT-large-like, between
@@ -71,7 +74,22 @@ class FlowMoMaskGiTTransformerOutput(BaseOutput):
     logits: torch.Tensor
 
 
-class FlowMoMaskGiTTransformer(ModelMixin, ConfigMixin):
+#: Bounds of every `config.json` value, checked at construction (and so at `from_pretrained`) before any weight exists.
+CONFIG_RULES = {
+    "num_indices": IntRule(1, 65536),
+    "codebook_size": IntRule(1, 2**24),
+    "num_classes": IntRule(1, 10**6),
+    "hidden_size": IntRule(1, 65536),
+    "num_layers": IntRule(1, 1024),
+    "num_heads": IntRule(1, 1024),
+    "intermediate_size": IntRule(1, 262144),
+    "dropout": FloatRule(0.0, 1.0),
+    "layer_norm_eps": FloatRule(0.0, 1.0, exclusive_minimum=True),
+    "initializer_range": FloatRule(0.0, 10.0),
+}
+
+
+class FlowMoMaskGiTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     MaskGiT transformer (Chang et al., 2022) over the `num_indices` token ids of an image, conditioned on a class.
 
@@ -112,6 +130,7 @@ class FlowMoMaskGiTTransformer(ModelMixin, ConfigMixin):
         attention_implementation: str = "sdpa",
     ):
         super().__init__()
+        validate_config(type(self).__name__, dict(locals()), CONFIG_RULES)
         for name, value in (("num_indices", num_indices), ("codebook_size", codebook_size),
                             ("num_classes", num_classes), ("hidden_size", hidden_size), ("num_layers", num_layers),
                             ("num_heads", num_heads), ("intermediate_size", intermediate_size)):

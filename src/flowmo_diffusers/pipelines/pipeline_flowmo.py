@@ -1,7 +1,7 @@
 """FlowMoPipeline: images -> token ids -> images with FlowMo's rectified-flow decoder."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -11,8 +11,11 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.autoencoder_flowmo import FlowMoModel
+from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, resolve_max_image_size
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.hub import HubPipelineMixin
+from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
+
 
 
 @dataclass
@@ -66,32 +69,39 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images in diffusers' formats -> float32 `(B, 3, H, W)` in [-1, 1] on the execution device, validated."""
+    def preprocess(self, images: ImageInput, max_image_size: Optional[int] = None) -> torch.Tensor:
+        """Images in diffusers' formats -> float32 `(B, 3, H, W)` in [-1, 1] on the execution device, validated.
+
+        One kind per call (PIL images, numpy arrays or torch tensors), all of one size. PIL images go through the
+        package's one RGB conversion ([`~flowmo_diffusers.utils.images.to_rgb`]: EXIF orientation, transparency
+        onto white, 16-bit rounded to 8 bits); uint8 arrays are divided by 255, uint16 ones rounded to 8 bits the
+        same way; float arrays and tensors must lie in [0, 1] (values within one 8-bit level outside are clamped,
+        anything beyond is refused, never reinterpreted as [-1, 1]). Sizes are checked against `max_image_size`
+        (default [`MAX_IMAGE_SIZE_FACTOR`] x `sample_size`) before anything is converted.
+        """
         if images is None:
             raise ValueError("images must not be None")
         if isinstance(images, (list, tuple)) and len(images) == 0:
             raise ValueError("images is an empty list")
-        items = images if isinstance(images, (list, tuple)) else [images]
-        converted = []
-        for item in items:
-            if isinstance(item, np.ndarray) and item.dtype == np.uint8:
-                item = item.astype(np.float32) / 255.0
-            elif isinstance(item, torch.Tensor) and item.dtype == torch.uint8:
-                item = item.float() / 255.0
-            elif isinstance(item, np.ndarray) and not np.issubdtype(item.dtype, np.floating):
-                raise ValueError(f"numpy images must be uint8 or floating point, got dtype {item.dtype}")
-            elif isinstance(item, torch.Tensor) and not item.is_floating_point():
-                raise ValueError(f"torch images must be uint8 or floating point, got dtype {item.dtype}")
-            elif not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)):
-                raise ValueError(f"images must be PIL images, numpy arrays or torch tensors, got {type(item).__name__}")
-            if isinstance(item, np.ndarray) and item.ndim == 3 and item.shape[-1] not in (1, 3) and item.shape[0] == 3:
-                raise ValueError(f"numpy images must be channel-last (H, W, 3), got shape {item.shape}")
-            if isinstance(item, (np.ndarray, torch.Tensor)) and not (
-                np.isfinite(item).all() if isinstance(item, np.ndarray) else torch.isfinite(item).all()
-            ):
-                raise ValueError("images contain NaN or infinite values")
-            converted.append(item)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        kinds = {type(item).__name__ if not isinstance(item, PIL.Image.Image) else "PIL.Image" for item in items}
+        if not all(isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)) for item in items):
+            raise ValueError(f"images must be PIL images, numpy arrays or torch tensors, got {sorted(kinds)}")
+        if len(kinds) > 1:
+            raise TypeError(f"images mixes {' and '.join(sorted(kinds))}: pass a list of one kind")
+        limit = self._max_image_size(max_image_size)
+        sizes = [self._image_size(item) for item in items]  # shapes only: nothing is converted yet
+        for height, width in sizes:
+            if height < 1 or width < 1:
+                raise ValueError(f"images must be at least 1x1 pixels, got {height}x{width}")
+            if height > limit or width > limit:
+                raise ValueError(
+                    f"images of {height}x{width} exceed max_image_size={limit} ({MAX_IMAGE_SIZE_FACTOR} x the model's "
+                    f"sample_size {self.autoencoder.config.sample_size} by default); pass max_image_size= to allow them"
+                )
+        if len(set(sizes)) > 1:
+            raise ValueError(f"all images of a list must have one size, got {sorted(set(sizes))}")
+        converted = [self._to_unit_float(item) for item in items]
         images = converted if isinstance(images, (list, tuple)) else converted[0]
         if isinstance(images, torch.Tensor) and images.ndim == 3:
             images = images[None]
@@ -99,33 +109,88 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
             raise ValueError(f"torch images must have shape (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
         if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] != 3:
             raise ValueError(f"numpy images must have shape (B, H, W, 3), got {images.shape}")
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.shape[0] == 0:
+            raise ValueError(f"images holds no image (batch size 0, shape {tuple(images.shape)})")
+        # Every value is in [0, 1] here, so the image processor always maps it to [-1, 1].
         pixels = self.image_processor.preprocess(images).to(device=self._execution_device, dtype=torch.float32)
         self.autoencoder.check_images(pixels)
-        if pixels.min() < -1.001 or pixels.max() > 1.001:
-            raise ValueError(
-                "images must have values in [0, 1] (or uint8 in [0, 255]); got range "
-                f"[{float(pixels.min() / 2 + 0.5):.3f}, {float(pixels.max() / 2 + 0.5):.3f}]"
-            )
         return pixels
 
+    def _max_image_size(self, max_image_size: Optional[int]) -> int:
+        return resolve_max_image_size(self.autoencoder.config.sample_size, max_image_size)
+
+    @staticmethod
+    def _image_size(item) -> Tuple[int, int]:
+        """(height, width) of one image or batch, from its shape alone."""
+        if isinstance(item, PIL.Image.Image):
+            return item.size[1], item.size[0]
+        if isinstance(item, np.ndarray):
+            if item.ndim == 3 and item.shape[-1] not in (1, 3) and item.shape[0] == 3:
+                raise ValueError(f"numpy images must be channel-last (H, W, 3), got shape {item.shape}")
+            if item.ndim not in (2, 3, 4):
+                raise ValueError(f"numpy images must have shape (H, W, 3) or (B, H, W, 3), got {item.shape}")
+            return (item.shape[-3], item.shape[-2]) if item.ndim >= 3 else item.shape
+        if item.ndim not in (3, 4):
+            raise ValueError(f"torch images must have shape (B, 3, H, W) or (3, H, W), got {tuple(item.shape)}")
+        return item.shape[-2], item.shape[-1]
+
+    @staticmethod
+    def _to_unit_float(item):
+        """One image or batch -> float in [0, 1] (numpy or torch, as given; PIL -> numpy)."""
+        if isinstance(item, PIL.Image.Image):
+            return np.asarray(to_rgb(item), dtype=np.float32) / 255.0
+        is_numpy = isinstance(item, np.ndarray)
+        if (item.dtype == np.uint8) if is_numpy else (item.dtype == torch.uint8):
+            return item.astype(np.float32) / 255.0 if is_numpy else item.float() / 255.0
+        if (item.dtype == np.uint16) if is_numpy else (item.dtype == torch.uint16):
+            # The same 8-bit rounding as a 16-bit PIL image, so 60000 maps to one value whatever the input type.
+            eight_bit = sixteen_bit_to_eight_bit(item if is_numpy else item.to(torch.int32).cpu().numpy())
+            eight_bit = eight_bit.astype(np.float32) / 255.0
+            return eight_bit if is_numpy else torch.from_numpy(eight_bit).to(item.device)
+        if not (np.issubdtype(item.dtype, np.floating) if is_numpy else item.is_floating_point()):
+            kind = "numpy" if is_numpy else "torch"
+            raise ValueError(f"{kind} images must be uint8, uint16 or floating point, got dtype {item.dtype}")
+        finite = np.isfinite(item).all() if is_numpy else bool(torch.isfinite(item).all())
+        if not finite:
+            raise ValueError("images contain NaN or infinite values")
+        if item.size if is_numpy else item.numel():
+            check_unit_range(float(item.min()), float(item.max()))
+        return np.clip(item, 0.0, 1.0) if is_numpy else item.clamp(0.0, 1.0)
+
     @torch.no_grad()
-    def encode(self, images: ImageInput) -> torch.LongTensor:
+    def encode(self, images: ImageInput, max_image_size: Optional[int] = None) -> torch.LongTensor:
         """
         Tokenize images.
 
         Args:
-            images: PIL, numpy or torch images in [0, 1], height and width multiples of the patch size.
+            images: PIL, numpy or torch images in [0, 1] (see [`preprocess`]), height and width multiples of the
+                patch size.
+            max_image_size (`int`, *optional*, defaults to 4 x `sample_size`): the largest height or width accepted.
 
         Returns:
             `torch.LongTensor` of shape `(B, num_indices)`: token ids in `[0, 2**bits_per_subtoken)`, in the original
             FlowMo's order.
         """
-        pixels = self.preprocess(images).to(self.autoencoder.dtype)
+        pixels = self.preprocess(images, max_image_size).to(self.autoencoder.dtype)
         return self.autoencoder.encode(pixels).indices
 
-    def check_inputs(self, images, indices, num_inference_steps, guidance_scale, latents, height, width, output_type):
+    def check_inputs(
+        self,
+        images,
+        indices,
+        num_inference_steps,
+        guidance_scale,
+        latents,
+        height,
+        width,
+        output_type,
+        generator=None,
+        max_image_size=None,
+        max_inference_steps=None,
+    ):
         """Validate the call's arguments before any heavy work; values (NaN, range) are checked here, at the
-        boundary, so the decoder's hot path never reads tensors on the host."""
+        boundary, so the decoder's hot path never reads tensors on the host. Sizes and step counts are bounded
+        (`max_image_size`, `max_inference_steps`) before anything is allocated."""
         if (images is None) == (indices is None):
             raise ValueError("pass exactly one of `images` (to reconstruct) or `indices` (to decode)")
         if output_type not in ("pil", "np", "pt"):
@@ -145,6 +210,26 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
         for name, value in (("height", height), ("width", width)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_decode_bounds(
+            self.autoencoder.config.sample_size, height, width, num_inference_steps, guidance_scale, max_image_size,
+            max_inference_steps,
+        )
+        if isinstance(latents, torch.Tensor) and latents.ndim == 4:
+            size_limit = self._max_image_size(max_image_size)
+            if max(latents.shape[-2:]) > size_limit:
+                raise ValueError(
+                    f"latents of {latents.shape[-2]}x{latents.shape[-1]} exceed max_image_size={size_limit} "
+                    f"({MAX_IMAGE_SIZE_FACTOR} x the model's sample_size by default); pass max_image_size= to allow them"
+                )
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            got = sorted({type(g).__name__ for g in generators})
+            raise TypeError(
+                f"generator must be a torch.Generator or a list of them (one per image), got {got}; "
+                "e.g. torch.Generator().manual_seed(0)"
+            )
+        if isinstance(indices, torch.Tensor) and indices.ndim >= 1 and indices.shape[0] == 0:
+            raise ValueError(f"indices holds no image (batch size 0, shape {tuple(indices.shape)})")
         patch = self.autoencoder.config.patch_size
         if (height is not None and height % patch) or (width is not None and width % patch):
             raise ValueError(f"height and width must be multiples of patch_size {patch}, got {height}x{width}")
@@ -168,6 +253,8 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
         width: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        max_image_size: Optional[int] = None,
+        max_inference_steps: Optional[int] = None,
     ) -> Union[FlowMoPipelineOutput, tuple]:
         """
         Reconstruct images, or decode token ids.
@@ -186,22 +273,30 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
             height, width (`int`): output size when decoding `indices` (default `sample_size`); ignored for `images`.
             output_type (`str`): `"pil"`, `"np"` (`(B, H, W, 3)` in [0, 1]) or `"pt"` (`(B, 3, H, W)` in [0, 1]).
             return_dict (`bool`): return a [`FlowMoPipelineOutput`] rather than a tuple.
+            max_image_size (`int`, *optional*, defaults to 4 x `sample_size`): the largest height or width accepted
+                for `images`, `height`, `width` and `latents`; checked before anything is allocated.
+            max_inference_steps (`int`, *optional*, defaults to 1000): the largest `num_inference_steps` accepted.
 
         Returns:
             [`FlowMoPipelineOutput`] with `images` and `num_decoder_passes` (decoder evaluations per image).
         """
-        self.check_inputs(images, indices, num_inference_steps, guidance_scale, latents, height, width, output_type)
+        self.check_inputs(
+            images, indices, num_inference_steps, guidance_scale, latents, height, width, output_type, generator,
+            max_image_size, max_inference_steps,
+        )
         model = self.autoencoder
         device = self._execution_device
         dtype = model.dtype
 
         if images is not None:
-            pixels = self.preprocess(images)
+            pixels = self.preprocess(images, max_image_size)
             height, width = pixels.shape[-2:]
             code = model.encode(pixels.to(dtype)).code
         else:
             if not isinstance(indices, torch.Tensor):
                 indices = torch.as_tensor(np.asarray(indices))
+                if indices.ndim >= 1 and indices.shape[0] == 0:
+                    raise ValueError(f"indices holds no image (batch size 0, shape {tuple(indices.shape)})")
             code = model.indices_to_code(indices.to(device), dtype=dtype)
         batch_size = code.shape[0]
         if latents is not None and latents.shape[0] != batch_size:
@@ -224,6 +319,8 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
             width=width,
             scheduler=self.scheduler,
             progress_bar=self.progress_bar,
+            max_image_size=max_image_size,
+            max_inference_steps=max_inference_steps,
         )
         latents = decoded.sample
         images = latents

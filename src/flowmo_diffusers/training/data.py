@@ -27,6 +27,7 @@ pure function of its position, independent of ``num_workers`` for map-style data
 
 from __future__ import annotations
 
+import glob
 import heapq
 import itertools
 import logging
@@ -44,6 +45,8 @@ import torch.utils.data
 import torchvision.transforms.functional as TF
 from datasets.distributed import split_dataset_by_node
 from torchvision.transforms import InterpolationMode
+
+from ..utils.images import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ DEFAULT_IMAGE_FILES: tuple[tuple[str, str], ...] = (
     ("retina", "retina.jpg"),
 )
 
+#: The one split of an image folder (``train_data_dir``): every image under it, whatever the names.
+FOLDER_SPLIT = "train"
+
 # Internal batch keys: removed by ImageBatchLoader before a batch reaches the user.
 _SKIPPED_COUNT_KEY = "_num_skipped_images"
 _SKIPPED_ERROR_KEY = "_last_skip_error"
@@ -77,12 +83,6 @@ _POSITION_KEY = "_stream_position"  # streaming only: global batch position, see
 # Bad images are logged at WARNING level this many times per worker, then at DEBUG level, so that a dataset
 # with many broken files does not flood the training log (the counter still counts all of them).
 _MAX_SKIP_WARNINGS_PER_WORKER = 10
-
-# Integer modes produced by 16-bit PNG/TIFF files. PIL's convert("RGB") clips them at 255 (a 16-bit image
-# becomes almost white), so they are rescaled from the 16-bit range instead.
-_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Skipped-image accounting
@@ -217,10 +217,13 @@ def load_image_dataset(
         dataset_name: Hub id (e.g. the gated ``"ILSVRC/imagenet-1k"``, use ``token`` and ideally
             ``streaming=True``) or a local dataset path understood by ``datasets.load_dataset``.
         dataset_config_name: dataset configuration (``name=`` of ``load_dataset``).
-        train_data_dir: folder of images loaded with the ``imagefolder`` builder; labels come from the
-            sub-folder names when every image sits in a class sub-folder. Ignored if ``dataset_name`` is given.
+        train_data_dir: folder of images loaded with the ``imagefolder`` builder as one split, ``"train"``, of
+            every image under it (sub-folders included, hidden files excluded) whatever the names: no split is
+            inferred from names such as ``test_*`` or ``eval/``. Labels come from the sub-folder names when every
+            image sits in a class sub-folder. Ignored if ``dataset_name`` is given.
         split: split to load (``"train"``, ``"validation"``, slicing such as ``"train[:1000]"`` for map-style).
-            The embedded default dataset returns the same photographs for every split.
+            A folder has only ``"train"``. The embedded default dataset returns the same photographs for every
+            split.
         streaming: return a ``datasets.IterableDataset`` (no full download).
         image_column / label_column: column names; auto-detected when ``None`` (see
             :func:`resolve_image_columns`).
@@ -233,7 +236,8 @@ def load_image_dataset(
         embedded scikit-image photographs (:func:`load_default_image_dataset`).
 
     Raises:
-        ValueError: ``train_data_dir`` does not exist, or no image column is found.
+        ValueError: ``train_data_dir`` does not exist, ``split`` is not ``"train"`` for a folder, or no image column
+            is found.
     """
     if dataset_name is not None:
         dataset = datasets.load_dataset(
@@ -242,8 +246,21 @@ def load_image_dataset(
     elif train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"train_data_dir={train_data_dir!r} does not exist or is not a directory.")
+        split_name = split.split("[", 1)[0]
+        if split_name != FOLDER_SPLIT:
+            raise ValueError(
+                f"split={split!r}: a folder (train_data_dir) is one split, {FOLDER_SPLIT!r}, holding every image under "
+                f"it whatever the file and folder names (slices such as '{FOLDER_SPLIT}[:100]' work); put other "
+                "splits in folders of their own"
+            )
+        # data_dir= would let datasets infer splits from names: files or folders called test_*, valid_*, dev_*,
+        # train_* or eval/ would become (or hide) splits, losing images. Explicit data_files make one split of all.
         dataset = datasets.load_dataset(
-            "imagefolder", data_dir=train_data_dir, split=split, streaming=streaming, cache_dir=cache_dir
+            "imagefolder",
+            data_files={FOLDER_SPLIT: os.path.join(glob.escape(os.path.abspath(train_data_dir)), "**")},
+            split=split,
+            streaming=streaming,
+            cache_dir=cache_dir,
         )
     else:
         dataset = load_default_image_dataset()
@@ -273,25 +290,8 @@ def load_image_dataset(
 _DATASETS_IMAGE_DECODER = datasets.Image()
 
 
-def convert_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Convert any PIL mode (L, P, RGBA, LA, CMYK, I;16, I, F, 1, YCbCr, ...) to 8-bit RGB.
-
-    * Transparent images (alpha modes, palette/L/RGB with a ``transparency`` entry) are composited over white:
-      the color hidden under fully transparent pixels is arbitrary (often black), white is what viewers show.
-    * 16/32-bit integer grayscale (``I;16*``, ``I``) is rescaled from the 16-bit range (divide by 257) because
-      ``convert("RGB")`` would clip it at 255. Float images (``F``) are clipped to [0, 255] by PIL.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in _HIGH_BIT_DEPTH_MODES:
-        sixteen_bit = np.asarray(image, dtype=np.float64)
-        eight_bit = np.clip(np.round(sixteen_bit / 257.0), 0, 255).astype(np.uint8)
-        return PIL.Image.fromarray(eight_bit, mode="L").convert("RGB")
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+# One conversion for every path (training, evaluation, sampling, the pipeline): flowmo_diffusers.utils.images.
+convert_to_rgb = to_rgb
 
 
 def decode_image(value: Any) -> PIL.Image.Image:
@@ -997,8 +997,50 @@ def build_eval_dataloader(
     )
 
 
+def take_images(loader: ImageBatchLoader, count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` decodable images of an evaluation loader, in dataset order, as one batch.
+
+    Evaluation batches leave undecodable images out, so the first batch of a dataset whose first files are corrupt
+    holds fewer than ``batch_size`` images; this keeps reading later rows until ``count`` images are found (or the
+    data end). Use it for a fixed validation batch.
+
+    Returns:
+        ``{"pixel_values": [n, 3, R, R], "labels": [n] (if labeled)}`` with ``n = min(count, decodable images)``.
+
+    Raises:
+        ValueError: ``count`` is not positive, or no image of the dataset can be decoded.
+    """
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}.")
+    parts: dict[str, list[torch.Tensor]] = {}
+    found = 0
+    for batch in loader:
+        take = min(count - found, len(batch["pixel_values"]))
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value[:take])
+        found += take
+        if found == count:
+            break
+    if not found:
+        raise ValueError(
+            f"no decodable image in the dataset ({loader.skipped_images.count} skipped; last error: "
+            f"{loader.skipped_images.last_error})"
+        )
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def total_skipped_images(accelerator, *loaders: ImageBatchLoader) -> int:
+    """Undecodable images skipped by ``loaders`` on all processes (a collective: call it on every process).
+
+    ``accelerator`` is an ``accelerate.Accelerator``; its ``reduce`` sums the per-process counts.
+    """
+    local = torch.tensor(sum(loader.skipped_images.count for loader in loaders), device=accelerator.device)
+    return int(accelerator.reduce(local, reduction="sum"))
+
+
 __all__ = [
     "DEFAULT_IMAGE_FILES",
+    "FOLDER_SPLIT",
     "IMAGE_COLUMN_CANDIDATES",
     "LABEL_COLUMN_CANDIDATES",
     "ImageBatchLoader",
@@ -1011,4 +1053,6 @@ __all__ = [
     "load_default_image_dataset",
     "load_image_dataset",
     "resolve_image_columns",
+    "take_images",
+    "total_skipped_images",
 ]

@@ -1,8 +1,10 @@
 """Helpers of FlowMo's training recipe that the example scripts share: initial-norm fixing, encoder freezing, EMA,
-guidance dropout, training progress and checkpoint folders.
+guidance dropout and training progress (checkpoint folders: `flowmo_diffusers.training.checkpointing`).
 
-Everything that must survive a resume is an object with ``state_dict`` / ``load_state_dict``, meant for
-``accelerator.register_for_checkpointing``.
+Everything that must survive a resume is an object with ``state_dict`` / ``load_state_dict`` holding tensors, numbers
+and strings only, meant for the ``states`` of [`~flowmo_diffusers.training.checkpointing.save_checkpoint`] (JSON +
+safetensors; never ``accelerator.register_for_checkpointing``, whose pickles Accelerate loads with
+``weights_only=False``).
 
 Under FSDP2 the parameters are sharded ``DTensor`` s. The helpers here work on them too: the norm fix takes the norm of
 the whole weight (a reduction across the shards) and scales the local shard; the EMA averages shard by shard (the
@@ -16,13 +18,24 @@ import contextlib
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
+
+# Checkpoint folders have their own module; these names stay importable from here for existing callers.
+from .checkpointing import (  # noqa: F401
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    publish_checkpoint,
+    remove_stale_temporary_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    temporary_checkpoint_path,
+)
 
 try:  # public from torch 2.5; torch 2.4 has it under _tensor
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -62,7 +75,7 @@ class InitialNormFixer:
 
     FlowMo rescales these weights after every optimizer step, `w <- w / ||w|| * ||w_0||`. Call [`record`] once on the
     freshly built (or freshly loaded) model, [`apply`] after every optimizer step. The recorded norms are part of
-    the state dict, so registering this object with `accelerator.register_for_checkpointing` restores them on resume
+    the state dict, so passing this object in the checkpoint `states` restores them on resume
     (where the model's current norms are, up to rounding, the same, but the original ones are the reference).
     """
 
@@ -195,10 +208,10 @@ def create_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, 
 
 
 class EMACheckpoint:
-    """What `accelerator.register_for_checkpointing` should hold for an `EMAModel`: the same state dict, with whole
-    shadow tensors even when they are FSDP2 shards.
+    """What the checkpoint `states` should hold for an `EMAModel`: the same state dict, with whole shadow tensors
+    even when they are FSDP2 shards.
 
-    Accelerate calls `state_dict` on every process and writes the main process's result. For `DTensor` shadows
+    [`save_checkpoint`] calls `state_dict` on every process and writes the main process's result. For `DTensor` shadows
     that file would hold only the main process's shards, so the shadows are gathered first (every process takes part
     in the collective); loading gives each process its shards again (`distribute_tensor` with the layout of the live
     shadow). Without sharding it is `EMAModel`'s own state dict, so checkpoints do not depend on the sharding.
@@ -283,7 +296,7 @@ def guidance_dropout_mask(
 
 @dataclass
 class TrainingProgress:
-    """Counters saved with every checkpoint (register with `accelerator.register_for_checkpointing`).
+    """Counters saved with every checkpoint (pass it in the `states` of [`save_checkpoint`]).
 
     Attributes:
         global_step: optimizer steps done.
@@ -309,111 +322,6 @@ class TrainingProgress:
         self.encoder_frozen = bool(state_dict.get("encoder_frozen", False))
 
 
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
-    """Complete checkpoints `(step, path)` in `output_dir`, oldest first.
-
-    Only folders named exactly `checkpoint-<step>` count: a save in progress (or interrupted) lives in
-    `checkpoint-<step>.tmp` and is never picked.
-    """
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isdir(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def resolve_resume_checkpoint(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[Tuple[int, str]]:
-    """`(step, path)` of the checkpoint to resume from, or None to start fresh.
-
-    `"latest"` picks the newest complete `checkpoint-<step>` of `output_dir` (None if there is none, so the same
-    command starts and resumes a run); any other value is a checkpoint folder whose name gives the step.
-    """
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = resume_from_checkpoint
-    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
-        path = os.path.join(output_dir, path)
-    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
-    if not os.path.isdir(path) or not match:
-        raise ValueError(
-            f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder named checkpoint-<step> "
-            f"(nor one inside {output_dir!r}); use 'latest' to pick the newest one"
-        )
-    return int(match.group(1)), path
-
-
-def remove_stale_temporary_checkpoints(output_dir: str) -> List[str]:
-    """Delete `checkpoint-*.tmp` / `checkpoint-*.old` folders left by an interrupted save; returns their paths."""
-    removed = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            if re.match(r"^checkpoint-\d+\.(tmp|old)$", name):
-                path = os.path.join(output_dir, name)
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
-
-
-def temporary_checkpoint_path(output_dir: str, step: int) -> str:
-    return os.path.join(output_dir, f"checkpoint-{step}.tmp")
-
-
-def publish_checkpoint(output_dir: str, step: int) -> str:
-    """Atomically turn `checkpoint-<step>.tmp` into `checkpoint-<step>` (`os.replace`); returns the final path.
-
-    An existing `checkpoint-<step>` (a run resumed from before it) is first moved aside to `.old`, then deleted
-    after the rename, so that some complete copy exists at every moment.
-    """
-    temporary = temporary_checkpoint_path(output_dir, step)
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    if not os.path.isdir(temporary):
-        raise FileNotFoundError(f"no temporary checkpoint at {temporary}")
-    old = None
-    if os.path.exists(final):
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(temporary, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int] = None, log=None) -> str:
-    """`accelerator.save_state` into `checkpoint-<step>.tmp`, then publish it atomically and prune old checkpoints.
-
-    Call on every process (it synchronizes them). A crash mid-save leaves only a `.tmp` folder, which
-    [`resolve_resume_checkpoint`] never picks and [`remove_stale_temporary_checkpoints`] deletes at the next start.
-    Returns the final path.
-    """
-    temporary = temporary_checkpoint_path(output_dir, step)
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
-    accelerator.wait_for_everyone()
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    if accelerator.is_main_process:
-        publish_checkpoint(output_dir, step)
-        for removed in prune_checkpoints(output_dir, total_limit):
-            if log is not None:
-                log(f"Removed old checkpoint {removed}")
-        if log is not None:
-            log(f"Saved {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
 def check_finite_loss(loss: float, step: int) -> None:
     """Raise `FloatingPointError` if `loss` is NaN or infinite.
 
@@ -422,20 +330,6 @@ def check_finite_loss(loss: float, step: int) -> None:
     """
     if not math.isfinite(loss):
         raise FloatingPointError(f"step {step}: the loss is {loss}")
-
-
-def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> List[str]:
-    """Delete the oldest complete checkpoints so that at most `total_limit` remain; returns the removed paths."""
-    if total_limit is None:
-        return []
-    if total_limit < 1:
-        raise ValueError(f"checkpoints_total_limit must be at least 1, got {total_limit}")
-    checkpoints = list_checkpoints(output_dir)
-    removed = []
-    for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        shutil.rmtree(path)
-        removed.append(path)
-    return removed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -579,6 +473,7 @@ __all__ = [
     "local_tensor",
     "guidance_dropout_mask",
     "list_checkpoints",
+    "load_checkpoint",
     "optimizer_param_groups",
     "prune_checkpoints",
     "publish_checkpoint",

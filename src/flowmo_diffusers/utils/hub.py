@@ -297,6 +297,7 @@ class HubPipelineMixin:
             pretrained_model_name_or_path, skip_components=tuple(kwargs), **download_kwargs
         )
         _import_own_component_modules(cls, folder)
+        check_component_classes(cls, folder, skip=tuple(kwargs))
         return super().from_pretrained(folder, **kwargs)
 
 
@@ -317,3 +318,41 @@ def _import_own_component_modules(pipeline_cls: type, folder: str) -> None:
         module = model_index[name][0]
         if isinstance(module, str) and module.split(".")[0] == package and module not in sys.modules:
             importlib.import_module(module)
+
+
+def check_component_classes(pipeline_cls: type, folder: str, skip: Iterable[str] = ()) -> None:
+    """Raise ValueError if ``model_index.json`` names, for a component, a class the pipeline does not accept.
+
+    diffusers only logs "Expected types for ... got ..." and loads the class anyway; with the wrong class the
+    weights do not match and the component loaded partly random, failing later. The expected classes are the
+    annotations of ``pipeline_cls.__init__``. Components from modules that are not imported (and not from this
+    package, diffusers or transformers) are left to diffusers, which refuses them itself.
+    """
+    import typing
+
+    try:
+        with open(os.path.join(folder, MODEL_INDEX_NAME), encoding="utf-8") as f:
+            model_index = json.load(f)
+        hints = typing.get_type_hints(pipeline_cls.__init__)
+    except (OSError, ValueError, NameError, TypeError):
+        return  # diffusers reports a missing / broken model_index.json itself
+    own = pipeline_cls.__module__.split(".")[0]
+    for name in _pipeline_components(model_index, skip=skip):
+        expected = hints.get(name)
+        entry = model_index.get(name)
+        if expected is None or not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(e, str) for e in entry):
+            continue
+        module_name, class_name = entry
+        if module_name.split(".")[0] not in (own, "diffusers", "transformers") and module_name not in sys.modules:
+            continue
+        try:
+            component_cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue  # diffusers names what it cannot import
+        accepted = tuple(t for t in (typing.get_args(expected) or (expected,)) if isinstance(t, type))
+        if accepted and not (isinstance(component_cls, type) and issubclass(component_cls, accepted)):
+            raise ValueError(
+                f"{os.path.join(folder, MODEL_INDEX_NAME)} names {module_name}.{class_name} for {name!r}, but "
+                f"{pipeline_cls.__name__} takes {' or '.join(t.__name__ for t in accepted)} there; refusing to load "
+                "a component of the wrong class (its weights would not match)"
+            )

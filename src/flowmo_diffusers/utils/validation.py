@@ -1,0 +1,170 @@
+"""Checks of user-given values (arguments, `config.json` entries) that name the value and what was expected.
+
+`bool` is a subclass of `int` in Python and a JSON `true` loads as `True`: every integer check here refuses booleans,
+so `"depth": true` is an error, not a depth of 1. numpy integers (`np.int64(2)`) are accepted as integers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import numbers
+from typing import Any, Optional
+
+
+def is_integer(value: Any) -> bool:
+    """Whether `value` is an integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and not _is_numpy_bool(value)
+
+
+def is_real(value: Any) -> bool:
+    """Whether `value` is a real number (int, float, numpy scalar), not a bool nor complex."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_numpy_bool(value)
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    return type(value).__name__ == "bool_" and type(value).__module__ == "numpy"
+
+
+def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """`int(value)` if `value` is an integer in `[minimum, maximum]`, else a TypeError / ValueError naming `name`."""
+    if not is_integer(value):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer in {_range(minimum, maximum)}, got {value}")
+    return value
+
+
+def check_float(
+    name: str, value: Any, minimum: Optional[float] = None, maximum: Optional[float] = None
+) -> float:
+    """`float(value)` if `value` is a finite real number in `[minimum, maximum]`, else TypeError / ValueError."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be in {_range(minimum, maximum)}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """`value` if it is a bool, else a TypeError naming `name` (so that `"false"` or `0` is not read as a flag)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _range(minimum, maximum) -> str:
+    low = "-inf" if minimum is None else minimum
+    high = "inf" if maximum is None else maximum
+    return f"[{low}, {high}]"
+
+
+def positive_int(text: str) -> int:
+    """`argparse` type of flags that must be at least 1 (e.g. `--checkpoints_total_limit`): refused at parsing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+__all__ = ["check_bool", "check_float", "check_int", "is_integer", "is_real", "positive_int"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config.json values
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class IntRule:
+    """An integer in `[minimum, maximum]` (never a bool, never a string)."""
+
+    def __init__(self, minimum: int, maximum: int):
+        self.minimum, self.maximum = minimum, maximum
+
+    def __call__(self, name: str, value: Any) -> None:
+        check_int(name, value, self.minimum, self.maximum)
+
+
+class FloatRule:
+    """A finite real number in `[minimum, maximum]` (`exclusive_minimum`: strictly above `minimum`)."""
+
+    def __init__(self, minimum: Optional[float] = None, maximum: Optional[float] = None, exclusive_minimum=False):
+        self.minimum, self.maximum, self.exclusive_minimum = minimum, maximum, exclusive_minimum
+
+    def __call__(self, name: str, value: Any) -> None:
+        value = check_float(name, value, self.minimum, self.maximum)
+        if self.exclusive_minimum and value <= self.minimum:
+            raise ValueError(f"{name} must be greater than {self.minimum}, got {value}")
+
+
+class BoolRule:
+    def __call__(self, name: str, value: Any) -> None:
+        check_bool(name, value)
+
+
+class IntSequenceRule:
+    """A list (or tuple) of `length` integers, each in `[minimum, maximum]`."""
+
+    def __init__(self, length: int, minimum: int, maximum: int):
+        self.length, self.minimum, self.maximum = length, minimum, maximum
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not isinstance(value, (list, tuple)) or len(value) != self.length:
+            raise TypeError(f"{name} must be a list of {self.length} integers, got {value!r}")
+        for index, item in enumerate(value):
+            check_int(f"{name}[{index}]", item, self.minimum, self.maximum)
+
+
+class OptionalRule:
+    """None, or what `rule` accepts."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value is not None:
+            self.rule(name, value)
+
+
+class FloatPairRule:
+    """A list (or tuple) of two finite real numbers, the first at most the second."""
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise TypeError(f"{name} must be a pair [low, high] of numbers, got {value!r}")
+        low, high = (check_float(f"{name}[{index}]", item) for index, item in enumerate(value))
+        if low > high:
+            raise ValueError(f"{name} must be [low, high] with low <= high, got {list(value)}")
+
+
+def validate_config(owner: str, values: dict, rules: dict) -> None:
+    """Check `config.json` (or constructor) values against `rules` (`{key: rule}`), before any weight exists.
+
+    Raises:
+        ValueError: naming `owner`, the key, what was expected and what was found (also for a wrong type, e.g.
+            `"32"` as a string or `true` as a depth: a config file is data, and its errors are value errors).
+    """
+    for key, rule in rules.items():
+        if key not in values:
+            continue
+        try:
+            rule(key, values[key])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{owner} config: {error}") from None
+
+
+__all__ += [
+    "BoolRule",
+    "FloatPairRule",
+    "FloatRule",
+    "IntRule",
+    "IntSequenceRule",
+    "OptionalRule",
+    "validate_config",
+]

@@ -1,0 +1,209 @@
+"""Careless and hostile input to the models and the pipeline: each case ends in a ValueError / TypeError that names
+the argument (or config key) and what was expected, before any heavy work; sizes and step counts are bounded before
+allocation; config.json values are checked at load; weights that do not match are refused."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import tiny_flowmo_model
+
+from flowmo_diffusers import FlowMoMaskGiTTransformer, FlowMoModel, FlowMoPipeline, FlowMoScheduler
+from flowmo_diffusers.models.maskgit_transformer import get_maskgit_preset_config
+
+IDS = torch.zeros(1, 24, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"images": torch.rand(0, 3, 32, 32)}, ValueError, "batch size 0"),
+        ({"images": np.zeros((0, 32, 32, 3), dtype=np.uint8)}, ValueError, "batch size 0"),
+        ({"images": [PIL.Image.new("RGB", (0, 0))]}, ValueError, "at least 1x1"),
+        ({"images": torch.rand(1, 3, 0, 0)}, ValueError, "at least 1x1"),
+        ({"images": [torch.rand(3, 32, 32), torch.rand(3, 16, 16)]}, ValueError, "one size"),
+        ({"images": [PIL.Image.new("RGB", (32, 32)), torch.rand(3, 32, 32)]}, TypeError, "mixes PIL.Image and Tensor"),
+        ({"images": torch.rand(1, 3, 8192, 8192)}, ValueError, "exceed max_image_size=128"),
+        ({"indices": torch.zeros(0, 24, dtype=torch.long)}, ValueError, "indices holds no image"),
+        ({"indices": np.zeros((0, 24), dtype=np.int64)}, ValueError, "indices holds no image"),
+        ({"indices": IDS, "height": "32"}, ValueError, "height must be a positive integer"),
+        ({"indices": IDS, "height": 0}, ValueError, "height must be a positive integer"),
+        ({"indices": IDS, "height": 8192}, ValueError, "height=8192 exceeds max_image_size=128"),
+        ({"indices": IDS, "latents": torch.randn(1, 3, 8192, 8192)}, ValueError, "latents of 8192x8192 exceed max_image_size=128"),
+        ({"indices": IDS, "guidance_scale": "1.5"}, ValueError, "guidance_scale must be a finite real number"),
+        ({"indices": IDS, "guidance_scale": 1 + 2j}, ValueError, "guidance_scale must be a finite real number"),
+        ({"indices": IDS, "guidance_scale": 1e30}, ValueError, "guidance_scale must lie in \\[-100, 100\\]"),
+        ({"indices": IDS, "num_inference_steps": True}, ValueError, "num_inference_steps must be a positive integer"),
+        ({"indices": IDS, "num_inference_steps": 10**9}, ValueError, "exceeds max_inference_steps=1000"),
+        ({"indices": IDS, "generator": 0}, TypeError, "generator must be a torch.Generator"),
+        ({"indices": IDS, "generator": [0]}, TypeError, "generator must be a torch.Generator"),
+    ],
+)
+def test_careless_calls_are_refused_with_the_argument_named(tiny_pipeline, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tiny_pipeline(**kwargs)
+
+
+def test_numpy_integer_step_counts_and_explicit_bounds_are_accepted(tiny_pipeline):
+    images = tiny_pipeline(indices=IDS, num_inference_steps=np.int64(2), output_type="pt").images
+    assert images.shape == (1, 3, 32, 32)
+    images = tiny_pipeline(indices=IDS, num_inference_steps=2, height=160, width=32, max_image_size=160,
+                           output_type="pt").images
+    assert images.shape == (1, 3, 160, 32)
+    with pytest.raises(ValueError, match="exceeds max_inference_steps=3"):
+        tiny_pipeline(indices=IDS, num_inference_steps=4, max_inference_steps=3)
+    with pytest.raises(ValueError, match="exceed max_image_size=16"):
+        tiny_pipeline.encode(torch.rand(1, 3, 32, 32), max_image_size=16)
+
+
+def test_model_calls_with_python_scalars_are_checked(tiny_model):
+    sample, code = torch.randn(1, 3, 32, 32), torch.zeros(1, 8, 12)
+    with pytest.raises(ValueError, match="timestep must be a flow time in \\[0, 1\\]"):
+        tiny_model(sample, 5, code)
+    with pytest.raises(ValueError, match="timestep must be a flow time in \\[0, 1\\]"):
+        tiny_model(sample, float("nan"), code)
+    with pytest.raises(ValueError, match="rotary_emb must be the \\(cos, sin\\) pair"):
+        tiny_model(sample, 0.5, code, rotary_emb=tiny_model.decoder_rotary_embedding(16, 16))
+    with pytest.raises(ValueError, match="sample must have shape \\(batch, channels, height, width\\)"):
+        tiny_model(torch.randn(3, 32, 32), 0.5, code)
+    assert tiny_model(sample, 1, code).sample.shape == sample.shape  # an int time is a time
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input range and image conversion
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_pixel_slightly_outside_0_1_is_clamped_not_a_range_flip(tiny_pipeline):
+    images = torch.rand(1, 3, 32, 32)
+    nudged = images.clone()
+    nudged[0, 0, 0, 0] = -0.001
+    clamped = nudged.clamp(0, 1)
+    assert torch.equal(tiny_pipeline.encode(nudged), tiny_pipeline.encode(clamped))
+    # diffusers' image processor would have read the nudged tensor as [-1, 1] (and only warned): other ids.
+    as_if_minus_one_to_one = tiny_pipeline.autoencoder.encode(nudged).indices
+    assert not torch.equal(as_if_minus_one_to_one, tiny_pipeline.encode(nudged))
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.01, -1.0])
+def test_values_beyond_the_tolerance_are_refused_with_the_readme_message(tiny_pipeline, value):
+    images = torch.rand(1, 3, 32, 32)
+    images[0, 0, 0, 0] = value
+    with pytest.raises(ValueError, match="must have values in \\[0, 1\\].*images in \\[-1, 1\\] are not accepted"):
+        tiny_pipeline.encode(images)
+    with pytest.raises(ValueError, match="must have values in \\[0, 1\\]"):
+        tiny_pipeline.encode(images.permute(0, 2, 3, 1).numpy())
+
+
+def image_with_transparency():
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red where visible
+    rgba[:, 16:, 3] = 255  # left half fully transparent (color underneath: red)
+    return PIL.Image.fromarray(rgba)
+
+
+def test_one_conversion_for_the_pipeline_and_the_data_pipeline(tiny_pipeline):
+    from flowmo_diffusers.training.data import ImageTransform
+
+    transform = ImageTransform(32, random_crop=False)
+    sixteen = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64).astype(np.uint16)
+    sixteen[0, 0] = 60000
+    assert PIL.Image.fromarray(sixteen).mode == "I;16"
+    for image in (image_with_transparency(), PIL.Image.fromarray(sixteen),
+                  PIL.Image.new("CMYK", (32, 32), (10, 200, 30, 5)),
+                  image_with_transparency().convert("P")):
+        training_pixels = transform(image)[None]  # [-1, 1], as training and evaluation see the image
+        assert torch.equal(tiny_pipeline.encode(image), tiny_pipeline.encode(training_pixels / 2 + 0.5)), image.mode
+    # Transparency becomes white everywhere, 60000 becomes round(60000 / 257) = 233 everywhere.
+    assert transform(image_with_transparency())[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    assert round(float(transform(PIL.Image.fromarray(sixteen))[0, 0, 0] + 1) * 127.5) == 233
+    rgb16 = np.repeat(sixteen[..., None], 3, axis=-1)
+    assert torch.equal(tiny_pipeline.encode(rgb16), tiny_pipeline.encode(PIL.Image.fromarray(sixteen)))
+
+
+def test_exif_orientation_is_applied_in_the_pipeline(tiny_pipeline, tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = 3  # rotated 180 degrees
+    PIL.Image.fromarray(array).save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    stored = PIL.Image.open(tmp_path / "rotated.jpg")
+    upright = np.asarray(stored.convert("RGB"))[::-1, ::-1].copy()
+    assert torch.equal(tiny_pipeline.encode(stored), tiny_pipeline.encode(upright))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config.json values and weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("decoder_depth", 10**6, "decoder_depth must be an integer in \\[1, 1024\\], got 1000000"),
+        ("encoder_depth", True, "encoder_depth must be an integer, got True"),
+        ("context_dim", 10**9, "context_dim must be an integer in \\[1, 4096\\]"),
+        ("sample_size", 10**6, "sample_size must be an integer in \\[1, 8192\\]"),
+        ("patch_size", 0, "patch_size must be an integer in \\[1, 256\\], got 0"),
+        ("patch_size", -4, "patch_size must be an integer in \\[1, 256\\], got -4"),
+        ("sample_size", "32", "sample_size must be an integer, got '32'"),
+        ("mlp_ratio", float("nan"), "mlp_ratio must be finite"),
+        ("qkv_bias", "false", "qkv_bias must be true or false"),
+        ("decoder_axes_dim", [4, 4], "decoder_axes_dim must be a list of 3 integers"),
+        ("decoder_hidden_size", 60000, "encoder/decoder depth and hidden sizes describe a model of about .* parameters"),
+    ],
+)
+def test_flowmo_config_values_are_checked_at_load(tmp_path, key, value, message):
+    tiny_flowmo_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"FlowMoModel config: {message}"):
+        FlowMoModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("num_layers", 10**6, "num_layers must be an integer in \\[1, 1024\\]"),
+        ("hidden_size", "32", "hidden_size must be an integer, got '32'"),
+        ("num_heads", True, "num_heads must be an integer, got True"),
+        ("codebook_size", 0, "codebook_size must be an integer in"),
+    ],
+)
+def test_maskgit_config_values_are_checked(key, value, message):
+    with pytest.raises(ValueError, match=f"FlowMoMaskGiTTransformer config: {message}"):
+        FlowMoMaskGiTTransformer(**dict(get_maskgit_preset_config("maskgit-tiny"), **{key: value}))
+
+
+def test_weights_that_do_not_match_are_refused(tmp_path):
+    tiny_flowmo_model().save_pretrained(tmp_path)
+    weights_path = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_path)
+    name = next(iter(weights))
+    save_file({("renamed." + k if k == name else k): v for k, v in weights.items()}, weights_path)
+    with pytest.raises(ValueError, match=f"do not match FlowMoModel: 1 missing from the weights \\({name}\\); "
+                                         f"1 not in FlowMoModel \\(renamed.{name}\\)"):
+        FlowMoModel.from_pretrained(tmp_path)
+
+
+def test_a_component_of_the_wrong_class_is_refused_at_load(tmp_path):
+    FlowMoPipeline(autoencoder=tiny_flowmo_model(), scheduler=FlowMoScheduler()).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["autoencoder"] = ["flowmo_diffusers", "FlowMoMaskGiTTransformer"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="names flowmo_diffusers.FlowMoMaskGiTTransformer for 'autoencoder', but "
+                                         "FlowMoPipeline takes FlowMoModel"):
+        FlowMoPipeline.from_pretrained(tmp_path)
+
+
+def test_model_decode_is_bounded_before_allocation(tiny_model):
+    with pytest.raises(ValueError, match="height=8192 exceeds max_image_size=128"):
+        tiny_model.decode(IDS, height=8192, width=32)
+    with pytest.raises(ValueError, match="num_inference_steps=1000000000 exceeds max_inference_steps=1000"):
+        tiny_model.decode(IDS, num_inference_steps=10**9)
+    with pytest.raises(ValueError, match="guidance_scale must lie in"):
+        tiny_model.decode(IDS, guidance_scale=1e30)
+    assert tiny_model.decode(IDS, num_inference_steps=1, height=160, max_image_size=160).sample.shape == (1, 3, 160, 32)
