@@ -111,7 +111,9 @@ class EvaluationConfig:
         dataloader_num_workers: Decoding workers per process (at most 1 for streaming data, see
             :func:`build_evaluation_loader`).
         seed: Seed of the per-image initial noise (and of the random feature networks if requested).
-        num_inference_steps / guidance_scale: Sampler settings (paper: 25, 1.5).
+        num_inference_steps / guidance_scale: Sampler settings; None (the default) decodes with each decoder's own
+            sampler: the paper's (25 steps, guidance 1.5) for a trained FlowMo, K unguided passes for a distilled
+            student.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast for the pipeline (None: Accelerate's
             config). The metric networks always run in float32. FlowMo's own evaluation used bf16.
         lpips_nets: LPIPS backbones; the first is reported as ``lpips``, others as ``lpips_<net>``.
@@ -140,8 +142,8 @@ class EvaluationConfig:
     batch_size: int = 16
     dataloader_num_workers: int = 0
     seed: int = 0
-    num_inference_steps: int = 25
-    guidance_scale: float = 1.5
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
     mixed_precision: Optional[str] = None
     lpips_nets: List[str] = field(default_factory=lambda: ["alex"])
     inception_weights_path: Optional[str] = None
@@ -180,7 +182,7 @@ class EvaluationConfig:
             raise ValueError(f"--resolution must be positive, got {self.resolution}")
         if self.seed < 0:
             raise ValueError(f"--seed must be non-negative, got {self.seed}")
-        if self.num_inference_steps < 1:
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"--num_inference_steps must be positive, got {self.num_inference_steps}")
         if self.psnr_mode not in PSNR_MODES:
             raise ValueError(f"--psnr_mode must be one of {PSNR_MODES}, got {self.psnr_mode!r}")
@@ -273,8 +275,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
     sampler = parser.add_argument_group("sampler")
     sampler.add_argument("--seed", type=int, default=0, help="Seed of the per-image initial noise.")
-    sampler.add_argument("--num_inference_steps", type=int, default=25)
-    sampler.add_argument("--guidance_scale", type=float, default=1.5)
+    sampler.add_argument("--num_inference_steps", type=int, default=None,
+                         help="Decoder steps (default: each decoder's own: 25 for FlowMo, K for a distilled student).")
+    sampler.add_argument("--guidance_scale", type=float, default=None,
+                         help="Guidance (default: each decoder's own: 1.5 for FlowMo, 1 for a distilled student).")
     sampler.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -536,8 +540,8 @@ def evaluate_pipeline(
     metrics,
     *,
     seed: int,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 1.5,
+    num_inference_steps: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
     accelerator=None,
     progress_description: Optional[str] = None,
 ) -> Dict[str, Any]:
@@ -552,7 +556,7 @@ def evaluate_pipeline(
             (:func:`build_evaluation_loader`).
         metrics: A :class:`~flowmo_diffusers.metrics.ReconstructionMetrics`; it is reset first.
         seed: Seed of the per-image noise (:func:`initial_noise_for_images`).
-        num_inference_steps / guidance_scale: Sampler settings.
+        num_inference_steps / guidance_scale: Sampler settings (None: the decoder's own).
         accelerator: ``accelerate.Accelerator`` (gathering and autocast); None: single process, no autocast.
         progress_description: Progress-bar label (shown on the local main process only).
 
@@ -753,7 +757,15 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> Dict[str,
                     "num_parameters": sum(p.numel() for p in pipeline.autoencoder.parameters()),
                 },
                 "seconds": outcome["seconds"],
-                "settings": dict(settings, resolution=resolution),
+                "settings": dict(
+                    settings,
+                    resolution=resolution,
+                    num_inference_steps=config.num_inference_steps or model_config.sampling_num_inference_steps,
+                    guidance_scale=(
+                        config.guidance_scale if config.guidance_scale is not None else model_config.sampling_guidance_scale
+                    ),
+                    distilled_from=model_config.distilled_from,
+                ),
                 "comparable_to_published_results": config.comparable_to_published_results,
             }
         )
@@ -828,10 +840,10 @@ def report_warnings(config: EvaluationConfig) -> List[str]:
             "The paper's figures are over the 50,000 ImageNet-1K validation images; rFID in particular depends "
             "strongly on the number of images."
         )
-    if config.num_inference_steps != 25 or config.guidance_scale != 1.5:
+    if (config.num_inference_steps not in (None, 25)) or (config.guidance_scale not in (None, 1.5)):
         warnings.append(
-            f"Sampler differs from the paper's (25 steps, guidance 1.5): {config.num_inference_steps} steps, "
-            f"guidance {config.guidance_scale}."
+            f"Sampler differs from the paper's (25 steps, guidance 1.5): {config.num_inference_steps or 'own'} steps, "
+            f"guidance {config.guidance_scale if config.guidance_scale is not None else 'own'}."
         )
     return warnings
 
@@ -909,7 +921,11 @@ def format_markdown_report(report: Dict[str, Any]) -> str:
             [
                 f"data: {data}",
                 f"resolution {settings['resolution'] or 'model sample_size'}",
-                f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}",
+                (
+                    f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}"
+                    if settings["num_inference_steps"] is not None or settings["guidance_scale"] is not None
+                    else "each decoder's own sampler (see results.json: steps and guidance per model)"
+                ),
                 f"seed {settings['seed']}",
                 f"mixed precision {settings['mixed_precision']}",
                 f"PSNR {settings['psnr_mode']} (batch size {settings['batch_size']})",
