@@ -31,7 +31,7 @@ from transformers import get_scheduler
 import diffusers
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoMaskGiTTransformer, FlowMoPipeline, MaskGiTScheduler
 from flowmo_diffusers.models.maskgit_transformer import MASKGIT_PRESETS, get_maskgit_preset_config
-from flowmo_diffusers.training.data import _seeded_generator
+from flowmo_diffusers.training.data import seeded_generator
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
 from flowmo_diffusers.training.checkpointing import (
@@ -304,7 +304,7 @@ def main(argv=None):
         if global_step >= args.max_train_steps:
             break
         # Masks, flips and class dropout from a generator keyed by the batch position: resume redraws them exactly.
-        generator = _seeded_generator(args.seed, accelerator.process_index, progress.batches_consumed)
+        generator = seeded_generator(args.seed, accelerator.process_index, progress.batches_consumed)
         ids = batch["indices"]
         if use_flip:
             flip = torch.rand(ids.shape[0], generator=generator) < 0.5

@@ -853,14 +853,14 @@ def report_warnings(config: EvaluationConfig) -> List[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Non-finite floats (PSNR of exact reconstructions is inf) become None: strict JSON has no Infinity."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -1018,7 +1018,7 @@ def write_report(report: Dict[str, Any], output_dir: str | os.PathLike) -> Dict[
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    paths["json"].write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     paths["markdown"].write_text(format_markdown_report(report), encoding="utf-8")
     if len(report["models"]) >= 2:
         paths["plot"] = plot_rate_distortion(

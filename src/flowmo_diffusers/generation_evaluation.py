@@ -780,12 +780,12 @@ def format_markdown_report(report: Dict[str, Any]) -> str:
 
 def write_report(report: Dict[str, Any], output_dir: os.PathLike | str) -> Dict[str, Path]:
     """Write ``results.json`` and ``results.md``; returns ``{"json": path, "markdown": path}``."""
-    from .evaluation import _json_safe
+    from .evaluation import json_safe
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    paths["json"].write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     paths["markdown"].write_text(format_markdown_report(report), encoding="utf-8")
     return paths
 

@@ -50,7 +50,7 @@ LPIPS_BACKBONE_WEIGHTS: Dict[str, PretrainedWeights] = {
 }
 
 
-def _load_torchvision_features_into_lpips_trunk(
+def load_torchvision_features_into_lpips_trunk(
     trunk: nn.Module, torchvision_state_dict: Dict[str, torch.Tensor]
 ) -> None:
     """Copy ``features.<i>.*`` of a torchvision AlexNet/VGG16 state dict into lpips' sliced trunk.
@@ -129,7 +129,7 @@ class LPIPSDistance(nn.Module):
                 verbose=False,
             )
         if backbone_state_dict is not None:
-            _load_torchvision_features_into_lpips_trunk(self.lpips_model.net, backbone_state_dict)
+            load_torchvision_features_into_lpips_trunk(self.lpips_model.net, backbone_state_dict)
         self.lpips_model.eval()
         self.lpips_model.requires_grad_(False)
 

@@ -68,18 +68,18 @@ class MaskGiTSchedulerOutput(BaseOutput):
     pred_original_sample: torch.LongTensor
 
 
-def _uniform(shape: Tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
+def uniform_noise(shape: Tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
     """U[0, 1) float32 noise of `shape` on `device`, drawn on the generator's device (a list: one generator per row)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        return torch.cat([_uniform((1, *shape[1:]), g, device) for g in generator])
+        return torch.cat([uniform_noise((1, *shape[1:]), g, device) for g in generator])
     draw_device = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=draw_device, dtype=torch.float32).to(device)
 
 
 def _gumbel(shape: Tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
-    noise = _uniform(shape, generator, device)
+    noise = uniform_noise(shape, generator, device)
     return -torch.log((-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20))
 
 
@@ -316,14 +316,14 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
         batch_size, seq_len = sample.shape
         device = sample.device
         if mask_ratio is None:
-            ratio = self.mask_ratio(_uniform((batch_size,), generator, device))
+            ratio = self.mask_ratio(uniform_noise((batch_size,), generator, device))
         else:
             ratio = torch.as_tensor(mask_ratio, dtype=torch.float32, device=device).expand(batch_size)
             if ratio.min() < 0 or ratio.max() > 1:
                 raise ValueError("mask_ratio must lie in [0, 1]")
         num_masked = (ratio.float() * seq_len).round().clamp(1, seq_len).long()
         # The rank of each position in a random order: the first `num_masked` ranks form a uniform random subset.
-        ranks = _uniform((batch_size, seq_len), generator, device).argsort(dim=-1).argsort(dim=-1)
+        ranks = uniform_noise((batch_size, seq_len), generator, device).argsort(dim=-1).argsort(dim=-1)
         mask = ranks < num_masked[:, None]
         masked = torch.where(mask, torch.full_like(sample, self.config.mask_token_id), sample)
         return masked, mask

@@ -394,11 +394,11 @@ def _derive_seed(*values: int) -> int:
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _seeded_generator(*values: int) -> torch.Generator:
+def seeded_generator(*values: int) -> torch.Generator:
     return torch.Generator().manual_seed(_derive_seed(*values))
 
 
-def _prepare_columns(
+def prepare_columns(
     dataset: AnyDataset, image_column: str | None, label_column: str | None
 ) -> tuple[AnyDataset, str, str | None]:
     """Keep only the image/label columns, drop any output format and disable datasets' image decoding."""
@@ -412,7 +412,7 @@ def _prepare_columns(
     return dataset, image_column, label_column
 
 
-class _ImageDecoder:
+class ImageDecoder:
     """Decode + transform one example, counting failures instead of raising (one instance per worker copy)."""
 
     def __init__(self, transform: ImageTransform):
@@ -469,7 +469,7 @@ class _MapStyleBatchDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.image_column = image_column
         self.label_column = label_column
-        self.decoder = _ImageDecoder(transform)
+        self.decoder = ImageDecoder(transform)
         self.batch_size = batch_size
         self.seed = seed
         self.process_index = process_index
@@ -490,7 +490,7 @@ class _MapStyleBatchDataset(torch.utils.data.Dataset):
             return list(range(start, stop))
         if self._permutation_epoch != epoch:  # one permutation per epoch, cached for the epoch's batches
             self._permutation = torch.randperm(
-                self.num_rows, generator=_seeded_generator(self.seed, self.process_index, epoch)
+                self.num_rows, generator=seeded_generator(self.seed, self.process_index, epoch)
             )
             self._permutation_epoch = epoch
         return self._permutation[start:stop].tolist()
@@ -509,7 +509,7 @@ class _MapStyleBatchDataset(torch.utils.data.Dataset):
         for slot, image_value in enumerate(image_values):
             # Seeded per slot so a crop does not depend on which other images of the batch failed to decode.
             crop_generator = (
-                _seeded_generator(self.seed, self.process_index, epoch, batch_in_epoch, slot)
+                seeded_generator(self.seed, self.process_index, epoch, batch_in_epoch, slot)
                 if self.decoder.transform.is_random
                 else None
             )
@@ -521,7 +521,7 @@ class _MapStyleBatchDataset(torch.utils.data.Dataset):
                     continue
                 if replacement_generator is None:
                     # Separate stream (extra 0 component) so replacements never shift the crop seeds.
-                    replacement_generator = _seeded_generator(
+                    replacement_generator = seeded_generator(
                         self.seed, self.process_index, epoch, batch_in_epoch, self.batch_size, 0
                     )
                 tensor, label, extra_skipped, error = self._draw_replacement(replacement_generator, crop_generator)
@@ -581,7 +581,7 @@ class _StreamingBatchIterable(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.image_column = image_column
         self.label_column = label_column
-        self.decoder = _ImageDecoder(transform)
+        self.decoder = ImageDecoder(transform)
         self.batch_size = batch_size
         self.seed = seed
         self.process_index = process_index
@@ -620,7 +620,7 @@ class _StreamingBatchIterable(torch.utils.data.IterableDataset):
                         batch_in_epoch, worker_batch_index = batch_in_epoch + 1, worker_batch_index + 1
                     continue
                 crop_generator = (
-                    _seeded_generator(
+                    seeded_generator(
                         self.seed, self.process_index, worker_id, epoch, batch_in_epoch, len(pixel_values)
                     )
                     if self.decoder.transform.is_random
@@ -900,7 +900,7 @@ def build_train_dataloader(
     _check_common_arguments(resolution, batch_size, process_index, num_processes)
     if seed < 0 or skip_batches < 0:
         raise ValueError(f"seed and skip_batches must be non-negative, got {seed} and {skip_batches}.")
-    dataset, image_column, label_column = _prepare_columns(dataset, image_column, label_column)
+    dataset, image_column, label_column = prepare_columns(dataset, image_column, label_column)
     dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
     transform = ImageTransform(resolution, random_crop=True, random_flip=random_flip, interpolation=interpolation)
     batch_source: _MapStyleBatchDataset | _StreamingBatchIterable
@@ -965,7 +965,7 @@ def build_eval_dataloader(
         "labels": [b] int64 (if labeled)}`` with ``1 <= b <= batch_size``.
     """
     _check_common_arguments(resolution, batch_size, process_index, num_processes)
-    dataset, image_column, label_column = _prepare_columns(dataset, image_column, label_column)
+    dataset, image_column, label_column = prepare_columns(dataset, image_column, label_column)
     dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
     transform = ImageTransform(resolution, random_crop=False, random_flip=False, interpolation=interpolation)
     batch_source: _MapStyleBatchDataset | _StreamingBatchIterable

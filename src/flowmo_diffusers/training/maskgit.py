@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
-from ..schedulers.scheduling_maskgit import MaskGiTScheduler, _uniform
+from ..schedulers.scheduling_maskgit import MaskGiTScheduler, uniform_noise
 
 GeneratorType = Optional[Union[torch.Generator, List[torch.Generator]]]
 
@@ -51,7 +51,7 @@ def drop_class_labels(
         raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob}")
     if drop_prob == 0:
         return class_labels
-    drop = _uniform(tuple(class_labels.shape), generator, class_labels.device) < drop_prob
+    drop = uniform_noise(tuple(class_labels.shape), generator, class_labels.device) < drop_prob
     return torch.where(drop, torch.full_like(class_labels, null_class_id), class_labels)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics.perceptual_similarity import _load_torchvision_features_into_lpips_trunk
+from ..metrics.perceptual_similarity import load_torchvision_features_into_lpips_trunk
 from ..metrics.pretrained_weights import MissingPretrainedWeightsError, PathLike, PretrainedWeights, load_pretrained_state_dict
 
 PERCEPTUAL_NETWORKS = ("lpips-vgg", "resnet50")
@@ -90,7 +90,7 @@ class LPIPSVGGLoss(nn.Module):
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if backbone is not None:
-            _load_torchvision_features_into_lpips_trunk(self.lpips.net, backbone)
+            load_torchvision_features_into_lpips_trunk(self.lpips.net, backbone)
         self.pretrained = pretrained
         self.eval().requires_grad_(False)
 

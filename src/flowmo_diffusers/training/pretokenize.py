@@ -36,7 +36,7 @@ from datasets.distributed import split_dataset_by_node
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..utils.files import atomic_write
-from .data import AnyDataset, ImageTransform, _ImageDecoder, _prepare_columns, resolve_image_columns
+from .data import AnyDataset, ImageTransform, ImageDecoder, prepare_columns, resolve_image_columns
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class _DecodedRows(torch.utils.data.Dataset):
     """Rows of a map-style dataset -> (pixels `[3, R, R]` in [-1, 1] or None when undecodable, label, index)."""
 
     def __init__(self, dataset: datasets.Dataset, image_column: str, label_column: Optional[str], first_index: int,
-                 decoder: _ImageDecoder):
+                 decoder: ImageDecoder):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.first_index, self.decoder = first_index, decoder
 
@@ -114,7 +114,7 @@ class _DecodedRows(torch.utils.data.Dataset):
         return _decode_row(row, self.image_column, self.label_column, self.first_index + position, self.decoder)
 
 
-def _decode_row(row, image_column, label_column, index, decoder: _ImageDecoder):
+def _decode_row(row, image_column, label_column, index, decoder: ImageDecoder):
     """The training loader's decoder (corrupt images logged and counted as None, never raised) plus label and index."""
     pixels, _ = decoder(row[image_column], generator=None)
     label = row.get(label_column) if label_column is not None else None
@@ -222,10 +222,10 @@ def pretokenize(
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} is outside [0, {num_processes})")
     resolution = resolution or autoencoder.config.sample_size
-    decoder = _ImageDecoder(ImageTransform(resolution, random_crop=False))
+    decoder = ImageDecoder(ImageTransform(resolution, random_crop=False))
     features = token_features(autoencoder.codebook_size, flip)
     os.makedirs(os.path.join(output_dir, CHUNKS_FOLDER), exist_ok=True)
-    dataset, image_column, label_column = _prepare_columns(dataset, image_column, label_column)
+    dataset, image_column, label_column = prepare_columns(dataset, image_column, label_column)
     streaming = isinstance(dataset, datasets.IterableDataset)
     summary = {"chunks_written": 0, "chunks_skipped": 0, "images": 0, "skipped_images": 0}
 
