@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, get_preset_config
 from flowmo_diffusers.conversion import (
     CheckpointConversionError,
+    UnsafeCheckpointError,
     config_from_original,
     convert_original_state_dict,
     load_original_checkpoint,
@@ -179,14 +180,40 @@ def test_mismatches_name_the_keys(tmp_path):
     assert "mis-shaped keys" in result.stderr and "does not match" in result.stderr
 
 
-class NotATensor:
-    """Any pickled object other than tensors and containers must be refused."""
+class WritesAMarker:
+    """A pickle payload: unpickling it opens (creates) a marker file, as a hostile checkpoint would run code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
-def test_checkpoint_is_read_with_weights_only(tmp_path):
-    bad = tmp_path / "pickled.pth"
-    torch.save({"model_state_dict": {"x": NotATensor()}}, bad)
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+def test_hostile_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "marker"
+    bad = tmp_path / "hostile.pth"
+    state_dict, _ = load_original_checkpoint(str(CHECKPOINT))
+    torch.save({"model_ema_state_dict": state_dict, "payload": WritesAMarker(marker)}, bad)
+    assert not marker.exists()
+
+    with pytest.raises(UnsafeCheckpointError) as error:
         load_original_checkpoint(str(bad))
+    message = str(error.value)
+    assert "non-tensor pickled objects" in message and "refused for safety" in message and str(bad) in message
+    assert "weights_only" not in message
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # torch's advice is not chained
+    assert isinstance(error.value, CheckpointConversionError)
+
+    command = [sys.executable, str(SCRIPT), "--checkpoint_path", str(bad), *ORIGINAL_CONFIG]
+    result = subprocess.run(command + ["--output_path", str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "non-tensor pickled objects" in result.stderr and "refused for safety" in result.stderr
+    assert "weights_only=False" not in result.stderr and "`weights_only` set to `False`" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_original_checkpoint(str(tmp_path / "missing.pth"))

@@ -1,6 +1,7 @@
 """Conversion of the original FlowMo checkpoints (`flowmo_lo.pth`, `flowmo_hi.pth`, training runs) to FlowMoModel."""
 
 import os
+import pickle
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -48,6 +49,22 @@ _TOP_LEVEL = {
 
 class CheckpointConversionError(ValueError):
     """A checkpoint does not match the configuration it is converted with."""
+
+
+class UnsafeCheckpointError(CheckpointConversionError):
+    """A checkpoint holds pickled objects other than tensors and plain containers, so it is not loaded."""
+
+
+def _refuse_unsafe_checkpoint(path: str, error: pickle.UnpicklingError) -> UnsafeCheckpointError:
+    # torch's own message advises turning the safe loader off, i.e. running the file's code: only the name of the
+    # refused global is taken from it (torch >= 2.4 words it "GLOBAL <module>.<name>").
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f" (it references {found.group(1)})" if found else ""
+    return UnsafeCheckpointError(
+        f"{path} contains non-tensor pickled objects{what}, so it is refused for safety: unpickling them could "
+        "run arbitrary code. FlowMo checkpoints hold only tensors and plain containers (dicts, lists, numbers, "
+        "strings). Obtain the checkpoint from its original source, or re-save its state dicts as tensors only."
+    )
 
 
 def original_key(key: str) -> str:
@@ -131,10 +148,18 @@ def load_original_checkpoint(path: str, prefer_ema: bool = True) -> Tuple[Dict[s
     Returns:
         The state dict and the name of the entry it came from (`model_ema_state_dict` when present and
         `prefer_ema`, else `model_state_dict`; `"state_dict"` for a bare state dict).
+
+    Raises:
+        UnsafeCheckpointError: the file holds pickled objects other than tensors and plain containers (whatever
+            they are, they are never unpickled).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # "from None": the chained torch error would advise turning the safe loader off.
+        raise _refuse_unsafe_checkpoint(path, error) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointConversionError(f"{path} holds a {type(checkpoint).__name__}, not a FlowMo checkpoint dict")
     for entry in (["model_ema_state_dict"] if prefer_ema else []) + ["model_state_dict"]:
