@@ -57,12 +57,44 @@ def test_training_time_distributions(distribution):
     assert torch.equal(again, scheduler.sample_training_times(8, generator=torch.Generator().manual_seed(1)))
 
 
-def test_config_round_trip(tmp_path):
-    scheduler = FlowMoScheduler(time_schedule="linear", guidance_interval=(0.2, 0.9))
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"time_schedule": "linear", "guidance_interval": (0.2, 0.9)}, {"guidance_interval": [0.1, 2]},
+     {"guidance_interval": None}],
+)
+def test_config_round_trip(tmp_path, options):
+    scheduler = FlowMoScheduler(**options)
     scheduler.save_pretrained(tmp_path)
     loaded = FlowMoScheduler.from_pretrained(tmp_path)
-    assert loaded.config.time_schedule == "linear"
-    assert tuple(loaded.config.guidance_interval) == (0.2, 0.9)
+
+    def public(config):
+        return {key: value for key, value in config.items() if not key.startswith("_")}
+
+    assert public(loaded.config) == public(scheduler.config)
+    interval = loaded.config.guidance_interval
+    assert interval is None or type(interval) is tuple  # not the list JSON brings back
+    assert public(FlowMoScheduler.from_config(loaded.config).config) == public(scheduler.config)
+    loaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "scheduler_config.json").read_text() == (tmp_path / "scheduler_config.json").read_text()
+
+
+def test_scale_noise_and_begin_index_forward_the_flow_matching_api():
+    scheduler = FlowMoScheduler()
+    scheduler.set_timesteps(25)
+    images, noise = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    index = 20
+    t = scheduler.sigmas[index]
+    noised = scheduler.scale_noise(images, scheduler.timesteps[index : index + 1], noise)
+    torch.testing.assert_close(noised, (1 - t) * images + t * noise)
+    torch.testing.assert_close(noised, FlowMoScheduler.add_noise_at_times(images, noise, t.expand(2)))
+
+    # An image-to-image decode from that time: stepping starts at the begun index.
+    scheduler.set_begin_index(index)
+    assert scheduler.begin_index == index
+    velocity = torch.randn(2, 3, 4, 4)
+    stepped = scheduler.step(velocity, scheduler.timesteps[index], noised).prev_sample
+    torch.testing.assert_close(stepped, noised + (scheduler.sigmas[index + 1] - t) * velocity, rtol=0, atol=1e-6)
+    assert scheduler.step_index == index + 1
 
 
 def test_bad_options():

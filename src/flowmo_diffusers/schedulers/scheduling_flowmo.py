@@ -73,6 +73,12 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         uniform_time_probability (`float`): the uniform share of `"fat_lognormal"`.
         num_train_timesteps (`int`): diffusers' `timesteps` are `1000 * t`; the model takes t itself.
 
+    Of the API of the flow-matching scheduler it holds, `sigmas`, `timesteps`, `step_index`, `begin_index`,
+    `set_begin_index`, `set_timesteps(sigmas=...)`, `scale_noise` and `step` are forwarded. Its `shift`,
+    `use_dynamic_shifting` / `set_shift` and `time_shift` are not: FlowMo's grid is fixed by `time_schedule` and
+    `time_power` (a shifted grid is not the one the decoder was trained and evaluated with); a
+    `FlowMatchEulerDiscreteScheduler` built `from_config` of this one can be shifted if wanted.
+
     Any diffusers flow-matching scheduler in `_compatibles` can replace it in a pipeline:
     `pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)`; the multistep solvers need
     their flow mode spelled out, `UniPCMultistepScheduler.from_config(pipe.scheduler.config,
@@ -107,6 +113,10 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
             )
         if guidance_interval is not None and (len(guidance_interval) != 2 or guidance_interval[0] > guidance_interval[1]):
             raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {guidance_interval}")
+        if guidance_interval is not None:
+            # JSON has no tuples: a saved config comes back with a list. Store a tuple whatever was passed, so that
+            # save_pretrained / from_pretrained (and from_config) give back an equal config.
+            self.register_to_config(guidance_interval=tuple(float(bound) for bound in guidance_interval))
         self.euler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
 
     order = 1
@@ -138,6 +148,27 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         """Start stepping at `begin_index` without looking the first timestep up in the grid (which reads a device
         tensor on the host)."""
         self.euler.set_begin_index(begin_index)
+
+    def scale_noise(
+        self,
+        sample: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Noise clean images to the flow time of `timestep` on the current grid, `(1 - t) x + t noise` (diffusers'
+        [`FlowMatchEulerDiscreteScheduler.scale_noise`], which this forwards to): the start of an image-to-image
+        decode that begins part-way down the grid (with [`set_begin_index`]).
+
+        Args:
+            sample (`torch.Tensor`): clean images `x`.
+            timestep (`float` or `torch.Tensor`): one of `timesteps` (`1000 * t`), or one per sample; call
+                [`set_timesteps`] first.
+            noise (`torch.Tensor`, *optional*): the noise to mix in.
+
+        For per-sample continuous training times use [`add_noise_at_times`], which needs no grid.
+        """
+        return self.euler.scale_noise(sample, timestep, noise)
 
     def step(
         self,
