@@ -4,9 +4,10 @@ They stand in for ``flowmo_diffusers.FlowMoModel`` / ``FlowMoScheduler`` until t
 exported at module top level: diffusers records a component living in a non-diffusers library as
 ``[<module.__name__>, <ClassName>]`` in ``model_index.json`` (here ``["hub_dummy_components", "TinyHubModel"]``)
 and re-imports it with ``importlib.import_module(<module.__name__>)`` when loading.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: diffusers before 0.37 reads ``__init__`` annotations as objects
+(``inspect.signature``), so string annotations make ``from_pretrained`` fail with a KeyError at the floor (0.36).
+"""
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin

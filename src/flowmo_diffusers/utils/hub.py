@@ -61,12 +61,21 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-try:  # huggingface_hub >= 1.0 talks httpx (httpx2 in 2.x), whose transport errors are not OSErrors
-    from huggingface_hub.utils import httpx as _httpx
+# huggingface_hub 1.x talks httpx, 2.x httpx2 (exported as huggingface_hub.utils.httpx); their transport errors are
+# not OSErrors. (0.x used requests, whose errors, like HfHubHTTPError, are OSErrors.)
+_NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+try:
+    from huggingface_hub.utils import httpx as _hub_httpx
 
-    _NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError, _httpx.TransportError)
-except ImportError:  # huggingface_hub 0.x uses requests: its errors (and HfHubHTTPError) are OSErrors
-    _NETWORK_ERRORS = (OSError,)
+    _NETWORK_ERRORS += (_hub_httpx.TransportError,)
+except ImportError:
+    pass
+try:
+    import httpx as _httpx
+
+    _NETWORK_ERRORS += (_httpx.TransportError,)
+except ImportError:
+    pass
 
 logger = logging.getLogger(__name__)
 
