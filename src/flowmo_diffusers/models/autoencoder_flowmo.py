@@ -212,6 +212,16 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             raise ValueError(f"context_dim {context_dim} is not a multiple of bits_per_subtoken {bits_per_subtoken}")
         if sample_size % patch_size != 0:
             raise ValueError(f"sample_size {sample_size} is not a multiple of patch_size {patch_size}")
+        # JSON has no tuples: register sequences the way a saved config comes back (axes as lists; the guidance
+        # interval as a tuple of floats, like FlowMoScheduler's), so save_pretrained / from_pretrained round-trip to
+        # an equal config whatever was passed.
+        self.register_to_config(
+            encoder_axes_dim=list(encoder_axes_dim),
+            decoder_axes_dim=list(decoder_axes_dim),
+            sampling_guidance_interval=None
+            if sampling_guidance_interval is None
+            else tuple(float(bound) for bound in sampling_guidance_interval),
+        )
         patch_dim = in_channels * patch_size**2
 
         def attention_scale(hidden_size, num_heads):
