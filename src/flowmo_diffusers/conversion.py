@@ -261,17 +261,20 @@ def convert_original_checkpoint(
     config: Optional[Mapping[str, Any]] = None,
     prefer_ema: bool = True,
     dtype: torch.dtype = torch.float32,
+    model_class: Optional[type] = None,
 ):
     """
     Build a [`FlowMoModel`] from an original checkpoint.
 
     Give exactly one of `preset` (`flowmo-lo`, `flowmo-hi`), `original_config` (the trainer's `config.yaml`) or
-    `config` (a FlowMoModel config dict).
+    `config` (a FlowMoModel config dict). `model_class` is [`FlowMoModel`] or a subclass of it (the class whose
+    `from_single_file` was called).
 
     Returns:
         `(model, source)`: the model in `dtype` and the checkpoint entry the weights came from.
     """
-    from .models.autoencoder_flowmo import FlowMoModel
+    if model_class is None:
+        from .models.autoencoder_flowmo import FlowMoModel as model_class
 
     if sum(option is not None for option in (preset, original_config, config)) != 1:
         raise ValueError("give exactly one of preset, original_config or config")
@@ -281,9 +284,9 @@ def convert_original_checkpoint(
         config = config_from_original(original_config, dit_base)
     state_dict, source = load_original_checkpoint(checkpoint_path, prefer_ema=prefer_ema)
     with torch.device("meta"):
-        shapes = {key: value.shape for key, value in FlowMoModel(**config).state_dict().items()}
+        shapes = {key: value.shape for key, value in model_class(**config).state_dict().items()}
     converted = convert_original_state_dict(state_dict, shapes, config)
-    model = FlowMoModel(**config)
+    model = model_class(**config)
     model.load_state_dict(converted, strict=True)
     # nn.Module.to rather than ModelMixin.to, which warns about fp32 modules on every dtype cast (diffusers 0.42).
     return torch.nn.Module.to(model, dtype).eval(), source

@@ -9,6 +9,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..loaders import FromOriginalModelMixin
 from ..schedulers.flow_sampling import (
     count_decoder_passes,
     evaluation_flow_times,
@@ -120,13 +121,15 @@ def _estimated_parameters(values: dict) -> int:
     return int(total)
 
 
-class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModelMixin):
     r"""
     FlowMo (Sargent et al., 2025, "Flow to the Mode"): a transformer-only diffusion autoencoder. The encoder turns an
     image into `code_length` tokens of `context_dim` channels, the lookup-free quantizer binarizes them (token ids of
     `bits_per_subtoken` bits), and the decoder predicts the rectified-flow velocity of a noisy image given the code.
 
     Sizes are explicit (the original derives them from muP width multipliers); see `flowmo_diffusers.presets`.
+    `FlowMoModel.from_single_file("flowmo_lo.pth", preset="flowmo-lo")` loads an original checkpoint (a path or a
+    Hub file link) without a conversion step.
 
     Parameters:
         sample_size (`int`): training resolution (images may be any multiple of `patch_size`).

@@ -10,6 +10,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..loaders import FromSingleFileMixin
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, resolve_max_image_size
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
@@ -35,7 +36,7 @@ class FlowMoPipelineOutput(ImagePipelineOutput):
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray], List[torch.Tensor]]
 
 
-class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
+class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
     r"""
     Tokenize and reconstruct images with FlowMo.
 
@@ -51,7 +52,8 @@ class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline):
     way: `pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)`.
 
     `from_pretrained` takes a folder or a Hub repo id (see [`HubPipelineMixin`] for why diffusers' own download step
-    cannot be used for components that live in this package).
+    cannot be used for components that live in this package); `from_single_file` takes the paper's original `.pth`
+    (a path or a Hub file link, see [`FromSingleFileMixin`]).
 
     Args:
         autoencoder ([`FlowMoModel`]): the tokenizer.
