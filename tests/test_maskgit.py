@@ -474,3 +474,51 @@ def _memorize_and_decode(tiny_model, start):
     # Each sample is closest to its own class's sequence.
     distances = (sampled[:, None, :] != sequences[None]).sum(-1)
     assert torch.equal(distances.argmin(dim=1), labels)
+
+
+@torch.no_grad()
+def test_num_images_per_prompt_gives_each_image_its_own_draws(maskgit_pipeline):
+    kwargs = dict(num_inference_steps=4, decoder_num_inference_steps=2)
+    seeds = lambda *values: [torch.Generator().manual_seed(v) for v in values]  # noqa: E731
+    out = maskgit_pipeline([1, 2], num_images_per_prompt=2, generator=seeds(0, 1, 2, 3), output_type="pt", **kwargs)
+    assert out.indices.shape == (4, N) and out.images.shape == (4, 3, 32, 32)
+    # label 1's two images, then label 2's; image k comes from generator k alone
+    for k, label in enumerate([1, 1, 2, 2]):
+        alone = maskgit_pipeline([label], generator=seeds(k), output_type="pt", **kwargs)
+        assert torch.equal(out.indices[k], alone.indices[0])
+        torch.testing.assert_close(out.images[k : k + 1], alone.images, rtol=0, atol=1e-6)
+    assert not torch.equal(out.indices[0], out.indices[1])
+    with pytest.raises(ValueError, match="class labels x num_images_per_prompt"):
+        maskgit_pipeline([1, 2], num_images_per_prompt=2, generator=seeds(0, 1), **kwargs)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer"):
+        maskgit_pipeline([1], num_images_per_prompt=0, **kwargs)
+
+
+@torch.no_grad()
+def test_callback_reads_and_replaces_the_token_ids(maskgit_pipeline):
+    kwargs = dict(num_inference_steps=5, decoder_num_inference_steps=2, output_type="latent")
+    seen = []
+
+    def record(pipe, step_index, timestep, callback_kwargs):
+        seen.append((step_index, callback_kwargs["latents"].clone()))
+        return callback_kwargs
+
+    plain = maskgit_pipeline([3, 4], generator=torch.Generator().manual_seed(0), **kwargs).indices
+    recorded = maskgit_pipeline([3, 4], generator=torch.Generator().manual_seed(0), callback_on_step_end=record,
+                                **kwargs).indices
+    assert torch.equal(recorded, plain)
+    assert [step for step, _ in seen] == list(range(5))
+    masked = [int((ids == MASK).sum()) for _, ids in seen]
+    assert masked == sorted(masked, reverse=True) and masked[-1] == 0 and masked[0] > 0
+    assert torch.equal(seen[-1][1], plain)
+
+    target = torch.arange(2 * N).reshape(2, N) % V
+
+    def replace_at_the_end(pipe, step_index, timestep, callback_kwargs):
+        return {"latents": target} if step_index == 4 else callback_kwargs
+
+    out = maskgit_pipeline([3, 4], generator=torch.Generator().manual_seed(0), callback_on_step_end=replace_at_the_end,
+                           **kwargs)
+    assert torch.equal(out.indices, target)
+    with pytest.raises(ValueError, match="has to be in \\['latents'\\]"):
+        maskgit_pipeline([3], callback_on_step_end=record, callback_on_step_end_tensor_inputs=["ids"], **kwargs)

@@ -140,3 +140,125 @@ def test_from_pretrained_by_hub_repo_id_and_push_to_hub(local_hub, tiny_pipeline
         rtol=0,
         atol=1e-6,
     )
+
+
+# ------------------------------------------------------------------ several decodings per input, callbacks
+
+
+def seeds(*values):
+    return [torch.Generator().manual_seed(v) for v in values]
+
+
+@torch.no_grad()
+def test_num_images_per_prompt_orders_like_diffusers_with_noise_per_sample(tiny_pipeline):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = tiny_pipeline(images=images, num_images_per_prompt=3, generator=seeds(0, 1, 2, 3, 4, 5),
+                        num_inference_steps=4, output_type="pt").images
+    assert out.shape == (6, 3, 32, 32)
+    # all samples of image 0, then image 1's; sample k is seeded by generator k alone
+    for k in range(6):
+        alone = tiny_pipeline(images=images[k // 3 : k // 3 + 1], generator=seeds(k), num_inference_steps=4,
+                              output_type="pt").images
+        torch.testing.assert_close(out[k : k + 1], alone, rtol=0, atol=1e-6)
+    assert (out[0] - out[1]).abs().max() > 1e-3 and (out[3] - out[4]).abs().max() > 1e-3  # each its own noise
+
+    # one generator: the batch's noise is drawn at once, as decoding the repeated ids
+    ids = tiny_pipeline.encode(images)
+    single = tiny_pipeline(indices=ids, num_images_per_prompt=2, generator=torch.Generator().manual_seed(9),
+                           num_inference_steps=4, output_type="pt").images
+    repeated = tiny_pipeline(indices=ids.repeat_interleave(2, dim=0), generator=torch.Generator().manual_seed(9),
+                             num_inference_steps=4, output_type="pt").images
+    torch.testing.assert_close(single, repeated, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt must be a positive integer"),
+        ({"num_images_per_prompt": 2, "generator": [torch.Generator()] * 2}, "inputs x num_images_per_prompt"),
+        ({"num_images_per_prompt": 2, "latents": torch.randn(2, 3, 32, 32)}, "latents must be a tensor of shape \\(4,"),
+        ({"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]},
+         "callback_on_step_end_tensor_inputs has to be in \\['latents'\\]"),
+        ({"callback_on_step_end": "not callable"}, "callback_on_step_end must be callable"),
+    ],
+)
+def test_bad_sampling_arguments_are_named(tiny_pipeline, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(indices=torch.zeros(2, 24, dtype=torch.long), num_inference_steps=2, **kwargs)
+
+
+@torch.no_grad()
+def test_per_pixel_variance_of_several_reconstructions(tiny_pipeline):
+    from flowmo_diffusers.pipelines import per_pixel_variance
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = tiny_pipeline(images=images, num_images_per_prompt=4, generator=torch.Generator().manual_seed(0),
+                        num_inference_steps=4, output_type="pt").images
+    variance = per_pixel_variance(out, 4)
+    assert variance.shape == (2, 32, 32) and variance.dtype == torch.float32
+    expected = out.reshape(2, 4, 3, 32, 32).var(dim=1, unbiased=False).mean(dim=1)
+    torch.testing.assert_close(variance, expected)
+    assert variance.min() >= 0 and variance.mean() > 0
+    # numpy and PIL outputs give the same picture (PIL up to its uint8 rounding)
+    as_np = tiny_pipeline(images=images, num_images_per_prompt=4, generator=torch.Generator().manual_seed(0),
+                          num_inference_steps=4, output_type="np").images
+    np.testing.assert_allclose(per_pixel_variance(as_np, 4), variance.numpy(), atol=1e-6)
+    as_pil = tiny_pipeline(images=images, num_images_per_prompt=4, generator=torch.Generator().manual_seed(0),
+                           num_inference_steps=4).images
+    np.testing.assert_allclose(per_pixel_variance(as_pil, 4), variance.numpy(), atol=5e-3)
+    assert np.all(per_pixel_variance(np.repeat(as_np[:1], 3, axis=0), 3) == 0)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        per_pixel_variance(out, 3)
+    with pytest.raises(ValueError, match=">= 2"):
+        per_pixel_variance(out, 1)
+
+
+@torch.no_grad()
+def test_callback_reads_and_replaces_the_latents_each_step(tiny_pipeline):
+    ids = torch.randint(0, 16, (2, 24), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def record(pipe, step_index, timestep, callback_kwargs):
+        assert pipe is tiny_pipeline and set(callback_kwargs) == {"latents"}
+        seen.append((step_index, float(timestep), callback_kwargs["latents"].clone()))
+        return callback_kwargs
+
+    plain = tiny_pipeline(indices=ids, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    recorded = tiny_pipeline(indices=ids, generator=torch.Generator().manual_seed(0), output_type="pt",
+                             callback_on_step_end=record).images
+    assert torch.equal(recorded, plain)  # returning the latents unchanged changes nothing
+    assert [step for step, _, _ in seen] == list(range(25))
+    assert [t for _, t, _ in seen] == tiny_pipeline.scheduler.timesteps.tolist()
+    assert torch.equal(seen[-1][2].clamp(-1, 1) / 2 + 0.5, plain)  # the last step's latents are the images
+    trajectory = {step: latents for step, _, latents in seen}
+
+    def swap_in(pipe, step_index, timestep, callback_kwargs):
+        # from step 10 on, continue run A's trajectory inside run B (other noise): B must end where A ends
+        return {"latents": trajectory[10]} if step_index == 10 else callback_kwargs
+
+    other = tiny_pipeline(indices=ids, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    swapped = tiny_pipeline(indices=ids, generator=torch.Generator().manual_seed(1), output_type="pt",
+                            callback_on_step_end=swap_in).images
+    assert (other - plain).abs().max() > 1e-2
+    torch.testing.assert_close(swapped, plain, rtol=0, atol=1e-6)
+
+    with pytest.raises(TypeError, match="must return a dict"):
+        tiny_pipeline(indices=ids, num_inference_steps=2, callback_on_step_end=lambda *args: None)
+    with pytest.raises(ValueError, match="must keep the shape"):
+        tiny_pipeline(indices=ids, num_inference_steps=2, callback_on_step_end=lambda *a: {"latents": torch.zeros(1)})
+
+
+def test_diffusers_pipeline_callback_objects_work(tiny_pipeline):
+    from diffusers.callbacks import PipelineCallback
+
+    class ZeroAtTheEnd(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == pipeline.scheduler.num_inference_steps - 1:
+                callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+            return callback_kwargs
+
+    out = tiny_pipeline(indices=torch.zeros(1, 24, dtype=torch.long), num_inference_steps=3, output_type="pt",
+                        callback_on_step_end=ZeroAtTheEnd()).images
+    assert torch.equal(out, torch.full_like(out, 0.5))

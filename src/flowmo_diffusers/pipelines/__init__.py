@@ -1,2 +1,3 @@
 from .pipeline_flowmo import FlowMoPipeline
 from .pipeline_flowmo_maskgit import FlowMoMaskGiTPipeline, FlowMoMaskGiTPipelineOutput
+from .variance import per_pixel_variance

@@ -1,11 +1,12 @@
 """FlowMoPipeline: images -> token ids -> images with FlowMo's rectified-flow decoder."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -42,7 +43,9 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
 
     - `pipe.encode(images)` -> token ids `(B, num_indices)`;
     - `pipe(indices=ids)` -> images decoded from token ids;
-    - `pipe(images=images)` -> reconstructions (encode then decode).
+    - `pipe(images=images)` -> reconstructions (encode then decode);
+    - `pipe(images=images, num_images_per_prompt=8)` -> 8 reconstructions of each image, each from its own noise
+      (the decoder is a diffusion model: [`per_pixel_variance`] shows where they differ).
 
     Images follow diffusers conventions: PIL images, numpy arrays `(B, H, W, 3)` or torch tensors `(B, 3, H, W)` with
     values in [0, 1] (uint8 arrays in [0, 255] are scaled). Decoding runs [`FlowMoModel.decode`]: it integrates the
@@ -62,6 +65,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "autoencoder"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, autoencoder: FlowMoModel, scheduler: Union[FlowMoScheduler, SchedulerMixin]):
         super().__init__()
@@ -189,12 +193,17 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         generator=None,
         max_image_size=None,
         max_inference_steps=None,
+        num_images_per_prompt=1,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=None,
     ):
         """Validate the call's arguments before any heavy work; values (NaN, range) are checked here, at the
         boundary, so the decoder's hot path never reads tensors on the host. Sizes and step counts are bounded
         (`max_image_size`, `max_inference_steps`) before anything is allocated."""
         if (images is None) == (indices is None):
             raise ValueError("pass exactly one of `images` (to reconstruct) or `indices` (to decode)")
+        check_num_images_per_prompt(num_images_per_prompt)
+        check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if num_inference_steps is not None and (
@@ -249,6 +258,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         indices: Optional[torch.LongTensor] = None,
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
+        num_images_per_prompt: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         height: Optional[int] = None,
@@ -257,6 +267,11 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         return_dict: bool = True,
         max_image_size: Optional[int] = None,
         max_inference_steps: Optional[int] = None,
+        callback_on_step_end: Optional[
+            Union[Callable[[DiffusionPipeline, int, torch.Tensor, Dict[str, Any]], Dict[str, Any]], PipelineCallback,
+                  MultiPipelineCallbacks]
+        ] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
     ) -> Union[FlowMoPipelineOutput, tuple]:
         """
         Reconstruct images, or decode token ids.
@@ -270,21 +285,47 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             guidance_scale (`float`, *optional*): classifier-free guidance on the code, `v_null + s (v_code - v_null)`,
                 applied to each model evaluation inside the guidance interval; 1 disables it. Defaults to the
                 decoder's own (1.5 for the paper's sampler, 1 for a distilled student).
-            generator: torch generator(s) for the initial noise.
-            latents (`torch.Tensor` of shape `(B, 3, H, W)`): initial noise; drawn from `generator` when None.
+            num_images_per_prompt (`int`, *optional*, defaults to 1): decodings per input image or token-id
+                sequence, each from its own noise; the output holds all of input 0's, then input 1's, ... (diffusers'
+                order), `B * num_images_per_prompt` images. [`per_pixel_variance`] gives their per-pixel variance.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): source of the initial noise: one
+                generator draws the whole batch (every sample its own noise), a list holds one generator per output
+                image (`B * num_images_per_prompt`), so each sample is seeded on its own.
+            latents (`torch.Tensor` of shape `(B * num_images_per_prompt, 3, H, W)`): initial noise; drawn from
+                `generator` when None.
             height, width (`int`): output size when decoding `indices` (default `sample_size`); ignored for `images`.
             output_type (`str`): `"pil"`, `"np"` (`(B, H, W, 3)` in [0, 1]) or `"pt"` (`(B, 3, H, W)` in [0, 1]).
             return_dict (`bool`): return a [`FlowMoPipelineOutput`] rather than a tuple.
             max_image_size (`int`, *optional*, defaults to 4 x `sample_size`): the largest height or width accepted
                 for `images`, `height`, `width` and `latents`; checked before anything is allocated.
             max_inference_steps (`int`, *optional*, defaults to 1000): the largest `num_inference_steps` accepted.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called after
+                every solver step as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`, where
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`; it returns a dict,
+                and a `"latents"` tensor in it replaces the current latents (the sample at the next flow time).
+            callback_on_step_end_tensor_inputs (`List[str]`, *optional*, defaults to `["latents"]`): the tensors
+                passed to the callback, from `_callback_tensor_inputs`.
 
         Returns:
             [`FlowMoPipelineOutput`] with `images` and `num_decoder_passes` (decoder evaluations per image).
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
-            images, indices, num_inference_steps, guidance_scale, latents, height, width, output_type, generator,
-            max_image_size, max_inference_steps,
+            images,
+            indices,
+            num_inference_steps,
+            guidance_scale,
+            latents,
+            height,
+            width,
+            output_type,
+            generator,
+            max_image_size,
+            max_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         model = self.autoencoder
         device = self._execution_device
@@ -300,6 +341,8 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
                 if indices.ndim >= 1 and indices.shape[0] == 0:
                     raise ValueError(f"indices holds no image (batch size 0, shape {tuple(indices.shape)})")
             code = model.indices_to_code(indices.to(device), dtype=dtype)
+        # Each input is encoded once; its code is repeated for its num_images_per_prompt decodings.
+        code = code.repeat_interleave(num_images_per_prompt, dim=0)
         batch_size = code.shape[0]
         if latents is not None and latents.shape[0] != batch_size:
             raise ValueError(f"latents must be a tensor of shape ({batch_size}, 3, H, W), got {tuple(latents.shape)}")
@@ -309,7 +352,13 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         if latents is not None and tuple(latents.shape[-2:]) != (height, width):
             raise ValueError(f"latents must be a tensor of shape ({batch_size}, 3, {height}, {width}), got {tuple(latents.shape)}")
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
+            raise ValueError(
+                f"got {len(generator)} generators for a batch of {batch_size} (inputs x num_images_per_prompt): "
+                "pass one generator, or one per output image"
+            )
+        step_callback = None
+        if callback_on_step_end is not None:
+            step_callback = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         decoded = model.decode(
             code,
@@ -320,6 +369,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             height=height,
             width=width,
             scheduler=self.scheduler,
+            step_callback=step_callback,
             progress_bar=self.progress_bar,
             max_image_size=max_image_size,
             max_inference_steps=max_inference_steps,
@@ -334,3 +384,52 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         if not return_dict:
             return (images,)
         return FlowMoPipelineOutput(images=images, num_decoder_passes=decoded.num_decoder_passes)
+
+
+def check_num_images_per_prompt(num_images_per_prompt) -> None:
+    """Raise ValueError unless `num_images_per_prompt` is a positive integer."""
+    if (
+        isinstance(num_images_per_prompt, bool)
+        or not isinstance(num_images_per_prompt, (int, np.integer))
+        or num_images_per_prompt < 1
+    ):
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+
+
+def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
+    """Raise ValueError for a callback that is not callable or asks for tensors the pipeline does not offer."""
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+    names = callback_on_step_end_tensor_inputs
+    if names is None:
+        return
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of names, got {names!r}")
+    unknown = [name for name in names if name not in pipeline._callback_tensor_inputs]
+    if unknown:
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs has to be in {pipeline._callback_tensor_inputs}, but found {unknown}"
+        )
+
+
+def step_end_callback(pipeline, callback_on_step_end, tensor_inputs):
+    """Adapt diffusers' `callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict` to a sampling
+    loop's `f(step_index, timestep, latents) -> new latents or None`."""
+
+    def step_callback(step_index, timestep, latents):
+        tensors = {"latents": latents}
+        outputs = callback_on_step_end(pipeline, step_index, timestep, {name: tensors[name] for name in tensor_inputs})
+        if not isinstance(outputs, dict):
+            raise TypeError(
+                "callback_on_step_end must return a dict (e.g. the callback_kwargs it was given, with the tensors to "
+                f"replace), got {type(outputs).__name__}"
+            )
+        replaced = outputs.get("latents")
+        if replaced is not None and (not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape):
+            got = tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced).__name__
+            raise ValueError(
+                f"callback_on_step_end returned latents of shape {got}; they must keep the shape {tuple(latents.shape)}"
+            )
+        return replaced
+
+    return step_callback

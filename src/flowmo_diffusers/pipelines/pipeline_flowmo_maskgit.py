@@ -1,11 +1,12 @@
 """FlowMoMaskGiTPipeline: class ids -> FlowMo token ids (MaskGiT prior) -> images (FlowMo decoder)."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
@@ -14,7 +15,7 @@ from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
 from ..utils.hub import HubPipelineMixin
-from .pipeline_flowmo import FlowMoPipeline
+from .pipeline_flowmo import FlowMoPipeline, check_callback, check_num_images_per_prompt, step_end_callback
 
 
 @dataclass
@@ -52,6 +53,8 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->autoencoder"
+    # As in diffusers' aMUSEd pipeline, the "latents" of a masked-token prior are its token ids.
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -109,8 +112,10 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         num_inference_steps: int,
         guidance_scale: float,
         generator=None,
+        step_callback: Optional[Callable[[int, torch.Tensor, torch.LongTensor], Optional[torch.LongTensor]]] = None,
     ) -> torch.LongTensor:
-        """MaskGiT sampling: validated labels `(B,)` -> token ids `(B, num_indices)`."""
+        """MaskGiT sampling: validated labels `(B,)` -> token ids `(B, num_indices)`. `step_callback(step_index,
+        timestep, ids)` runs after every unmasking step; ids it returns replace the current ones."""
         transformer = self.transformer
         device = self._execution_device
         batch_size = class_labels.shape[0]
@@ -130,6 +135,10 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
             else:
                 logits = transformer(ids, class_labels).logits.float()
             ids = self.scheduler.step(logits, step_index, ids, generator=generator).prev_sample
+            if step_callback is not None:
+                replaced = step_callback(step_index, self.scheduler.timesteps[step_index], ids)
+                if replaced is not None:
+                    ids = replaced
         return ids
 
     @torch.no_grad()
@@ -138,11 +147,17 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         class_labels: Union[int, List[int], np.ndarray, torch.Tensor],
         num_inference_steps: int = 16,
         guidance_scale: float = 3.0,
+        num_images_per_prompt: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
         decoder_num_inference_steps: int = 25,
         decoder_guidance_scale: float = 1.5,
         return_dict: bool = True,
+        callback_on_step_end: Optional[
+            Union[Callable[[DiffusionPipeline, int, torch.Tensor, Dict[str, Any]], Dict[str, Any]], PipelineCallback,
+                  MultiPipelineCallbacks]
+        ] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
     ) -> Union[FlowMoMaskGiTPipelineOutput, tuple]:
         """
         Generate images of the given classes.
@@ -152,11 +167,23 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
             num_inference_steps (`int`): MaskGiT unmasking steps.
             guidance_scale (`float`): classifier-free guidance g on the logits, `null + w_i (cond - null)`, with w_i
                 from the scheduler's `guidance_schedule` (constant: w_i = g); 1 disables it. Our default, not tuned.
-            generator: `torch.Generator` (or one per image) for the token draws and then the decoder's noise.
+            num_images_per_prompt (`int`, *optional*, defaults to 1): images per class label, each from its own
+                token draws and decoder noise; the output holds all of label 0's, then label 1's, ... (diffusers'
+                order).
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): for the token draws and then the
+                decoder's noise: one for the whole batch, or one per output image
+                (`len(class_labels) * num_images_per_prompt`).
             output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1], as [`FlowMoPipeline`]) or `"latent"`
                 (the token ids, not decoded).
             decoder_num_inference_steps, decoder_guidance_scale: the FlowMo decoder's sampler (paper: 25, 1.5).
             return_dict (`bool`): return a [`FlowMoMaskGiTPipelineOutput`] rather than a tuple `(images, indices)`.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called after
+                every unmasking step as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`, where
+                `callback_kwargs["latents"]` is the current token ids `(B * num_images_per_prompt, num_indices)` (mask
+                id where still masked); a `"latents"` tensor in the dict it returns replaces them. The decoder's
+                steps that follow are not part of it.
+            callback_on_step_end_tensor_inputs (`List[str]`, *optional*, defaults to `["latents"]`): the tensors
+                passed to the callback, from `_callback_tensor_inputs`.
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
@@ -167,12 +194,22 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         for name, value in (("guidance_scale", guidance_scale), ("decoder_guidance_scale", decoder_guidance_scale)):
             if not np.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
+        check_num_images_per_prompt(num_images_per_prompt)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_components()
-        labels = self.prepare_class_labels(class_labels)
+        labels = self.prepare_class_labels(class_labels).repeat_interleave(num_images_per_prompt)
         if isinstance(generator, list) and len(generator) != labels.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for {labels.shape[0]} class labels")
+            raise ValueError(
+                f"got {len(generator)} generators for {labels.shape[0]} images (class labels x num_images_per_prompt): "
+                "pass one generator, or one per output image"
+            )
+        step_callback = None
+        if callback_on_step_end is not None:
+            step_callback = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
-        indices = self.generate_indices(labels, num_inference_steps, guidance_scale, generator)
+        indices = self.generate_indices(labels, num_inference_steps, guidance_scale, generator, step_callback)
 
         if output_type == "latent":
             images = indices
