@@ -166,9 +166,11 @@ def _read_folder(folder: str | os.PathLike) -> dict[str, bytes]:
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, code: str | None, message: str, headers: Mapping[str, str] | None = None):
+    def __init__(self, status: int, code: str | None, message: str, headers: Mapping[str, str] | None = None,
+                 body: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, dict(headers or {})
+        self.body = dict(body or {})  # extra JSON fields next to "error"
 
 
 # --------------------------------------------------------------------------------------------------- the server
@@ -421,7 +423,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise _HttpError(401, None, "Invalid username or password.")
             handler(split, urllib.parse.parse_qs(split.query))
         except _HttpError as e:
-            self._send_json({"error": e.message}, status=e.status, headers={
+            self._send_json({"error": e.message, **e.body}, status=e.status, headers={
                 **({"X-Error-Code": e.code} if e.code else {}), "X-Error-Message": e.message, **e.headers})
         except Exception as e:  # a bug in the stub: report it as a 500 the client will surface
             self._send_json({"error": f"LocalHub internal error: {e!r}"}, status=500)
@@ -591,7 +593,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         url = f"{self._base()}/{_TYPE_PREFIX[repo_type]}{repo_id}"
         with hub._lock:
             if (repo_type, repo_id) in hub._repos:
-                raise _HttpError(409, None, "You already created this repo", {"X-Error-Url": url})
+                # Like the Hub, the 409 body carries the url: huggingface_hub 1.3's create_repo(exist_ok=True) reads it.
+                raise _HttpError(409, None, "You already created this repo", {"X-Error-Url": url}, body={"url": url})
             repo = hub._repos[(repo_type, repo_id)] = _Repo(repo_id, repo_type)
             hub._commit(repo, "main", {".gitattributes": DEFAULT_GITATTRIBUTES.encode()}, "initial commit")
         self._send_json({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
