@@ -22,8 +22,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FromOriginalModelMixin", "FromSingleFileMixin"]
 
-_HUB_KWARGS = ("cache_dir", "token", "revision", "local_files_only", "force_download")
-
 
 def _resolve_original_config(original_config: Any, hub_kwargs: Mapping[str, Any]) -> Any:
     """A `config.yaml` given as a path or a Hub link -> a local path (a parsed dict is returned as is)."""
