@@ -1,6 +1,7 @@
 """Fast decoding: diffusers' flow schedulers in FlowMoPipeline, FlowMoModel.decode, and a sync-free, compilable
 decoder. (Distillation to K passes is tested in tests/test_distillation.py.)"""
 
+import diffusers
 import pytest
 import torch
 from diffusers import (
@@ -11,6 +12,7 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
+from packaging.version import Version
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config
 from flowmo_diffusers.schedulers.scheduling_flowmo import in_guidance_interval
@@ -163,6 +165,15 @@ def test_decode_never_reads_a_device_tensor_on_the_host():
         assert out.sample.device.type == "meta" and out.sample.shape == (2, 3, 32, 32)
 
 
+# diffusers before 0.38 calls is_torch_version inside dispatch_attention_fn, which dynamo cannot trace: there the
+# decoder compiles only with graph breaks, and fullgraph=True fails. setup.py's floor (0.36) runs without these two.
+needs_diffusers_0_38 = pytest.mark.skipif(
+    Version(diffusers.__version__) < Version("0.38.0"),
+    reason="torch.compile(fullgraph=True) through diffusers' attention dispatch needs diffusers >= 0.38",
+)
+
+
+@needs_diffusers_0_38
 def test_decoder_compiles_as_one_graph(tiny_model):
     import torch._dynamo
 
@@ -177,6 +188,7 @@ def test_decoder_compiles_as_one_graph(tiny_model):
     torch.testing.assert_close(compiled(noise, times, code, rotary_emb=rotary_emb).sample, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_diffusers_0_38
 def test_compile_repeated_blocks(tiny_model):
     import torch._dynamo
 

@@ -577,7 +577,10 @@ def test_two_processes_give_the_files_and_metrics_of_one(
     one_reference = ReferenceStatistics.load(reference_64["path"])
     assert two_reference.num_samples == 6
     np.testing.assert_allclose(two_reference.mu, one_reference.mu, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(two_reference.sigma, one_reference.sigma, rtol=1e-5, atol=1e-9)
+    # The features are float32 and each process computes them in other batches: near-zero covariance entries keep
+    # only float32 precision relative to the largest ones (torch 2.5/2.6 differ from 2.14 there by ~1.6e-9).
+    scale = float(np.abs(one_reference.sigma).max())
+    np.testing.assert_allclose(two_reference.sigma, one_reference.sigma, rtol=1e-5, atol=1e-6 * scale)
     two_gfid = json.loads((out / "gfid" / "results.json").read_text())["metrics"]["gfid"]
     one_gfid = evaluate_generation(
         _evaluation_config(tmp_path / "one_gfid", samples=str(samples["npz"]), inception_feature_dims=64,
