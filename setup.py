@@ -1,5 +1,30 @@
 from setuptools import find_packages, setup
 
+# Every lower bound below is a version the test suite was run against: .ci/run installs them all at once
+# (.ci/floors.txt, generated from this file by .ci/make_floors.py) in a second venv and runs the tests there.
+# Declare each package once (the extras share the names below); a package without a bound gets its newest release.
+#
+# torch: 2.5.1, not older. diffusers 0.36's attention dispatch passes enable_gqa to scaled_dot_product_attention,
+# which torch 2.4 lacks. (pip on x86_64 gets torch's CUDA build from PyPI, ~3 GB with its nvidia wheels: about a
+# minute to download here, and the floor venv is the one place CI pays for it.)
+TORCH = "torch>=2.5.1"
+TORCHVISION = "torchvision>=0.20.1"  # the release built for torch 2.5.1
+# diffusers 0.35.x does not import beside transformers 5: its pipeline loading imports transformers' FLAX_WEIGHTS_NAME.
+# torch.compile(fullgraph=True) of the decoder needs diffusers >= 0.38 (older ones break the graph in their attention
+# dispatch); raising the floor for that would also force safetensors >= 0.8, so the two compile tests skip below it.
+DIFFUSERS = "diffusers>=0.36.0"
+HUGGINGFACE_HUB = "huggingface_hub>=1.3.0"  # transformers 5.0 requires >= 1.3
+SAFETENSORS = "safetensors>=0.4.3"  # accelerate and transformers 5.0 require >= 0.4.3
+TRANSFORMERS = "transformers>=5.0.0"  # the MaskGiT prior's BERT encoder stack
+# accelerate: MaskGiT training calls extract_model_from_parallel(keep_torch_compile=...) (1.3), and FSDP2 training
+# through Accelerate's plugin (fsdp_version=2, full state dicts at checkpoints) needs 1.7.
+ACCELERATE = "accelerate>=1.7.0"
+DATASETS = "datasets>=3.0.0"
+LPIPS = "lpips>=0.1.4"
+SCIKIT_IMAGE = "scikit-image>=0.24.0"  # 0.22 and 0.23 are built against numpy 1 and fail to import with numpy 2
+EVALUATE = "evaluate>=0.4.0"
+PYTORCH_FID = "pytorch-fid>=0.3.0"
+
 setup(
     name="flowmo-diffusers",
     version="0.1.0",
@@ -12,46 +37,46 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "diffusers>=0.35",
-        "huggingface_hub>=0.34",
+        TORCH,
+        DIFFUSERS,
+        HUGGINGFACE_HUB,
         "filelock",  # the output-folder lock (also a dependency of huggingface_hub)
-        "safetensors>=0.4",
+        SAFETENSORS,
         "numpy",
         "Pillow",
         "pyyaml",
-        "transformers>=5.0",  # the MaskGiT prior's BERT encoder stack
+        TRANSFORMERS,
     ],
     extras_require={
         "train": [
-            "accelerate>=1.0",
-            "datasets>=3.0",
-            "torchvision>=0.19",
-            "lpips>=0.1.4",
+            ACCELERATE,
+            DATASETS,
+            TORCHVISION,
+            LPIPS,
             "tensorboard",
-            "scikit-image>=0.22",
+            SCIKIT_IMAGE,
         ],
         "eval": [
-            "evaluate>=0.4",
-            "pytorch-fid>=0.3",
+            EVALUATE,
+            PYTORCH_FID,
             "scipy",
-            "scikit-image>=0.22",
-            "lpips>=0.1.4",
-            "torchvision>=0.19",
-            "accelerate>=1.0",
-            "datasets>=3.0",
+            SCIKIT_IMAGE,
+            LPIPS,
+            TORCHVISION,
+            ACCELERATE,
+            DATASETS,
             "matplotlib",
         ],
         "test": [
-            "pytest>=7",
-            "accelerate>=1.0",
-            "datasets>=3.0",
-            "evaluate>=0.4",
-            "pytorch-fid>=0.3",
-            "torchvision>=0.19",
-            "lpips>=0.1.4",
+            "pytest>=7.0.0",
+            ACCELERATE,
+            DATASETS,
+            EVALUATE,
+            PYTORCH_FID,
+            TORCHVISION,
+            LPIPS,
             "scipy",
-            "scikit-image>=0.22",
+            SCIKIT_IMAGE,
             "tensorboard",
             "wandb",
             "matplotlib",
