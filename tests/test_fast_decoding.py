@@ -201,6 +201,10 @@ def test_compile_repeated_blocks(tiny_model):
     torch.testing.assert_close(tiny_model(noise, torch.tensor([0.5]), code).sample, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(
+    Version(torch.__version__.split("+")[0]) < Version("2.6.0"),
+    reason="before torch 2.6, checkpoint recomputation forks the RNG of the meta device, which has none",
+)
 def test_training_steps_never_read_a_device_tensor_on_the_host():
     """Stage 1A, stage 1B and distillation losses with their backward pass, on the meta device (see above)."""
     from flowmo_diffusers.training.distillation import distillation_losses, make_student_config
