@@ -522,3 +522,21 @@ def test_callback_reads_and_replaces_the_token_ids(maskgit_pipeline):
     assert torch.equal(out.indices, target)
     with pytest.raises(ValueError, match="has to be in \\['latents'\\]"):
         maskgit_pipeline([3], callback_on_step_end=record, callback_on_step_end_tensor_inputs=["ids"], **kwargs)
+
+
+def test_a_distilled_decoder_decodes_the_prior_samples_in_its_own_k_passes(tiny_transformer, tiny_model):
+    """With no decoder arguments, the prior's tokens are decoded with the decoder's own sampler: a 2-pass student's."""
+    from flowmo_diffusers.training.distillation import make_student_config
+
+    make_student_config(tiny_model, 2, teacher="teacher")
+    pipeline = FlowMoMaskGiTPipeline(transformer=tiny_transformer, scheduler=MaskGiTScheduler(mask_token_id=MASK),
+                                     autoencoder=tiny_model, decoder_scheduler=tiny_model.sampling_scheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    out = pipeline(class_labels=[1, 2], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+    ids = pipeline(class_labels=[1, 2], num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    generator = torch.Generator().manual_seed(0)
+    pipeline(class_labels=[1, 2], num_inference_steps=2, output_type="latent", generator=generator)  # same draws
+    expected = tiny_model.decode(ids, generator=generator)
+    assert expected.num_decoder_passes == 2
+    torch.testing.assert_close(out.images * 2 - 1, expected.sample, rtol=0, atol=1e-6)

@@ -108,8 +108,8 @@ class GenerationEvaluationConfig:
     seed: int = 0
     num_inference_steps: int = 16
     guidance_scale: float = 3.0
-    decoder_num_inference_steps: int = 25
-    decoder_guidance_scale: float = 1.5
+    decoder_num_inference_steps: Optional[int] = None
+    decoder_guidance_scale: Optional[float] = None
     batch_size: int = 32
     mixed_precision: Optional[str] = None
     cpu: bool = False

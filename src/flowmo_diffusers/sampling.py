@@ -163,8 +163,8 @@ def generate_batches(
     seed: int,
     num_inference_steps: int = 16,
     guidance_scale: float = 3.0,
-    decoder_num_inference_steps: int = 25,
-    decoder_guidance_scale: float = 1.5,
+    decoder_num_inference_steps: Optional[int] = None,
+    decoder_guidance_scale: Optional[float] = None,
     autocast: Callable[[], Any] = nullcontext,
     skip_batch: Optional[Callable[[List[SampleSpec]], bool]] = None,
 ) -> Iterator[Tuple[List[SampleSpec], List[PIL.Image.Image]]]:
@@ -291,7 +291,8 @@ class SamplingConfig:
         num_images_per_class: Images per class (50: 50,000 for ImageNet's 1,000 classes).
         seed: Seed of the per-image generators.
         num_inference_steps / guidance_scale: MaskGiT sampler.
-        decoder_num_inference_steps / decoder_guidance_scale: FlowMo decoder (paper: 25, 1.5).
+        decoder_num_inference_steps / decoder_guidance_scale: FlowMo decoder; None: the decoder's own (the paper's
+            25 steps and guidance 1.5, or a distilled student's K passes).
         batch_size: Images per process and forward pass.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast (None: Accelerate's config).
         npz_path: Also pack all samples into this ADM-style ``.npz`` at the end.
@@ -308,8 +309,8 @@ class SamplingConfig:
     seed: int = 0
     num_inference_steps: int = 16
     guidance_scale: float = 3.0
-    decoder_num_inference_steps: int = 25
-    decoder_guidance_scale: float = 1.5
+    decoder_num_inference_steps: Optional[int] = None
+    decoder_guidance_scale: Optional[float] = None
     batch_size: int = 32
     mixed_precision: Optional[str] = None
     npz_path: Optional[str] = None
@@ -329,7 +330,7 @@ def validate_sampling_settings(config: Any) -> None:
     if config.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {config.seed}")
     for name in ("num_inference_steps", "decoder_num_inference_steps"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(config, name)}")
     if config.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
@@ -359,8 +360,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, model_required: bool
     sampler.add_argument("--seed", type=int, default=0, help="Seed of the per-image generators (seed, class, index).")
     sampler.add_argument("--num_inference_steps", type=int, default=16, help="MaskGiT unmasking steps.")
     sampler.add_argument("--guidance_scale", type=float, default=3.0, help="MaskGiT classifier-free guidance.")
-    sampler.add_argument("--decoder_num_inference_steps", type=int, default=25, help="FlowMo decoder steps.")
-    sampler.add_argument("--decoder_guidance_scale", type=float, default=1.5, help="FlowMo decoder guidance.")
+    sampler.add_argument("--decoder_num_inference_steps", type=int, default=None,
+                         help="FlowMo decoder steps (default: the decoder's own, 25; K for a distilled student).")
+    sampler.add_argument("--decoder_guidance_scale", type=float, default=None,
+                         help="FlowMo decoder guidance (default: the decoder's own, 1.5; 1 for a distilled student).")
     sampler.add_argument("--batch_size", type=int, default=32, help="Images per process and forward pass.")
     sampler.add_argument(
         "--mixed_precision",

@@ -150,8 +150,8 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
-        decoder_num_inference_steps: int = 25,
-        decoder_guidance_scale: float = 1.5,
+        decoder_num_inference_steps: Optional[int] = None,
+        decoder_guidance_scale: Optional[float] = None,
         return_dict: bool = True,
         callback_on_step_end: Optional[
             Union[Callable[[DiffusionPipeline, int, torch.Tensor, Dict[str, Any]], Dict[str, Any]], PipelineCallback,
@@ -175,7 +175,9 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
                 (`len(class_labels) * num_images_per_prompt`).
             output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1], as [`FlowMoPipeline`]) or `"latent"`
                 (the token ids, not decoded).
-            decoder_num_inference_steps, decoder_guidance_scale: the FlowMo decoder's sampler (paper: 25, 1.5).
+            decoder_num_inference_steps (`int`, *optional*), decoder_guidance_scale (`float`, *optional*): the FlowMo
+                decoder's sampler; by default the decoder's own (the paper's 25 steps with guidance 1.5, or K
+                unguided passes for a distilled student).
             return_dict (`bool`): return a [`FlowMoMaskGiTPipelineOutput`] rather than a tuple `(images, indices)`.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called after
                 every unmasking step as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`, where
@@ -189,11 +191,15 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         for name, value in (("num_inference_steps", num_inference_steps),
                             ("decoder_num_inference_steps", decoder_num_inference_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value is None and name.startswith("decoder"):
+                continue
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, value in (("guidance_scale", guidance_scale), ("decoder_guidance_scale", decoder_guidance_scale)):
-            if not np.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
+            if value is None and name.startswith("decoder"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite real number, got {value!r}")
         check_num_images_per_prompt(num_images_per_prompt)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
