@@ -13,6 +13,7 @@ This script holds arguments, the loop and logging only; the recipe lives in `flo
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -227,7 +228,8 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    """The autoencoder and the scheduler to train: from a pipeline (folder or Hub id) or a fresh config."""
+    """The autoencoder and the scheduler to train, from a pipeline (folder or Hub id) or a fresh config, and for
+    --stage distill the frozen teacher: a copy of the loaded pipeline's autoencoder, decoding with its own sampler."""
     if args.pretrained_model_name_or_path is not None:
         from flowmo_diffusers.utils.hub import download_pipeline_folder
 
@@ -247,22 +249,13 @@ def load_model(args):
         scheduler = FlowMoScheduler()
     if args.training_time_distribution is not None:
         scheduler = FlowMoScheduler.from_config(scheduler.config, training_time_distribution=args.training_time_distribution)
+    teacher = None
     if args.stage == "distill":
+        teacher = copy.deepcopy(model).float().eval().requires_grad_(False)
         # The student starts as the teacher and decodes, from now on, in K unguided passes on its own grid.
         make_student_config(model, args.distill_steps, args.distill_time_schedule, teacher=args.pretrained_model_name_or_path)
         scheduler = FlowMoScheduler.from_config(scheduler.config, time_schedule=args.distill_time_schedule)
-    return model.float().train(), scheduler
-
-
-def load_teacher(args, device):
-    """The frozen teacher of --stage distill: --pretrained_model_name_or_path, decoding with its own sampler."""
-    from flowmo_diffusers.utils.hub import download_pipeline_folder
-
-    folder = download_pipeline_folder(
-        args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision, token=args.hub_token
-    )
-    teacher = FlowMoPipeline.from_pretrained(folder).autoencoder
-    return teacher.float().eval().requires_grad_(False).to(device)
+    return model.float().train(), scheduler, teacher
 
 
 def weights_checksum(parameters) -> str:
@@ -341,7 +334,7 @@ def main(argv=None):
 
     # Same initial weights on every process, then process-specific randomness for noise, times and masks.
     set_seed(args.seed)
-    model, scheduler = load_model(args)
+    model, scheduler, teacher = load_model(args)
     set_seed(args.seed, device_specific=True)
     progress = TrainingProgress(global_step=0, encoder_frozen=freeze_at_start)
     if freeze_at_start:
@@ -374,7 +367,7 @@ def main(argv=None):
             perceptual_weight=args.perceptual_weight,
             gradient_checkpointing=not args.gradient_checkpointing,
         )
-        forward_inputs["teacher"] = load_teacher(args, accelerator.device)
+        forward_inputs["teacher"] = teacher.to(accelerator.device)
     else:
         training_module = FlowMoTrainingModule(
             model,
