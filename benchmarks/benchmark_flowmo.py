@@ -53,7 +53,7 @@ import benchmark_utils as common  # noqa: E402
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config  # noqa: E402
 from flowmo_diffusers.training.losses import flowmo_training_losses  # noqa: E402
-from flowmo_diffusers.training.utils import InitialNormFixer  # noqa: E402
+from flowmo_diffusers.training.recipe import InitialNormFixer  # noqa: E402
 
 WHAT = ("encode", "decoder_step", "decoder_floor", "reconstruct", "train_step")
 

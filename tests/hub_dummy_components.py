@@ -1,4 +1,4 @@
-"""Throwaway pipeline components that live *outside* ``diffusers`` (used by ``tests/test_hub.py``).
+"""Throwaway pipeline components that live *outside* ``diffusers`` (used by ``tests/utils/test_hub.py``).
 
 They stand in for ``flowmo_diffusers.FlowMoModel`` / ``FlowMoScheduler`` until those exist. Everything is
 exported at module top level: diffusers records a component living in a non-diffusers library as

@@ -43,7 +43,7 @@ Pointing the client at the stub
     modules first imported while the patch was active. For a fresh process, :meth:`LocalHub.client_env`
     returns the equivalent environment (no in-process patching needed there).
 
-Typical use (see ``tests/test_hub.py``)::
+Typical use (see ``tests/utils/test_hub.py``)::
 
     from hub_stub import local_hub  # pytest fixture: LocalHub + patched client in tmp_path
 

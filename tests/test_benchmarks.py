@@ -145,12 +145,10 @@ def test_bad_arguments_are_refused(bad):
 
 def test_fast_decoding_benchmark_measures_every_decoder(tmp_path, capsys):
     """With a given teacher and student (no training), every decoder row is measured on held-out tiles."""
-    import sys
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny_models import tiny_flowmo_model
+    from testing_utils import tiny_flowmo_model
 
     from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
     from flowmo_diffusers.training.distillation import make_student_config

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_flowmo_model
+from testing_utils import tiny_flowmo_model
 
 from flowmo_diffusers import FlowMoMaskGiTTransformer, FlowMoModel, FlowMoPipeline, FlowMoScheduler
 from flowmo_diffusers.models.maskgit_transformer import get_maskgit_preset_config
@@ -106,7 +106,7 @@ def image_with_transparency():
 
 
 def test_one_conversion_for_the_pipeline_and_the_data_pipeline(tiny_pipeline):
-    from flowmo_diffusers.training.data import ImageTransform
+    from flowmo_diffusers.data import ImageTransform
 
     transform = ImageTransform(32, random_crop=False)
     sixteen = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64).astype(np.uint16)

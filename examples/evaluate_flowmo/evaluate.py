@@ -6,10 +6,10 @@
         --dataset_name ILSVRC/imagenet-1k --dataset_split validation --streaming \
         --mixed_precision bf16 --output_dir eval/flowmo
 
-See README.md next to this file. The logic lives in `flowmo_diffusers.evaluation`.
+See README.md next to this file. The logic lives in `flowmo_diffusers.evaluation.reconstruction`.
 """
 
-from flowmo_diffusers.evaluation import main
+from flowmo_diffusers.evaluation.reconstruction import main
 
 if __name__ == "__main__":
     main()

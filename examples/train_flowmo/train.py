@@ -40,7 +40,7 @@ from flowmo_diffusers.training.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from flowmo_diffusers.training.data import (
+from flowmo_diffusers.data import (
     build_eval_dataloader,
     build_train_dataloader,
     load_image_dataset,
@@ -54,20 +54,16 @@ from flowmo_diffusers.training.perceptual import (
     MissingPretrainedWeightsError,
     build_perceptual_loss,
 )
-from flowmo_diffusers.training.utils import (
-    EMACheckpoint,
+from flowmo_diffusers.training.distributed import full_tensor
+from flowmo_diffusers.training.ema import EMACheckpoint, create_ema, ema_update_due, update_ema
+from flowmo_diffusers.training.recipe import (
     InitialNormFixer,
     TrainingProgress,
     check_finite_loss,
-    create_ema,
-    ema_update_due,
     freeze_encoder,
-    full_tensor,
     optimizer_param_groups,
-    update_ema,
-    validation_grid,
-    write_model_card,
 )
+from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
 from flowmo_diffusers.utils.validation import positive_int
 

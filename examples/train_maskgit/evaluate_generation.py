@@ -11,10 +11,10 @@
         --samples samples/maskgit-flowmo-lo --reference_statistics VIRTUAL_imagenet256_labeled.npz \
         --output_dir eval/maskgit-flowmo-lo
 
-The logic lives in `flowmo_diffusers.generation_evaluation`.
+The logic lives in `flowmo_diffusers.evaluation.generation`.
 """
 
-from flowmo_diffusers.generation_evaluation import main
+from flowmo_diffusers.evaluation.generation import main
 
 if __name__ == "__main__":
     main()

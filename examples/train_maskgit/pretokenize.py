@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from flowmo_diffusers import FlowMoPipeline
-from flowmo_diffusers.training.data import load_image_dataset
+from flowmo_diffusers.data import load_image_dataset
 from flowmo_diffusers.training.pretokenize import (
     CHUNKS_FOLDER,
     TOKENIZATION_INFO_NAME,

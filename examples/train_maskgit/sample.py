@@ -8,10 +8,10 @@
 
 Deterministic (image j of class c comes from seed (--seed, c, j), whatever the number of processes) and
 resumable (run the same command again: complete batches are skipped). The logic lives in
-`flowmo_diffusers.sampling`.
+`flowmo_diffusers.evaluation.sampling`.
 """
 
-from flowmo_diffusers.sampling import main
+from flowmo_diffusers.evaluation.sampling import main
 
 if __name__ == "__main__":
     main()

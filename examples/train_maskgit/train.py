@@ -31,7 +31,7 @@ from transformers import get_scheduler
 import diffusers
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoMaskGiTTransformer, FlowMoPipeline, MaskGiTScheduler
 from flowmo_diffusers.models.maskgit_transformer import MASKGIT_PRESETS, get_maskgit_preset_config
-from flowmo_diffusers.training.data import seeded_generator
+from flowmo_diffusers.utils.seeds import seeded_generator
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
 from flowmo_diffusers.training.checkpointing import (
@@ -40,7 +40,8 @@ from flowmo_diffusers.training.checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
 )
-from flowmo_diffusers.training.utils import TrainingProgress, check_finite_loss, validation_grid, write_model_card
+from flowmo_diffusers.training.recipe import TrainingProgress, check_finite_loss
+from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.hub import download_pipeline_folder
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
 from flowmo_diffusers.utils.validation import positive_int

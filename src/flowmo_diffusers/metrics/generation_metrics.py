@@ -47,7 +47,7 @@ REFERENCE_STATISTICS_HINT = (
     "Reference statistics are an .npz with `mu` [D] and `sigma` [D, D]. For ImageNet 256x256 use ADM's "
     f"reference batch ({ADM_IMAGENET256_REFERENCE_URL}); for other data compute them with "
     "`examples/train_maskgit/evaluate_generation.py --compute_reference_statistics OUT.npz ...` "
-    "(or flowmo_diffusers.generation_evaluation.compute_reference_statistics)."
+    "(or flowmo_diffusers.evaluation.generation.compute_reference_statistics)."
 )
 
 

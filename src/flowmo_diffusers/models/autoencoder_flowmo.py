@@ -9,7 +9,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..loaders import FromOriginalModelMixin
+from ..conversion.single_file import FromOriginalModelMixin
 from ..schedulers.flow_sampling import (
     count_decoder_passes,
     evaluation_flow_times,

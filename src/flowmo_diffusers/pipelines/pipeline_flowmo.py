@@ -11,7 +11,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..loaders import FromSingleFileMixin
+from ..conversion.single_file import FromSingleFileMixin
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, resolve_max_image_size
 from ..schedulers.scheduling_flowmo import FlowMoScheduler

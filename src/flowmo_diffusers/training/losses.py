@@ -22,7 +22,7 @@ from torch import nn
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
-from .utils import guidance_dropout_mask
+from .recipe import guidance_dropout_mask
 
 PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

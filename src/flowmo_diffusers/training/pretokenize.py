@@ -36,7 +36,7 @@ from datasets.distributed import split_dataset_by_node
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..utils.files import atomic_write
-from .data import AnyDataset, ImageTransform, ImageDecoder, prepare_columns, resolve_image_columns
+from ..data import AnyDataset, ImageTransform, ImageDecoder, prepare_columns, resolve_image_columns
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,156 @@
+"""Decoding and preprocessing of one image: raw value -> RGB PIL image -> ``[3, R, R]`` tensor in ``[-1, 1]``.
+
+Images are decoded here rather than by ``datasets``: the image column is cast to ``datasets.Image(decode=False)``
+(see :func:`~flowmo_diffusers.data.datasets.prepare_columns`) so that the raw bytes/path reach
+:class:`ImageDecoder`, which decodes inside a ``try`` block and counts failures instead of raising.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+import PIL.Image
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from ..utils.images import to_rgb
+
+logger = logging.getLogger(__name__)
+
+
+# Bad images are logged at WARNING level this many times per worker, then at DEBUG level, so that a dataset
+# with many broken files does not flood the training log (the counter still counts all of them).
+_MAX_SKIP_WARNINGS_PER_WORKER = 10
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+# datasets' own decoder: handles {"bytes", "path"} dicts, local and remote (hf://, https://) paths, calls
+# image.load() (so truncated files fail here, not later) and applies the EXIF orientation like datasets does.
+_DATASETS_IMAGE_DECODER = datasets.Image()
+
+
+# One conversion for every path (training, evaluation, sampling, the pipeline): flowmo_diffusers.utils.images.
+convert_to_rgb = to_rgb
+
+
+def decode_image(value: Any) -> PIL.Image.Image:
+    """Decode one raw image value to an RGB PIL image (raises on undecodable data; callers catch).
+
+    Args:
+        value: ``{"bytes": ..., "path": ...}`` (a ``datasets.Image(decode=False)`` value), raw ``bytes``, a file
+            path/URL ``str``, or an already decoded ``PIL.Image.Image``.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = {"bytes": bytes(value), "path": None}
+    elif isinstance(value, str):
+        value = {"bytes": None, "path": value}
+    image = _DATASETS_IMAGE_DECODER.decode_example(value)
+    return convert_to_rgb(image)
+
+
+def _describe_image_value(value: Any) -> str:
+    """Short human-readable origin of an image value for log messages."""
+    if isinstance(value, dict):
+        return str(value.get("path") or f"<{len(value.get('bytes') or b'')} bytes>")
+    if isinstance(value, str):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+class ImageTransform:
+    """PIL image -> float32 tensor ``[3, resolution, resolution]`` in ``[-1, 1]``, as in the original FlowMo.
+
+    FlowMo (``flowmo/data.py``) used ``torchvision.transforms.Resize(size)`` on PIL images, i.e. the shorter side
+    is resized to ``resolution`` with PIL's **bilinear** filter (PIL always antialiases when downscaling), then
+    ``CenterCrop`` (evaluation) or ``RandomCrop`` (training), then ``x / 127.5 - 1``. We keep bilinear as the
+    default so that reconstructions/metrics match the paper's preprocessing; pass
+    ``interpolation=InterpolationMode.BICUBIC`` for bicubic.
+
+    Args:
+        resolution: output side length ``R``.
+        random_crop: random ``R x R`` crop (training) instead of the center crop (evaluation).
+        random_flip: horizontal flip with probability 1/2.
+        interpolation: resampling filter for the resize.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        random_crop: bool,
+        random_flip: bool = False,
+        interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    ):
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}.")
+        self.resolution = int(resolution)
+        self.random_crop = bool(random_crop)
+        self.random_flip = bool(random_flip)
+        self.interpolation = interpolation
+
+    @property
+    def is_random(self) -> bool:
+        """Whether the transform consumes random numbers (and so needs a generator to be reproducible)."""
+        return self.random_crop or self.random_flip
+
+    def __call__(self, image: PIL.Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Transform one image.
+
+        Args:
+            image: PIL image (converted to RGB here if needed).
+            generator: source of the crop offsets and flip decision; ``None`` uses torch's global RNG.
+
+        Returns:
+            ``[3, R, R]`` float32 tensor in ``[-1, 1]``.
+        """
+        image = convert_to_rgb(image)
+        resolution = self.resolution
+        image = TF.resize(image, [resolution], interpolation=self.interpolation, antialias=True)
+        if self.random_crop:
+            width, height = image.size
+            top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+            image = TF.crop(image, top, left, resolution, resolution)
+        else:
+            image = TF.center_crop(image, [resolution, resolution])
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            image = TF.hflip(image)
+        return TF.pil_to_tensor(image).to(torch.float32).div_(127.5).sub_(1.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(resolution={self.resolution}, random_crop={self.random_crop}, "
+            f"random_flip={self.random_flip}, interpolation={self.interpolation.value})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batch producers (run inside DataLoader workers)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ImageDecoder:
+    """Decode + transform one example, counting failures instead of raising (one instance per worker copy)."""
+
+    def __init__(self, transform: ImageTransform):
+        self.transform = transform
+        self.num_warnings = 0
+
+    def __call__(self, value: Any, generator: torch.Generator | None) -> tuple[torch.Tensor | None, str]:
+        """Returns ``(pixel_values [3, R, R] or None, error description or "")``."""
+        try:
+            image = decode_image(value)
+        except Exception as error:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            description = f"{_describe_image_value(value)}: {type(error).__name__}: {error}"
+            log = logger.warning if self.num_warnings < _MAX_SKIP_WARNINGS_PER_WORKER else logger.debug
+            self.num_warnings += 1
+            log("Skipping undecodable image %s", description)
+            return None, description
+        return self.transform(image, generator=generator), ""
+
+
+
+__all__ = ["ImageDecoder", "ImageTransform", "convert_to_rgb", "decode_image"]

@@ -1,0 +1,612 @@
+"""Sample class-conditional images from a FlowMo MaskGiT prior into a folder (for gFID / IS), distributed and resumable.
+
+This is the logic behind ``accelerate launch examples/train_maskgit/sample.py``; the script only calls :func:`main`.
+
+**Which images.** For the selected classes ``C = sorted(class_ids)`` (default: every class of the prior) and
+``n = num_images_per_class``, sample ``j`` of class ``c`` is drawn from generators seeded by ``(seed, c, j)``
+(:func:`sample_seed`; the MaskGiT token draws and then the decoder's noise continue the same per-image generator).
+An image is therefore a function of the run's seed, its class and its index within the class: it does not depend
+on the number of processes, on the batch size (up to floating-point differences between batched kernels), on the
+other classes selected or on ``n``, so ``--num_images_per_class`` can be raised later and the existing files stay
+valid.
+
+**Order and file names.** Samples are numbered class-interleaved, global index ``g = j * |C| + position of c``:
+a batch holds many classes, an interrupted run has a class-balanced prefix, and every 5,000 consecutive images of
+the 50,000 of ImageNet hold 5 of each class (what ADM's evaluator's Inception-Score splits expect of an ``.npz``).
+Files are named ``{j:05d}_class{c:04d}.png``, so sorting the names gives the same order.
+
+**Sharding and resuming.** The global index range is cut into batches of ``batch_size``; process ``p`` of ``P``
+generates batches ``p, p + P, ...``. A batch whose files all exist is skipped; a batch with a missing file is
+generated again whole (same composition, hence the same bytes as the first time) and only its missing files are
+written. Every file is written to a temporary name and renamed, so an interrupted run leaves no truncated image.
+``sampling_config.json`` records the settings that determine the images; resuming into a folder made with other
+settings is an error rather than a silent mix.
+
+**Output.** PNGs (lossless: what is evaluated is exactly what the pipeline produced, quantised to uint8 by
+diffusers' ``numpy_to_pil``), optionally an ADM-style ``.npz`` (``arr_0``: ``[N, H, W, 3]`` uint8 in global
+order, ``arr_1``: ``[N]`` int64 class labels), written in a streaming fashion so 50,000 images at 256x256 (9.8 GB)
+never sit in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..utils.files import atomic_write
+from ..utils.seeds import derive_seed
+from ..utils.output_lock import lock_output_dir
+
+logger = logging.getLogger(__name__)
+
+#: Settings that determine the pixels of every sample: resuming into a folder whose sampling_config.json differs
+#: in one of them is refused.
+IMAGE_DETERMINING_SETTINGS = (
+    "pretrained_model_name_or_path",
+    "revision",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "decoder_num_inference_steps",
+    "decoder_guidance_scale",
+    "mixed_precision",
+)
+SAMPLING_CONFIG_NAME = "sampling_config.json"
+_TEMPORARY_PREFIX = ".tmp-"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plan: which image is which
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One image to generate.
+
+    Attributes:
+        global_index: Position in the run's order (class-interleaved, see the module docstring).
+        class_id: Class label.
+        index_in_class: ``j``, the image's number within its class.
+    """
+
+    global_index: int
+    class_id: int
+    index_in_class: int
+
+    def file_name(self) -> str:
+        """``{j:05d}_class{c:04d}.png``: sorted names follow the global order."""
+        return f"{self.index_in_class:05d}_class{self.class_id:04d}.png"
+
+
+def parse_class_ids(values: Optional[Sequence[str]]) -> Optional[List[int]]:
+    """``["0-9", "15", "20,21"]`` -> ``[0, ..., 9, 15, 20, 21]`` (sorted, unique); None or empty -> None (all).
+
+    Raises:
+        ValueError: Not an integer or a ``start-end`` range with ``start <= end``.
+    """
+    if not values:
+        return None
+    class_ids = set()
+    for item in (part for value in values for part in str(value).replace(",", " ").split()):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if match is None:
+            raise ValueError(f"class ids must be non-negative integers or ranges like 0-99, got {item!r}")
+        start, end = int(match.group(1)), int(match.group(2) or match.group(1))
+        if end < start:
+            raise ValueError(f"empty class range {item!r}")
+        class_ids.update(range(start, end + 1))
+    return sorted(class_ids)
+
+
+def plan_samples(class_ids: Sequence[int], num_images_per_class: int) -> List[SampleSpec]:
+    """Every image of the run in global order: ``g = j * len(class_ids) + k`` for class ``sorted(class_ids)[k]``.
+
+    Args:
+        class_ids: Classes to sample (sorted and de-duplicated here).
+        num_images_per_class: ``n``.
+
+    Returns:
+        ``len(class_ids) * n`` :class:`SampleSpec`, by increasing global index.
+    """
+    class_ids = sorted(set(int(class_id) for class_id in class_ids))
+    if not class_ids:
+        raise ValueError("no class ids to sample")
+    if num_images_per_class < 1:
+        raise ValueError(f"num_images_per_class must be positive, got {num_images_per_class}")
+    return [
+        SampleSpec(index_in_class * len(class_ids) + position, class_id, index_in_class)
+        for index_in_class in range(num_images_per_class)
+        for position, class_id in enumerate(class_ids)
+    ]
+
+
+def sample_seed(seed: int, class_id: int, index_in_class: int) -> int:
+    """Well-mixed 63-bit seed of one image: nearby inputs give unrelated streams."""
+    return derive_seed(seed, class_id, index_in_class)
+
+
+def batches_of_process(
+    plan: Sequence[SampleSpec], batch_size: int, process_index: int = 0, num_processes: int = 1
+) -> Iterator[List[SampleSpec]]:
+    """This process' batches: global batches ``[b B, (b + 1) B)`` of the plan for ``b = p, p + P, ...``.
+
+    A batch's composition depends only on ``batch_size``, not on the number of processes.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}")
+    num_batches = -(-len(plan) // batch_size)
+    for batch_index in range(process_index, num_batches, num_processes):
+        yield list(plan[batch_index * batch_size : (batch_index + 1) * batch_size])
+
+
+@torch.no_grad()
+def generate_batches(
+    pipeline,
+    batches: Iterator[List[SampleSpec]],
+    *,
+    seed: int,
+    num_inference_steps: int = 16,
+    guidance_scale: float = 3.0,
+    decoder_num_inference_steps: Optional[int] = None,
+    decoder_guidance_scale: Optional[float] = None,
+    autocast: Callable[[], Any] = nullcontext,
+    skip_batch: Optional[Callable[[List[SampleSpec]], bool]] = None,
+) -> Iterator[Tuple[List[SampleSpec], List[PIL.Image.Image]]]:
+    """Generate the given batches with per-image generators (:func:`sample_seed`).
+
+    Args:
+        pipeline: A :class:`~flowmo_diffusers.FlowMoMaskGiTPipeline` on its device.
+        batches: Lists of :class:`SampleSpec` (e.g. :func:`batches_of_process`).
+        seed: The run's seed.
+        num_inference_steps / guidance_scale: MaskGiT sampler.
+        decoder_num_inference_steps / decoder_guidance_scale: FlowMo decoder sampler.
+        autocast: Context manager factory (``accelerator.autocast`` for mixed precision).
+        skip_batch: Batches for which it returns True are not generated (resuming).
+
+    Yields:
+        ``(specs, images)``: the batch and its ``len(specs)`` RGB PIL images (uint8, as diffusers quantises).
+    """
+    for specs in batches:
+        if skip_batch is not None and skip_batch(specs):
+            continue
+        # CPU generators: the draws are the same on every device (diffusers moves them to the model's device).
+        generators = [torch.Generator().manual_seed(sample_seed(seed, s.class_id, s.index_in_class)) for s in specs]
+        with autocast():
+            images = pipeline(
+                [spec.class_id for spec in specs],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                output_type="pil",
+                decoder_num_inference_steps=decoder_num_inference_steps,
+                decoder_guidance_scale=decoder_guidance_scale,
+            ).images
+        yield specs, images
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def save_image_atomically(image: PIL.Image.Image, path: os.PathLike | str) -> None:
+    """Write ``image`` as PNG to ``path`` through a temporary file in the same folder and a rename.
+
+    ``os.replace`` is atomic on POSIX and Windows, so ``path`` either does not exist or is complete.
+    """
+    path = Path(path)
+    with atomic_write(path, prefix=f"{_TEMPORARY_PREFIX}{path.stem}-") as file:
+        image.save(file, format="PNG")
+
+
+def remove_stale_temporary_files(folder: os.PathLike | str) -> int:
+    """Delete temporary files that an interrupted run left behind; returns how many (call before sampling, holding
+    the folder's lock: [`~flowmo_diffusers.utils.output_lock.lock_output_dir`])."""
+    removed = 0
+    for path in Path(folder).glob(f"{_TEMPORARY_PREFIX}*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def write_samples_npz(
+    image_paths: Sequence[os.PathLike | str],
+    npz_path: os.PathLike | str,
+    class_labels: Optional[Sequence[int]] = None,
+) -> Path:
+    """Pack images into an ADM-style ``.npz`` without holding them all in memory.
+
+    The archive is written like ``np.savez`` (uncompressed zip, one ``.npy`` per array) but ``arr_0`` is streamed
+    image by image; ``np.load(npz_path)["arr_0"]`` and ADM's evaluator read it as usual. Written to a temporary
+    file and renamed.
+
+    Args:
+        image_paths: Images in the desired order; all must have the same size.
+        npz_path: Output file.
+        class_labels: Optional [N] labels, stored as ``arr_1`` (ADM's class-conditional samples do the same).
+
+    Returns:
+        The written path. ``arr_0`` is ``[N, H, W, 3]`` uint8.
+    """
+    from ..utils.images import to_rgb as convert_to_rgb
+
+    if not image_paths:
+        raise ValueError("no images to pack")
+    if class_labels is not None and len(class_labels) != len(image_paths):
+        raise ValueError(f"got {len(class_labels)} class labels for {len(image_paths)} images")
+    npz_path = Path(npz_path)
+    npz_path.parent.mkdir(parents=True, exist_ok=True)
+    with PIL.Image.open(image_paths[0]) as first:
+        width, height = first.size
+    shape = (len(image_paths), height, width, 3)
+    with atomic_write(npz_path, prefix=f"{_TEMPORARY_PREFIX}{npz_path.stem}-") as file:
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                descr = np.lib.format.dtype_to_descr(np.dtype(np.uint8))
+                np.lib.format.write_array_header_1_0(member, {"descr": descr, "fortran_order": False, "shape": shape})
+                for path in image_paths:
+                    with PIL.Image.open(path) as image:
+                        pixels = np.asarray(convert_to_rgb(image), dtype=np.uint8)
+                    if pixels.shape != shape[1:]:
+                        raise ValueError(
+                            f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the first image {width}x{height}"
+                        )
+                    member.write(np.ascontiguousarray(pixels).tobytes())
+            if class_labels is not None:
+                with archive.open("arr_1.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(class_labels, dtype=np.int64))
+    return npz_path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration and command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """Settings of ``sample.py``; field names equal its flags.
+
+    Attributes:
+        pretrained_model_name_or_path: :class:`~flowmo_diffusers.FlowMoMaskGiTPipeline` folder or Hub id.
+        revision / cache_dir / hub_token: Hub download options.
+        output_dir: Folder of the PNGs (and ``sampling_config.json``).
+        class_ids: Classes to sample (None: all of the prior's classes).
+        num_images_per_class: Images per class (50: 50,000 for ImageNet's 1,000 classes).
+        seed: Seed of the per-image generators.
+        num_inference_steps / guidance_scale: MaskGiT sampler.
+        decoder_num_inference_steps / decoder_guidance_scale: FlowMo decoder; None: the decoder's own (the paper's
+            25 steps and guidance 1.5, or a distilled student's K passes).
+        batch_size: Images per process and forward pass.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast (None: Accelerate's config).
+        npz_path: Also pack all samples into this ADM-style ``.npz`` at the end.
+        cpu: Force the CPU.
+    """
+
+    pretrained_model_name_or_path: str
+    output_dir: str
+    revision: Optional[str] = None
+    cache_dir: Optional[str] = None
+    hub_token: Optional[str] = None
+    class_ids: Optional[List[int]] = None
+    num_images_per_class: int = 50
+    seed: int = 0
+    num_inference_steps: int = 16
+    guidance_scale: float = 3.0
+    decoder_num_inference_steps: Optional[int] = None
+    decoder_guidance_scale: Optional[float] = None
+    batch_size: int = 32
+    mixed_precision: Optional[str] = None
+    npz_path: Optional[str] = None
+    cpu: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError for impossible settings (before anything is loaded)."""
+        validate_sampling_settings(self)
+
+
+def validate_sampling_settings(config: Any) -> None:
+    """Checks shared by ``sample.py`` and ``evaluate_generation.py`` (any object with the sampling fields)."""
+    if config.num_images_per_class < 1:
+        raise ValueError(f"--num_images_per_class must be positive, got {config.num_images_per_class}")
+    if config.batch_size < 1:
+        raise ValueError(f"--batch_size must be positive, got {config.batch_size}")
+    if config.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {config.seed}")
+    for name in ("num_inference_steps", "decoder_num_inference_steps"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ValueError(f"--{name} must be positive, got {getattr(config, name)}")
+    if config.mixed_precision not in (None, "no", "fp16", "bf16"):
+        raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, model_required: bool) -> None:
+    """The model, class and sampler flags shared by ``sample.py`` and ``evaluate_generation.py``."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        required=model_required,
+        default=None,
+        help="FlowMoMaskGiTPipeline folder or Hub id.",
+    )
+    model.add_argument("--revision", default=None, help="Hub revision of the pipeline.")
+    model.add_argument("--cache_dir", default=None, help="Hub / datasets cache folder.")
+    model.add_argument("--hub_token", default=None, help="Hub token (private models, gated datasets).")
+
+    sampler = parser.add_argument_group("sampling")
+    sampler.add_argument(
+        "--class_ids",
+        nargs="+",
+        default=None,
+        help="Classes to sample: integers and ranges, e.g. `0-99 207 360` (default: all classes of the prior).",
+    )
+    sampler.add_argument("--num_images_per_class", type=int, default=50, help="50 x 1000 classes = 50k images.")
+    sampler.add_argument("--seed", type=int, default=0, help="Seed of the per-image generators (seed, class, index).")
+    sampler.add_argument("--num_inference_steps", type=int, default=16, help="MaskGiT unmasking steps.")
+    sampler.add_argument("--guidance_scale", type=float, default=3.0, help="MaskGiT classifier-free guidance.")
+    sampler.add_argument("--decoder_num_inference_steps", type=int, default=None,
+                         help="FlowMo decoder steps (default: the decoder's own, 25; K for a distilled student).")
+    sampler.add_argument("--decoder_guidance_scale", type=float, default=None,
+                         help="FlowMo decoder guidance (default: the decoder's own, 1.5; 1 for a distilled student).")
+    sampler.add_argument("--batch_size", type=int, default=32, help="Images per process and forward pass.")
+    sampler.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Autocast for the pipeline (default: Accelerate config).",
+    )
+    sampler.add_argument("--cpu", action="store_true", help="Run on CPU even if an accelerator is available.")
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    """The command line of ``examples/train_maskgit/sample.py``."""
+    parser = argparse.ArgumentParser(
+        description="Sample class-conditional images from a FlowMo MaskGiT prior into a folder of PNGs "
+        "(run with `accelerate launch`; resumable).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_sampling_arguments(parser, model_required=True)
+    parser.add_argument("--output_dir", required=True, help="Folder of the PNGs (created; existing files are kept).")
+    parser.add_argument(
+        "--npz_path", default=None, help="Also pack every sample into this ADM-style .npz (arr_0 images, arr_1 labels)."
+    )
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> SamplingConfig:
+    """Parse and validate the command line."""
+    namespace = vars(build_argument_parser().parse_args(argv))
+    namespace["class_ids"] = parse_class_ids(namespace["class_ids"])
+    config = SamplingConfig(**namespace)
+    config.validate()
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_maskgit_pipeline(config: Any, accelerator):
+    """The pipeline of ``config.pretrained_model_name_or_path`` on the accelerator's device, progress bars off."""
+    from ..pipelines import FlowMoMaskGiTPipeline
+
+    with accelerator.main_process_first():  # one download into the Hub cache, not one per process
+        pipeline = FlowMoMaskGiTPipeline.from_pretrained(
+            config.pretrained_model_name_or_path,
+            revision=config.revision,
+            cache_dir=config.cache_dir,
+            token=config.hub_token,
+        )
+    pipeline.to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def resolve_class_ids(class_ids: Optional[Sequence[int]], num_classes: int) -> List[int]:
+    """The requested classes (default all), checked against the prior's ``num_classes``."""
+    if class_ids is None:
+        return list(range(num_classes))
+    class_ids = sorted(set(int(class_id) for class_id in class_ids))
+    if not class_ids or class_ids[0] < 0 or class_ids[-1] >= num_classes:
+        raise ValueError(
+            f"--class_ids must lie in [0, {num_classes}) for this prior, got {class_ids[:3]}...{class_ids[-3:]}"
+        )
+    return class_ids
+
+
+def _model_identity(pretrained_model_name_or_path: str) -> str:
+    path = os.fspath(pretrained_model_name_or_path)
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
+def sampling_record(config: SamplingConfig, accelerator) -> Dict[str, Any]:
+    """What ``sampling_config.json`` holds: the settings that determine the images (``IMAGE_DETERMINING_SETTINGS``)."""
+    return {
+        "pretrained_model_name_or_path": _model_identity(config.pretrained_model_name_or_path),
+        "revision": config.revision,
+        "seed": config.seed,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "decoder_num_inference_steps": config.decoder_num_inference_steps,
+        "decoder_guidance_scale": config.decoder_guidance_scale,
+        "mixed_precision": accelerator.mixed_precision,
+    }
+
+
+def check_or_write_sampling_config(output_dir: Path, record: Dict[str, Any], accelerator) -> None:
+    """Refuse to resume into a folder sampled with other settings; record them for a new folder.
+
+    Call on every process: each reads the existing record before the main process writes it.
+
+    Raises:
+        ValueError: ``sampling_config.json`` exists and differs in an image-determining setting.
+    """
+    path = output_dir / SAMPLING_CONFIG_NAME
+    if path.is_file():
+        existing = json.loads(path.read_text(encoding="utf-8"))
+        differences = {
+            key: (existing.get(key), record[key])
+            for key in IMAGE_DETERMINING_SETTINGS
+            if existing.get(key) != record[key]
+        }
+        if differences:
+            listed = "; ".join(f"{key}: {old!r} in the folder, {new!r} now" for key, (old, new) in differences.items())
+            raise ValueError(
+                f"{output_dir} already holds samples made with other settings ({listed}). Mixing them would evaluate "
+                "a blend of two models or samplers: use another --output_dir."
+            )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not path.is_file():
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+
+def sample_to_folder(config: SamplingConfig, accelerator=None) -> Dict[str, Any]:
+    """Generate every missing image of ``config`` into ``config.output_dir`` (call on every process).
+
+    Returns:
+        ``{"num_images", "num_generated", "num_existing", "output_dir", "npz_path", "seconds"}`` (totals over all
+        processes).
+
+    Raises:
+        ValueError: Bad settings, classes outside the prior, or a folder sampled with other settings.
+        RuntimeError: Files are still missing at the end (e.g. deleted concurrently).
+    """
+    from tqdm.auto import tqdm
+
+    from .reconstruction import create_accelerator
+    from ..metrics import sum_across_processes
+
+    config.validate()
+    if accelerator is None:
+        accelerator = create_accelerator(config)
+    output_dir = Path(config.output_dir)
+    # First: with the folder locked, every temporary file found is a dead run's, never a live sampler's.
+    lock_output_dir(str(output_dir), accelerator, purpose="sampling", log=logger.warning)
+    if accelerator.is_main_process:
+        removed = remove_stale_temporary_files(output_dir)
+        if removed:
+            logger.info("removed %d temporary files of an interrupted run", removed)
+    accelerator.wait_for_everyone()
+
+    pipeline = load_maskgit_pipeline(config, accelerator)
+    class_ids = resolve_class_ids(config.class_ids, pipeline.transformer.config.num_classes)
+    check_or_write_sampling_config(output_dir, sampling_record(config, accelerator), accelerator)
+    plan = plan_samples(class_ids, config.num_images_per_class)
+
+    def all_exist(specs: List[SampleSpec]) -> bool:
+        return all((output_dir / spec.file_name()).is_file() for spec in specs)
+
+    my_batches = batches_of_process(plan, config.batch_size, accelerator.process_index, accelerator.num_processes)
+    # Complete batches are skipped up front (a stat per file), so the progress bar counts real work.
+    to_generate = [specs for specs in my_batches if not all_exist(specs)]
+    generated = 0
+    start = time.perf_counter()
+    progress = tqdm(
+        total=len(to_generate), desc="sampling", unit="batch", disable=not accelerator.is_local_main_process
+    )
+    batches = generate_batches(
+        pipeline,
+        iter(to_generate),
+        seed=config.seed,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        decoder_num_inference_steps=config.decoder_num_inference_steps,
+        decoder_guidance_scale=config.decoder_guidance_scale,
+        autocast=accelerator.autocast,
+    )
+    for specs, images in batches:
+        for spec, image in zip(specs, images):
+            path = output_dir / spec.file_name()
+            if not path.is_file():  # the batch was regenerated for another missing file: keep the existing ones
+                save_image_atomically(image, path)
+                generated += 1
+        progress.update(1)
+    progress.close()
+    seconds = time.perf_counter() - start
+    generated = int(sum_across_processes(torch.tensor(generated, dtype=torch.int64), accelerator))
+    accelerator.wait_for_everyone()
+
+    missing = [spec for spec in plan if not (output_dir / spec.file_name()).is_file()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} samples are missing after sampling, e.g. {missing[0].file_name()}")
+    planned = {spec.file_name() for spec in plan}
+    others = [path.name for path in output_dir.glob("*.png") if path.name not in planned]
+    if others and accelerator.is_main_process:
+        # E.g. an earlier run with more classes or images per class: a folder evaluation would include them.
+        logger.warning(
+            "%s also holds %d images outside this run's classes / images per class (e.g. %s); evaluating the folder "
+            "evaluates them too (the .npz holds only this run's images)", output_dir, len(others), others[0]
+        )
+    npz_path = None
+    if config.npz_path is not None:
+        if accelerator.is_main_process:
+            npz_path = str(
+                write_samples_npz(
+                    [output_dir / spec.file_name() for spec in plan], config.npz_path, [spec.class_id for spec in plan]
+                )
+            )
+            logger.info("wrote %s", npz_path)
+        accelerator.wait_for_everyone()
+        npz_path = os.fspath(config.npz_path)
+    summary = {
+        "num_images": len(plan),
+        "num_generated": generated,
+        "num_existing": len(plan) - generated,
+        "output_dir": str(output_dir),
+        "npz_path": npz_path,
+        "seconds": seconds,
+    }
+    if accelerator.is_main_process:
+        logger.info("samples: %s", summary)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Command-line entry point of ``examples/train_maskgit/sample.py``."""
+    from .reconstruction import start_command
+
+    config, accelerator = start_command(parse_args, argv)
+    summary = sample_to_folder(config, accelerator)
+    if accelerator.is_main_process:
+        print(json.dumps(summary, indent=2))
+    return summary
+
+
+__all__ = [
+    "IMAGE_DETERMINING_SETTINGS",
+    "SampleSpec",
+    "SamplingConfig",
+    "add_sampling_arguments",
+    "batches_of_process",
+    "build_argument_parser",
+    "generate_batches",
+    "load_maskgit_pipeline",
+    "main",
+    "parse_args",
+    "parse_class_ids",
+    "plan_samples",
+    "remove_stale_temporary_files",
+    "resolve_class_ids",
+    "sample_seed",
+    "sample_to_folder",
+    "save_image_atomically",
+    "write_samples_npz",
+]

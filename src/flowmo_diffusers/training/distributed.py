@@ -1,0 +1,28 @@
+"""FSDP2 helpers: training code that must work on sharded ``DTensor`` parameters and on plain tensors alike."""
+
+import torch
+
+try:  # public from torch 2.5; torch 2.4 has it under _tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - depends on the torch version
+    from torch.distributed._tensor import DTensor, distribute_tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded `DTensor` (a collective: call it on every process), or `tensor` itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a `DTensor` this process holds (in-place updates reach the `DTensor`), or `tensor` itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def like_shard(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`tensor` (whole) laid out like `reference`: its shards when `reference` is a `DTensor`, else `tensor` itself."""
+    if isinstance(reference, DTensor):
+        return distribute_tensor(tensor.to(reference.device, reference.dtype), reference.device_mesh, reference.placements)
+    return tensor
+
+
+__all__ = ["DTensor", "full_tensor", "like_shard", "local_tensor"]

@@ -1,0 +1,135 @@
+"""What a training run shows and publishes: the validation figure and the Hub model card."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, List, Optional
+
+import torch
+
+
+def validation_grid(rows: List[torch.Tensor], padding: int = 2):
+    """PIL image with one row per batch of `(B, 3, H, W)` images in [-1, 1] (originals, reconstructions, ...)."""
+    import PIL.Image
+    from torchvision.utils import make_grid
+
+    if not rows:
+        raise ValueError("no rows to draw")
+    images = torch.cat([row.detach().float().cpu().clamp(-1, 1) for row in rows]) / 2 + 0.5
+    grid = make_grid(images, nrow=rows[0].shape[0], padding=padding, pad_value=1.0)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    return PIL.Image.fromarray(array)
+
+
+def write_model_card(
+    output_dir: str,
+    *,
+    repo_id: str,
+    stage: str,
+    command: str,
+    model_config: dict,
+    training_args: dict,
+    base_model: Optional[str] = None,
+    final_metrics: Optional[dict] = None,
+    global_step: Optional[int] = None,
+    images: Iterable[str] = (),
+    ema: bool = False,
+    summary: Optional[str] = None,
+    usage: Optional[str] = None,
+    metrics_caption: str = "PSNR (dB) on the fixed validation batch of the training script (top row: inputs).",
+    tags: Iterable[str] = ("flowmo", "image-tokenizer"),
+    pipeline_tag: str = "image-to-image",
+) -> str:
+    """Write `output_dir/README.md`: a Hub model card for a trained pipeline; returns its path.
+
+    Records the stage, the exact command, the model config, the training arguments, the final validation metrics
+    and the validation figures (paths relative to `output_dir`). `summary` and `usage` (Python code) replace the
+    FlowMo tokenizer's defaults for other pipelines (the MaskGiT prior).
+    """
+    import json
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="mit",
+        tags=[*tags, "diffusers", "diffusers-training"],
+        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        pipeline_tag=pipeline_tag,
+    )
+    stage_name = {"pretrain": "stage 1A pre-training (mode matching)", "posttrain": "stage 1B post-training (mode seeking)"}
+    if summary is None and stage == "distill":
+        passes = model_config.get("sampling_num_inference_steps")
+        summary = (
+            f"A {passes}-pass student of `{base_model}`: a [FlowMo](https://arxiv.org/abs/2503.11056) decoder distilled "
+            f"with `flowmo-diffusers` ({global_step} optimizer steps) to reproduce in {passes} decoder passes, without a "
+            "guidance pass, what the teacher decodes with its own sampler (the paper's: 25 steps, guidance 1.5, 31 "
+            "passes) from the same token ids and noise. Its encoder is the teacher's, unchanged: it reads and writes "
+            "the teacher's token ids, and `pipe(indices=ids)` decodes in "
+            f"{passes} passes by default."
+        )
+    if summary is None:
+        summary = (
+            f"A [FlowMo](https://arxiv.org/abs/2503.11056) image tokenizer trained with `flowmo-diffusers` "
+            f"({stage_name.get(stage, stage)}), {global_step} optimizer steps"
+            + (f", starting from `{base_model}`" if base_model else "")
+            + "."
+        )
+    if usage is None:
+        usage = "\n".join([
+            "from flowmo_diffusers import FlowMoPipeline",
+            "",
+            f'pipe = FlowMoPipeline.from_pretrained("{repo_id}")',
+            "ids = pipe.encode(images)                 # token ids",
+            "recon = pipe(indices=ids).images          # decoded images",
+        ])
+    lines = [
+        "---",
+        card_data.to_yaml(),
+        "---",
+        "",
+        f"# {repo_id}",
+        "",
+        f"{summary} The weights are the {'EMA' if ema else 'final (non-EMA)'} weights.",
+        "",
+        "```python",
+        usage,
+        "```",
+        "",
+        "## Validation",
+        "",
+    ]
+    if final_metrics:
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in final_metrics.items()]
+        lines += ["", metrics_caption]
+    for image in images:
+        lines += ["", f"![reconstructions]({image})"]
+    lines += [
+        "",
+        "## Training command",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "## Model config",
+        "",
+        "```json",
+        json.dumps(model_config, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        "## Training arguments",
+        "",
+        "```json",
+        json.dumps(training_args, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
+    card = ModelCard("\n".join(lines))
+    path = os.path.join(output_dir, "README.md")
+    card.save(path)
+    return path
+
+
+__all__ = ["validation_grid", "write_model_card"]
