@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from testing_utils import tiny_flowmo_model
 
 from flowmo_diffusers import FlowMoMaskGiTTransformer, FlowMoModel, FlowMoPipeline, FlowMoScheduler
-from flowmo_diffusers.models.maskgit_transformer import get_maskgit_preset_config
+from flowmo_diffusers.models.presets import get_maskgit_preset_config
 
 IDS = torch.zeros(1, 24, dtype=torch.long)
 

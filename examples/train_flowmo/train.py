@@ -31,8 +31,8 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Pro
 from tqdm.auto import tqdm
 
 import diffusers
-from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config
-from flowmo_diffusers.models.presets import PRESETS
+from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler
+from flowmo_diffusers.models.presets import FLOWMO_PRESETS, resolve_model_config
 from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
 from flowmo_diffusers.training.checkpointing import (
     load_checkpoint,
@@ -95,7 +95,7 @@ def parse_args(argv=None):
                         "a student decoder that reproduces in --distill_steps passes what the teacher "
                         "(--pretrained_model_name_or_path) decodes with its sampler; the encoder stays frozen.")
     parser.add_argument("--model_config", type=str, default=None,
-                        help=f"Preset ({', '.join(sorted(PRESETS))}) or path to a FlowMoModel config.json. Default: "
+                        help=f"Preset ({', '.join(sorted(FLOWMO_PRESETS))}) or path to a FlowMoModel config.json. Default: "
                         "flowmo-lo; flowmo-tiny for the embedded demo data. Ignored with --pretrained_model_name_or_path.")
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                         help="FlowMoPipeline folder or Hub id to start from (required for --stage posttrain).")
@@ -235,12 +235,7 @@ def load_model(args):
         pipeline = FlowMoPipeline.from_pretrained(folder)
         model, scheduler = pipeline.autoencoder, pipeline.scheduler
     else:
-        if args.model_config in PRESETS:
-            config = get_preset_config(args.model_config)
-        elif os.path.isfile(args.model_config) or os.path.isdir(args.model_config):
-            config = FlowMoModel.load_config(args.model_config)
-        else:
-            raise ValueError(f"--model_config {args.model_config!r} is neither a preset ({sorted(PRESETS)}) nor a config path")
+        config = resolve_model_config(args.model_config, FlowMoModel, family="FlowMo")
         model = FlowMoModel.from_config(config)
         scheduler = FlowMoScheduler()
     if args.training_time_distribution is not None:

@@ -30,7 +30,7 @@ from transformers import get_scheduler
 
 import diffusers
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoMaskGiTTransformer, FlowMoPipeline, MaskGiTScheduler
-from flowmo_diffusers.models.maskgit_transformer import MASKGIT_PRESETS, get_maskgit_preset_config
+from flowmo_diffusers.models.presets import MASKGIT_PRESETS, resolve_model_config
 from flowmo_diffusers.utils.seeds import seeded_generator
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
@@ -123,12 +123,7 @@ def load_components(args, num_classes_from_data):
         args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision, token=args.hub_token
     )
     tokenizer = FlowMoPipeline.from_pretrained(folder)
-    if args.model_config in MASKGIT_PRESETS:
-        config = get_maskgit_preset_config(args.model_config)
-    elif os.path.exists(args.model_config):
-        config = dict(FlowMoMaskGiTTransformer.load_config(args.model_config))
-    else:
-        raise ValueError(f"--model_config {args.model_config!r} is neither a preset ({sorted(MASKGIT_PRESETS)}) nor a path")
+    config = resolve_model_config(args.model_config, FlowMoMaskGiTTransformer, family="MaskGiT")
     config.update(num_indices=tokenizer.autoencoder.num_indices, codebook_size=tokenizer.autoencoder.codebook_size)
     num_classes = args.num_classes or num_classes_from_data
     if num_classes:

@@ -4,9 +4,10 @@
 `scripts/convert_flowmo_original_to_diffusers.py` runs); `single_file` is diffusers' `from_single_file` on top of it.
 """
 
+# Refusals of files that would run code share one error class with the training checkpoints.
+from ..utils.safe_loading import UnsafeCheckpointError
 from .original import (
     CheckpointConversionError,
-    UnsafeCheckpointError,
     config_from_original,
     convert_original_checkpoint,
     convert_original_state_dict,

@@ -1,7 +1,6 @@
 """Conversion of the original FlowMo checkpoints (`flowmo_lo.pth`, `flowmo_hi.pth`, training runs) to FlowMoModel."""
 
 import os
-import pickle
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -9,6 +8,7 @@ import torch
 import yaml
 
 from ..models.presets import get_preset_config
+from ..utils.safe_loading import load_torch_file
 
 # The original derives every size from `DIT_ZOO["dit_b_4"]` scaled by a muP width (hidden = width * base // 4).
 ORIGINAL_DIT_BASE: Dict[str, Any] = dict(
@@ -49,22 +49,6 @@ _TOP_LEVEL = {
 
 class CheckpointConversionError(ValueError):
     """A checkpoint does not match the configuration it is converted with."""
-
-
-class UnsafeCheckpointError(CheckpointConversionError):
-    """A checkpoint holds pickled objects other than tensors and plain containers, so it is not loaded."""
-
-
-def _refuse_unsafe_checkpoint(path: str, error: pickle.UnpicklingError) -> UnsafeCheckpointError:
-    # torch's own message advises turning the safe loader off, i.e. running the file's code: only the name of the
-    # refused global is taken from it (torch >= 2.4 words it "GLOBAL <module>.<name>").
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    what = f" (it references {found.group(1)})" if found else ""
-    return UnsafeCheckpointError(
-        f"{path} contains non-tensor pickled objects{what}, so it is refused for safety: unpickling them could "
-        "run arbitrary code. FlowMo checkpoints hold only tensors and plain containers (dicts, lists, numbers, "
-        "strings). Obtain the checkpoint from its original source, or re-save its state dicts as tensors only."
-    )
 
 
 def original_key(key: str) -> str:
@@ -155,11 +139,7 @@ def load_original_checkpoint(path: str, prefer_ema: bool = True) -> Tuple[Dict[s
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # "from None": the chained torch error would advise turning the safe loader off.
-        raise _refuse_unsafe_checkpoint(path, error) from None
+    checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointConversionError(f"{path} holds a {type(checkpoint).__name__}, not a FlowMo checkpoint dict")
     for entry in (["model_ema_state_dict"] if prefer_ema else []) + ["model_state_dict"]:

@@ -12,9 +12,8 @@ returning `.last_hidden_state`; the attention kernel being read from `config._at
 `gradient_checkpointing` flag and checkpoint function diffusers' `ModelMixin.enable_gradient_checkpointing` sets.
 """
 
-import copy
 from dataclasses import dataclass
-from typing import Any, Dict, Union
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -24,42 +23,6 @@ from diffusers.utils import BaseOutput
 
 from ..utils.validation import FloatRule, IntRule, validate_config
 from .modeling_utils import StrictLoadingMixin
-
-# Named configurations. "maskgit-flowmo-lo" is *our* choice of size for a prior on FlowMo-Lo tokens (512 ids of 9 bits
-# per 256x256 image): the FlowMo paper reports a MaskGiT on its tokens but did not release its configuration. The
-# size (hidden 1024, 24 layers, 16 heads, MLP 4096, dropout 0.1; 305M parameters) is BERT-large-like, between
-# MaskGiT's (768 / 24 / 16) and larger TiTok generators. "maskgit-tiny" pairs with the "flowmo-tiny" autoencoder
-# (24 ids of 4 bits) for CPU tests.
-MASKGIT_PRESETS: Dict[str, Dict[str, Any]] = {
-    "maskgit-flowmo-lo": dict(
-        num_indices=512,
-        codebook_size=512,
-        num_classes=1000,
-        hidden_size=1024,
-        num_layers=24,
-        num_heads=16,
-        intermediate_size=4096,
-        dropout=0.1,
-    ),
-    "maskgit-tiny": dict(
-        num_indices=24,
-        codebook_size=16,
-        num_classes=10,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=256,
-        dropout=0.0,
-    ),
-}
-
-
-def get_maskgit_preset_config(name: str) -> Dict[str, Any]:
-    """A copy of the named [`FlowMoMaskGiTTransformer`] config: `maskgit-flowmo-lo` or `maskgit-tiny`."""
-    if name not in MASKGIT_PRESETS:
-        raise ValueError(f"unknown MaskGiT preset {name!r}; choose one of {sorted(MASKGIT_PRESETS)}")
-    return copy.deepcopy(MASKGIT_PRESETS[name])
-
 
 @dataclass
 class FlowMoMaskGiTTransformerOutput(BaseOutput):

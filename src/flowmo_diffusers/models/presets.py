@@ -1,6 +1,10 @@
-"""Named FlowMoModel configurations: the paper's two released models and a tiny one for CPU tests."""
+"""Named model configurations, behind one lookup: [`FlowMoModel`] (the paper's two released models and a tiny one for
+CPU tests) and [`FlowMoMaskGiTTransformer`] (a prior on FlowMo-Lo tokens and a tiny one)."""
+
+from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Dict
 
 # Paper sizes (original muP widths: decoder 6 -> 1152, encoder 4 -> 768; 12 heads; RoPE axes [8, 28, 28] * width / 4).
@@ -27,7 +31,7 @@ _PAPER_COMMON: Dict[str, Any] = dict(
     commitment_loss_weight=0.000625,
 )
 
-PRESETS: Dict[str, Dict[str, Any]] = {
+FLOWMO_PRESETS: Dict[str, Dict[str, Any]] = {
     # 256 tokens x 18 bits = 0.070 bits per pixel; 2 ids of 9 bits per token.
     "flowmo-lo": dict(_PAPER_COMMON, context_dim=18, bits_per_subtoken=9),
     # 256 tokens x 56 bits = 0.219 bits per pixel; 4 ids of 14 bits per token.
@@ -51,8 +55,95 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def get_preset_config(name: str) -> Dict[str, Any]:
-    """A copy of the named [`FlowMoModel`] config: one of `flowmo-lo`, `flowmo-hi`, `flowmo-tiny`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
+
+# Named configurations. "maskgit-flowmo-lo" is *our* choice of size for a prior on FlowMo-Lo tokens (512 ids of 9 bits
+# per 256x256 image): the FlowMo paper reports a MaskGiT on its tokens but did not release its configuration. The
+# size (hidden 1024, 24 layers, 16 heads, MLP 4096, dropout 0.1; 305M parameters) is BERT-large-like, between
+# MaskGiT's (768 / 24 / 16) and larger TiTok generators. "maskgit-tiny" pairs with the "flowmo-tiny" autoencoder
+# (24 ids of 4 bits) for CPU tests.
+MASKGIT_PRESETS: Dict[str, Dict[str, Any]] = {
+    "maskgit-flowmo-lo": dict(
+        num_indices=512,
+        codebook_size=512,
+        num_classes=1000,
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=4096,
+        dropout=0.1,
+    ),
+    "maskgit-tiny": dict(
+        num_indices=24,
+        codebook_size=16,
+        num_classes=10,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=256,
+        dropout=0.0,
+    ),
+}
+
+#: Every preset by family; names are unique across families, so a name alone finds its config.
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {"FlowMo": FLOWMO_PRESETS, "MaskGiT": MASKGIT_PRESETS}
+
+
+def get_preset_config(name: str, family: str | None = None) -> Dict[str, Any]:
+    """A copy of the named config.
+
+    Args:
+        name (`str`):
+            A preset: `flowmo-lo`, `flowmo-hi`, `flowmo-tiny` ([`FlowMoModel`]) or `maskgit-flowmo-lo`, `maskgit-tiny`
+            ([`FlowMoMaskGiTTransformer`]).
+        family (`str`, *optional*):
+            `"FlowMo"` or `"MaskGiT"`: only look among that family's presets.
+
+    Returns:
+        `Dict[str, Any]`: the config, to pass as `**kwargs` to the model class (a copy: changing it changes nothing).
+    """
+    if family is not None and family not in PRESETS:
+        raise ValueError(f"unknown preset family {family!r}; choose one of {sorted(PRESETS)}")
+    tables = [PRESETS[family]] if family is not None else list(PRESETS.values())
+    for table in tables:
+        if name in table:
+            return copy.deepcopy(table[name])
+    names = sorted(key for table in tables for key in table)
+    raise ValueError(f"unknown {family + ' ' if family == 'MaskGiT' else ''}preset {name!r}; choose one of {names}")
+
+
+def get_maskgit_preset_config(name: str) -> Dict[str, Any]:
+    """A copy of the named [`FlowMoMaskGiTTransformer`] config: `maskgit-flowmo-lo` or `maskgit-tiny`."""
+    return get_preset_config(name, family="MaskGiT")
+
+
+def resolve_model_config(name_or_path: str, model_class: type, family: str, option: str = "--model_config") -> Dict[str, Any]:
+    """The config a training script starts from: a preset name of `family`, or a `config.json` (file or folder).
+
+    Args:
+        name_or_path (`str`):
+            A preset of `family` or a path that `model_class.load_config` reads.
+        model_class (`type`):
+            The diffusers model class whose `load_config` reads a path.
+        family (`str`):
+            `"FlowMo"` or `"MaskGiT"`.
+        option (`str`, *optional*, defaults to `"--model_config"`):
+            The command-line option named in the error.
+
+    Returns:
+        `Dict[str, Any]`: a mutable copy of the config.
+    """
+    if name_or_path in PRESETS[family]:
+        return get_preset_config(name_or_path, family=family)
+    if os.path.isfile(name_or_path) or os.path.isdir(name_or_path):
+        return dict(model_class.load_config(name_or_path))
+    raise ValueError(f"{option} {name_or_path!r} is neither a preset ({sorted(PRESETS[family])}) nor a config path")
+
+
+__all__ = [
+    "FLOWMO_PRESETS",
+    "MASKGIT_PRESETS",
+    "PRESETS",
+    "get_maskgit_preset_config",
+    "get_preset_config",
+    "resolve_model_config",
+]

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..utils.output_lock import OutputDirLock
+from ..utils.safe_loading import UnsafeCheckpointError
 
 #: This package's training states inside a checkpoint folder.
 STATES_JSON_NAME = "training_states.json"
@@ -43,10 +44,6 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _UNSAFE_CUSTOM_STATE_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 # Formats that hold data only: nothing in them is executed when read.
 _DATA_ONLY_SUFFIXES = (".safetensors", ".json")
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint holds a file that cannot be loaded without the risk of running code (or cannot be read)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
