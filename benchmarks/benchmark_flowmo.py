@@ -455,9 +455,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             print(format_floor(row))
     memory_method = rows[0]["memory"].get("method") if rows else None
     print(f"peak memory: {memory_method}")
-    path = common.record(rows, args.output)
-    if path:
-        print(f"recorded {len(rows)} rows in {path}")
+    common.record(rows, args.output)
     return rows
 
 

@@ -320,9 +320,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         f"{env_before['loadavg_1_5_15']} after {env_after['loadavg_1_5_15']}"
     )
     print(common.markdown_table(headers, table))
-    path = common.record(rows, args.output)
-    if path:
-        print(f"recorded {len(rows)} rows in {path}")
+    common.record(rows, args.output)
     return rows
 
 

@@ -299,42 +299,39 @@ def matmul_runners(entries: List[Dict[str, Any]], device: str, dtype: str, atten
     return runners
 
 
-def decoder_matmuls(config: Dict[str, Any], batch_size: int, height: int, width: int) -> List[Dict[str, Any]]:
-    """[`transformer_matmuls`] of a [`FlowMoModel`] config's decoder at `height` x `width` (code + mask channel)."""
+def stack_matmuls(config: Dict[str, Any], stack: str, batch_size: int, height: int, width: int) -> List[Dict[str, Any]]:
+    """[`transformer_matmuls`] of a [`FlowMoModel`] config's `stack` (`"encoder"` or `"decoder"`) at `height` x `width`.
+
+    The encoder reads the image and writes the code; the decoder reads the code plus its mask channel and writes the
+    image.
+    """
+    if stack not in ("encoder", "decoder"):
+        raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
     patch = config["patch_size"]
     return transformer_matmuls(
-        config["decoder_hidden_size"],
-        config["decoder_depth"],
+        config[f"{stack}_hidden_size"],
+        config[f"{stack}_depth"],
         config["mlp_ratio"],
         config["code_length"],
         (height // patch) * (width // patch),
         config["in_channels"] * patch**2,
-        config["context_dim"] + 1,
+        config["context_dim"] + (stack == "decoder"),
         batch_size,
-        "image",
-        config["decoder_num_heads"],
+        "image" if stack == "decoder" else "code",
+        config[f"{stack}_num_heads"],
     )
+
+
+def decoder_matmuls(config: Dict[str, Any], batch_size: int, height: int, width: int) -> List[Dict[str, Any]]:
+    return stack_matmuls(config, "decoder", batch_size, height, width)
+
+
+def encoder_matmuls(config: Dict[str, Any], batch_size: int, height: int, width: int) -> List[Dict[str, Any]]:
+    return stack_matmuls(config, "encoder", batch_size, height, width)
 
 
 def decoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, width: int) -> float:
     return sum(matmul_flops(entry) for entry in decoder_matmuls(config, batch_size, height, width))
-
-
-def encoder_matmuls(config: Dict[str, Any], batch_size: int, height: int, width: int) -> List[Dict[str, Any]]:
-    """[`transformer_matmuls`] of the encoder of a [`FlowMoModel`] config at `height` x `width`."""
-    patch = config["patch_size"]
-    return transformer_matmuls(
-        config["encoder_hidden_size"],
-        config["encoder_depth"],
-        config["mlp_ratio"],
-        config["code_length"],
-        (height // patch) * (width // patch),
-        config["in_channels"] * patch**2,
-        config["context_dim"],
-        batch_size,
-        "code",
-        config["encoder_num_heads"],
-    )
 
 
 def encoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, width: int) -> float:
@@ -344,7 +341,7 @@ def encoder_forward_flops(config: Dict[str, Any], batch_size: int, height: int, 
 # --------------------------------------------------------------------------------------------------------------
 # Recording
 def record(records: List[Dict[str, Any]], output: Optional[str]) -> Optional[str]:
-    """Append one JSON line per record to `output` (created with its folder); returns the path written."""
+    """Append one JSON line per record to `output` (created with its folder) and say so; returns the path written."""
     if not output:
         return None
     folder = os.path.dirname(os.path.abspath(output))
@@ -353,6 +350,7 @@ def record(records: List[Dict[str, Any]], output: Optional[str]) -> Optional[str
     with open(output, "a", encoding="utf-8") as handle:
         for item in records:
             handle.write(json.dumps(dict(item, recorded_at=stamp), sort_keys=True) + "\n")
+    print(f"recorded {len(records)} rows in {output}")
     return output
 
 

@@ -206,9 +206,7 @@ def main(argv: Optional[List[str]] = None):
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     records = estimate(args)
-    path = common.record(records, args.output)
-    if path:
-        print(f"recorded in {path}")
+    common.record(records, args.output)
     return records
 
 

@@ -71,8 +71,9 @@ def tiny_maskgit_pipeline(transformer: FlowMoMaskGiTTransformer, autoencoder: Fl
     return pipeline
 
 
-#: maskgit-tiny over flowmo-tiny: 24 ids of 16 values, 10 classes; the mask id is 16 and the null class 10.
-MASKGIT_TINY_NUM_IDS, MASKGIT_TINY_CODEBOOK_SIZE, MASKGIT_TINY_NUM_CLASSES = 24, 16, 10
+#: maskgit-tiny over flowmo-tiny: (ids per image, values per id, classes, mask id, null class).
+MASKGIT_TINY_SIZES = (24, 16, 10, 16, 10)
+MASKGIT_TINY_NUM_IDS, MASKGIT_TINY_CODEBOOK_SIZE = MASKGIT_TINY_SIZES[:2]
 
 
 def random_token_ids(batch, generator_seed=0, with_masks=False):

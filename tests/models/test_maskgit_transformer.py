@@ -9,15 +9,9 @@ from flowmo_diffusers import (
     get_maskgit_preset_config,
     get_preset_config,
 )
-from testing_utils import (
-    MASKGIT_TINY_CODEBOOK_SIZE,
-    MASKGIT_TINY_NUM_CLASSES,
-    MASKGIT_TINY_NUM_IDS,
-    random_token_ids as random_ids,
-)
+from testing_utils import MASKGIT_TINY_SIZES, random_token_ids as random_ids
 
-N, V, C = MASKGIT_TINY_NUM_IDS, MASKGIT_TINY_CODEBOOK_SIZE, MASKGIT_TINY_NUM_CLASSES
-MASK, NULL = V, C  # the mask id and the null class
+N, V, C, MASK, NULL = MASKGIT_TINY_SIZES
 
 
 @torch.no_grad()

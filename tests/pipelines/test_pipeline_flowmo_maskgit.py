@@ -16,14 +16,9 @@ from flowmo_diffusers import (
     get_maskgit_preset_config,
 )
 from flowmo_diffusers.training.maskgit import maskgit_training_step
-from testing_utils import (
-    MASKGIT_TINY_CODEBOOK_SIZE,
-    MASKGIT_TINY_NUM_CLASSES,
-    MASKGIT_TINY_NUM_IDS,
-)
+from testing_utils import MASKGIT_TINY_SIZES
 
-N, V, C = MASKGIT_TINY_NUM_IDS, MASKGIT_TINY_CODEBOOK_SIZE, MASKGIT_TINY_NUM_CLASSES
-MASK, NULL = V, C  # the mask id and the null class
+N, V, C, MASK, NULL = MASKGIT_TINY_SIZES
 
 
 def test_pipeline_output_types(maskgit_pipeline):

@@ -5,18 +5,10 @@ import math
 import pytest
 import torch
 
-from flowmo_diffusers import (
-    MaskGiTScheduler,
-)
-from testing_utils import (
-    MASKGIT_TINY_CODEBOOK_SIZE,
-    MASKGIT_TINY_NUM_CLASSES,
-    MASKGIT_TINY_NUM_IDS,
-    random_token_ids as random_ids,
-)
+from flowmo_diffusers import MaskGiTScheduler
+from testing_utils import MASKGIT_TINY_SIZES, random_token_ids as random_ids
 
-N, V, C = MASKGIT_TINY_NUM_IDS, MASKGIT_TINY_CODEBOOK_SIZE, MASKGIT_TINY_NUM_CLASSES
-MASK, NULL = V, C  # the mask id and the null class
+N, V, C, MASK, NULL = MASKGIT_TINY_SIZES
 
 
 def test_masking_schedule_values():

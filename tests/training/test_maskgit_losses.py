@@ -6,19 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowmo_diffusers import (
-    MaskGiTScheduler,
-)
+from flowmo_diffusers import MaskGiTScheduler
 from flowmo_diffusers.training.maskgit import drop_class_labels, masked_cross_entropy, maskgit_training_step
-from testing_utils import (
-    MASKGIT_TINY_CODEBOOK_SIZE,
-    MASKGIT_TINY_NUM_CLASSES,
-    MASKGIT_TINY_NUM_IDS,
-    random_token_ids as random_ids,
-)
+from testing_utils import MASKGIT_TINY_SIZES, random_token_ids as random_ids
 
-N, V, C = MASKGIT_TINY_NUM_IDS, MASKGIT_TINY_CODEBOOK_SIZE, MASKGIT_TINY_NUM_CLASSES
-MASK, NULL = V, C  # the mask id and the null class
+N, V, C, MASK, NULL = MASKGIT_TINY_SIZES
 
 
 def test_masked_cross_entropy_matches_definition():

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FromOriginalModelMixin", "FromSingleFileMixin"]
 
+# The huggingface_hub download options of `from_single_file`, as diffusers names them.
+_HUB_ARGUMENTS = ("cache_dir", "token", "revision", "local_files_only", "force_download")
+
 
 def _resolve_original_config(original_config: Any, hub_kwargs: Mapping[str, Any]) -> Any:
     """A `config.yaml` given as a path or a Hub link -> a local path (a parsed dict is returned as is)."""
@@ -127,8 +130,7 @@ class FromOriginalModelMixin:
         Returns:
             The model in eval mode.
         """
-        hub_kwargs = dict(cache_dir=cache_dir, token=token, revision=revision, local_files_only=local_files_only,
-                          force_download=force_download)
+        hub_kwargs = dict(zip(_HUB_ARGUMENTS, (cache_dir, token, revision, local_files_only, force_download)))
         return _load_original_model(
             cls, pretrained_model_link_or_path, preset, _resolve_original_config(original_config, hub_kwargs),
             config, original_dit_base, extract_ema, torch_dtype, hub_kwargs,
@@ -143,24 +145,15 @@ class FromSingleFileMixin:
         cls,
         pretrained_model_link_or_path: Union[str, os.PathLike],
         *,
-        preset: Optional[str] = None,
         original_config: Any = None,
-        config: Optional[Mapping[str, Any]] = None,
-        original_dit_base: Optional[Mapping[str, Any]] = None,
-        extract_ema: bool = True,
-        torch_dtype: Optional[torch.dtype] = None,
         scheduler=None,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
-        token: Optional[Union[str, bool]] = None,
-        revision: Optional[str] = None,
-        local_files_only: Optional[bool] = None,
-        force_download: bool = False,
+        **kwargs,
     ):
         r"""
         Build the pipeline from an original FlowMo checkpoint, as `scripts/convert_flowmo_original_to_diffusers.py`
         does (same weights, bit for bit), without writing a folder first.
 
-        The arguments are those of [`FlowMoModel.from_single_file`], plus:
+        Takes the arguments of [`FlowMoModel.from_single_file`] (by keyword), plus:
 
         Args:
             scheduler ([`FlowMoScheduler`] or another flow-matching scheduler, *optional*):
@@ -172,14 +165,10 @@ class FromSingleFileMixin:
         """
         from .original import scheduler_config_from_original
 
-        hub_kwargs = dict(cache_dir=cache_dir, token=token, revision=revision, local_files_only=local_files_only,
-                          force_download=force_download)
+        hub_kwargs = {key: kwargs[key] for key in _HUB_ARGUMENTS if key in kwargs}
         original_config = _resolve_original_config(original_config, hub_kwargs)
         model_class, scheduler_class = cls._single_file_component_classes()
-        autoencoder = _load_original_model(
-            model_class, pretrained_model_link_or_path, preset, original_config, config, original_dit_base,
-            extract_ema, torch_dtype, hub_kwargs,
-        )
+        autoencoder = model_class.from_single_file(pretrained_model_link_or_path, original_config=original_config, **kwargs)
         if scheduler is None:
             scheduler_config = scheduler_config_from_original(original_config) if original_config is not None else {}
             scheduler = scheduler_class(**scheduler_config)

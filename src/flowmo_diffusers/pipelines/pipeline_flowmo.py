@@ -17,6 +17,13 @@ from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, 
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
+from .pipeline_utils import (
+    check_callback,
+    check_generators,
+    check_num_images_per_prompt,
+    prepare_step_callback,
+    resolve_callback_tensor_inputs,
+)
 
 
 
@@ -309,20 +316,12 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         Returns:
             [`FlowMoPipelineOutput`] with `images` and `num_decoder_passes` (decoder evaluations per image).
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = resolve_callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(
-            images,
-            indices,
-            num_inference_steps,
-            guidance_scale,
-            latents,
-            height,
-            width,
-            output_type,
-            generator,
-            max_image_size,
-            max_inference_steps,
+            images, indices, num_inference_steps, guidance_scale, latents, height, width, output_type, generator,
+            max_image_size, max_inference_steps,
             num_images_per_prompt=num_images_per_prompt,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -351,14 +350,8 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             width = width or model.config.sample_size
         if latents is not None and tuple(latents.shape[-2:]) != (height, width):
             raise ValueError(f"latents must be a tensor of shape ({batch_size}, 3, {height}, {width}), got {tuple(latents.shape)}")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"got {len(generator)} generators for a batch of {batch_size} (inputs x num_images_per_prompt): "
-                "pass one generator, or one per output image"
-            )
-        step_callback = None
-        if callback_on_step_end is not None:
-            step_callback = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        check_generators(generator, batch_size, "inputs x num_images_per_prompt")
+        step_callback = prepare_step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         decoded = model.decode(
             code,
@@ -384,52 +377,3 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         if not return_dict:
             return (images,)
         return FlowMoPipelineOutput(images=images, num_decoder_passes=decoded.num_decoder_passes)
-
-
-def check_num_images_per_prompt(num_images_per_prompt) -> None:
-    """Raise ValueError unless `num_images_per_prompt` is a positive integer."""
-    if (
-        isinstance(num_images_per_prompt, bool)
-        or not isinstance(num_images_per_prompt, (int, np.integer))
-        or num_images_per_prompt < 1
-    ):
-        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-
-
-def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
-    """Raise ValueError for a callback that is not callable or asks for tensors the pipeline does not offer."""
-    if callback_on_step_end is not None and not callable(callback_on_step_end):
-        raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
-    names = callback_on_step_end_tensor_inputs
-    if names is None:
-        return
-    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of names, got {names!r}")
-    unknown = [name for name in names if name not in pipeline._callback_tensor_inputs]
-    if unknown:
-        raise ValueError(
-            f"callback_on_step_end_tensor_inputs has to be in {pipeline._callback_tensor_inputs}, but found {unknown}"
-        )
-
-
-def step_end_callback(pipeline, callback_on_step_end, tensor_inputs):
-    """Adapt diffusers' `callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict` to a sampling
-    loop's `f(step_index, timestep, latents) -> new latents or None`."""
-
-    def step_callback(step_index, timestep, latents):
-        tensors = {"latents": latents}
-        outputs = callback_on_step_end(pipeline, step_index, timestep, {name: tensors[name] for name in tensor_inputs})
-        if not isinstance(outputs, dict):
-            raise TypeError(
-                "callback_on_step_end must return a dict (e.g. the callback_kwargs it was given, with the tensors to "
-                f"replace), got {type(outputs).__name__}"
-            )
-        replaced = outputs.get("latents")
-        if replaced is not None and (not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape):
-            got = tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced).__name__
-            raise ValueError(
-                f"callback_on_step_end returned latents of shape {got}; they must keep the shape {tuple(latents.shape)}"
-            )
-        return replaced
-
-    return step_callback

@@ -15,7 +15,14 @@ from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
 from ..utils.hub import HubPipelineMixin
-from .pipeline_flowmo import FlowMoPipeline, check_callback, check_num_images_per_prompt, step_end_callback
+from .pipeline_flowmo import FlowMoPipeline
+from .pipeline_utils import (
+    check_callback,
+    check_generators,
+    check_num_images_per_prompt,
+    prepare_step_callback,
+    resolve_callback_tensor_inputs,
+)
 
 
 @dataclass
@@ -201,19 +208,14 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
                 raise ValueError(f"{name} must be a finite real number, got {value!r}")
         check_num_images_per_prompt(num_images_per_prompt)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = resolve_callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_components()
         labels = self.prepare_class_labels(class_labels).repeat_interleave(num_images_per_prompt)
-        if isinstance(generator, list) and len(generator) != labels.shape[0]:
-            raise ValueError(
-                f"got {len(generator)} generators for {labels.shape[0]} images (class labels x num_images_per_prompt): "
-                "pass one generator, or one per output image"
-            )
-        step_callback = None
-        if callback_on_step_end is not None:
-            step_callback = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        check_generators(generator, labels.shape[0], "class labels x num_images_per_prompt")
+        step_callback = prepare_step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         indices = self.generate_indices(labels, num_inference_steps, guidance_scale, generator, step_callback)
 

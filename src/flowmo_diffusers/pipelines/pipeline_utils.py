@@ -1,0 +1,99 @@
+"""What both pipelines check and do the same way: the batch arguments, diffusers' step-end callbacks, generators."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List
+
+import numpy as np
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+
+def check_num_images_per_prompt(num_images_per_prompt) -> None:
+    """Raise ValueError unless `num_images_per_prompt` is a positive integer."""
+    if (
+        isinstance(num_images_per_prompt, bool)
+        or not isinstance(num_images_per_prompt, (int, np.integer))
+        or num_images_per_prompt < 1
+    ):
+        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+
+
+def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
+    """Raise ValueError for a callback that is not callable or asks for tensors the pipeline does not offer."""
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+    names = callback_on_step_end_tensor_inputs
+    if names is None:
+        return
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of names, got {names!r}")
+    unknown = [name for name in names if name not in pipeline._callback_tensor_inputs]
+    if unknown:
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs has to be in {pipeline._callback_tensor_inputs}, but found {unknown}"
+        )
+
+
+def step_end_callback(pipeline, callback_on_step_end, tensor_inputs):
+    """Adapt diffusers' `callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict` to a sampling
+    loop's `f(step_index, timestep, latents) -> new latents or None`."""
+
+    def step_callback(step_index, timestep, latents):
+        tensors = {"latents": latents}
+        outputs = callback_on_step_end(pipeline, step_index, timestep, {name: tensors[name] for name in tensor_inputs})
+        if not isinstance(outputs, dict):
+            raise TypeError(
+                "callback_on_step_end must return a dict (e.g. the callback_kwargs it was given, with the tensors to "
+                f"replace), got {type(outputs).__name__}"
+            )
+        replaced = outputs.get("latents")
+        if replaced is not None and (not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape):
+            got = tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced).__name__
+            raise ValueError(
+                f"callback_on_step_end returned latents of shape {got}; they must keep the shape {tuple(latents.shape)}"
+            )
+        return replaced
+
+    return step_callback
+
+
+def resolve_callback_tensor_inputs(callback_on_step_end: Any, callback_on_step_end_tensor_inputs: List[str] | None):
+    """The tensor names a callback asks for: its own `tensor_inputs` for diffusers' `PipelineCallback` objects."""
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        return callback_on_step_end.tensor_inputs
+    return callback_on_step_end_tensor_inputs
+
+
+def prepare_step_callback(pipeline, callback_on_step_end, tensor_inputs) -> Callable | None:
+    """[`step_end_callback`] for a given callback, `None` without one."""
+    if callback_on_step_end is None:
+        return None
+    return step_end_callback(pipeline, callback_on_step_end, tensor_inputs)
+
+
+def check_generators(generator: torch.Generator | List[torch.Generator] | None, batch_size: int, what: str) -> None:
+    """Raise ValueError for a list of generators whose length is not the number of output images.
+
+    Args:
+        generator (`torch.Generator` or `List[torch.Generator]`, *optional*):
+            One generator for the batch, or one per output image.
+        batch_size (`int`):
+            The number of output images.
+        what (`str`):
+            How the batch size came about, for the message (e.g. "inputs x num_images_per_prompt").
+    """
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(
+            f"got {len(generator)} generators for {batch_size} images ({what}): pass one generator, or one per output image"
+        )
+
+
+__all__ = [
+    "check_callback",
+    "check_generators",
+    "check_num_images_per_prompt",
+    "prepare_step_callback",
+    "resolve_callback_tensor_inputs",
+    "step_end_callback",
+]
