@@ -17,13 +17,7 @@ from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, 
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
-from .pipeline_utils import (
-    check_callback,
-    check_generators,
-    check_num_images_per_prompt,
-    prepare_step_callback,
-    resolve_callback_tensor_inputs,
-)
+from .pipeline_utils import check_callback, check_generators, check_num_images_per_prompt, prepare_step_callback
 
 
 
@@ -201,8 +195,6 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         max_image_size=None,
         max_inference_steps=None,
         num_images_per_prompt=1,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=None,
     ):
         """Validate the call's arguments before any heavy work; values (NaN, range) are checked here, at the
         boundary, so the decoder's hot path never reads tensors on the host. Sizes and step counts are bounded
@@ -210,7 +202,6 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         if (images is None) == (indices is None):
             raise ValueError("pass exactly one of `images` (to reconstruct) or `indices` (to decode)")
         check_num_images_per_prompt(num_images_per_prompt)
-        check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if num_inference_steps is not None and (
@@ -316,15 +307,11 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         Returns:
             [`FlowMoPipelineOutput`] with `images` and `num_decoder_passes` (decoder evaluations per image).
         """
-        callback_on_step_end_tensor_inputs = resolve_callback_tensor_inputs(
-            callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
+        callback_on_step_end_tensor_inputs = check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_inputs(
             images, indices, num_inference_steps, guidance_scale, latents, height, width, output_type, generator,
             max_image_size, max_inference_steps,
             num_images_per_prompt=num_images_per_prompt,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         model = self.autoencoder
         device = self._execution_device

@@ -16,13 +16,7 @@ from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
 from ..utils.hub import HubPipelineMixin
 from .pipeline_flowmo import FlowMoPipeline
-from .pipeline_utils import (
-    check_callback,
-    check_generators,
-    check_num_images_per_prompt,
-    prepare_step_callback,
-    resolve_callback_tensor_inputs,
-)
+from .pipeline_utils import check_callback, check_generators, check_num_images_per_prompt, prepare_step_callback
 
 
 @dataclass
@@ -208,10 +202,7 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
                 raise ValueError(f"{name} must be a finite real number, got {value!r}")
         check_num_images_per_prompt(num_images_per_prompt)
-        callback_on_step_end_tensor_inputs = resolve_callback_tensor_inputs(
-            callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
-        check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        callback_on_step_end_tensor_inputs = check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_components()
         labels = self.prepare_class_labels(class_labels).repeat_interleave(num_images_per_prompt)
         check_generators(generator, labels.shape[0], "class labels x num_images_per_prompt")

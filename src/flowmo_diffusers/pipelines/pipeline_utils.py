@@ -19,13 +19,19 @@ def check_num_images_per_prompt(num_images_per_prompt) -> None:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
 
 
-def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
-    """Raise ValueError for a callback that is not callable or asks for tensors the pipeline does not offer."""
+def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> List[str] | None:
+    """Check a step-end callback and return the tensor names it asks for.
+
+    Raises ValueError for a callback that is not callable or asks for tensors the pipeline does not offer. diffusers'
+    `PipelineCallback` objects name their own `tensor_inputs`, which replace `callback_on_step_end_tensor_inputs`.
+    """
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
     if callback_on_step_end is not None and not callable(callback_on_step_end):
         raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
     names = callback_on_step_end_tensor_inputs
     if names is None:
-        return
+        return None
     if isinstance(names, str) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of names, got {names!r}")
     unknown = [name for name in names if name not in pipeline._callback_tensor_inputs]
@@ -33,6 +39,7 @@ def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_i
         raise ValueError(
             f"callback_on_step_end_tensor_inputs has to be in {pipeline._callback_tensor_inputs}, but found {unknown}"
         )
+    return names
 
 
 def step_end_callback(pipeline, callback_on_step_end, tensor_inputs):
@@ -56,13 +63,6 @@ def step_end_callback(pipeline, callback_on_step_end, tensor_inputs):
         return replaced
 
     return step_callback
-
-
-def resolve_callback_tensor_inputs(callback_on_step_end: Any, callback_on_step_end_tensor_inputs: List[str] | None):
-    """The tensor names a callback asks for: its own `tensor_inputs` for diffusers' `PipelineCallback` objects."""
-    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-        return callback_on_step_end.tensor_inputs
-    return callback_on_step_end_tensor_inputs
 
 
 def prepare_step_callback(pipeline, callback_on_step_end, tensor_inputs) -> Callable | None:
@@ -94,6 +94,5 @@ __all__ = [
     "check_generators",
     "check_num_images_per_prompt",
     "prepare_step_callback",
-    "resolve_callback_tensor_inputs",
     "step_end_callback",
 ]
