@@ -51,18 +51,8 @@ class TinyHubPipeline(DiffusionPipeline):
         return self.autoencoder(x)
 
 
-class TinyHubMixinPipeline(HubPipelineMixin, DiffusionPipeline):
-    """Same pipeline with the fix: ``HubPipelineMixin`` must come *before* ``DiffusionPipeline``."""
-
-    model_cpu_offload_seq = "autoencoder"
-
-    def __init__(self, autoencoder: TinyHubModel, scheduler: TinyHubScheduler):
-        super().__init__()
-        self.register_modules(autoencoder=autoencoder, scheduler=scheduler)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder(x)
+class TinyHubMixinPipeline(HubPipelineMixin, TinyHubPipeline):
+    """Same pipeline with the fix: ``HubPipelineMixin`` must come *before* ``DiffusionPipeline`` in the bases."""
 
 
 def make_tiny_pipeline(cls: type = TinyHubPipeline, seed: int = 0):

@@ -7,20 +7,10 @@ import copy
 import os
 from typing import Any, Dict
 
-# Paper sizes (original muP widths: decoder 6 -> 1152, encoder 4 -> 768; 12 heads; RoPE axes [8, 28, 28] * width / 4).
-_PAPER_COMMON: Dict[str, Any] = dict(
-    sample_size=256,
+# Shared by every FlowMo preset: the original's block design, RoPE base, timestep embedding and quantizer losses.
+_FLOWMO_COMMON: Dict[str, Any] = dict(
     in_channels=3,
     patch_size=4,
-    code_length=256,
-    encoder_hidden_size=768,
-    encoder_num_heads=12,
-    encoder_depth=8,
-    encoder_axes_dim=[8, 28, 28],
-    decoder_hidden_size=1152,
-    decoder_num_heads=12,
-    decoder_depth=16,
-    decoder_axes_dim=[12, 42, 42],
     mlp_ratio=4.0,
     qkv_bias=True,
     rope_theta=10_000,
@@ -31,29 +21,28 @@ _PAPER_COMMON: Dict[str, Any] = dict(
     commitment_loss_weight=0.000625,
 )
 
+
+def _flowmo(sample_size, code_length, context_dim, bits_per_subtoken, encoder, decoder) -> Dict[str, Any]:
+    """A FlowMo config from its sizes; `encoder` and `decoder` are `(hidden_size, num_heads, depth, axes_dim)`."""
+    stacks = {}
+    for stack, (hidden_size, num_heads, depth, axes_dim) in (("encoder", encoder), ("decoder", decoder)):
+        stacks.update({f"{stack}_hidden_size": hidden_size, f"{stack}_num_heads": num_heads,
+                       f"{stack}_depth": depth, f"{stack}_axes_dim": list(axes_dim)})
+    return dict(_FLOWMO_COMMON, sample_size=sample_size, code_length=code_length, context_dim=context_dim,
+                bits_per_subtoken=bits_per_subtoken, **stacks)
+
+
+# Paper sizes (original muP widths: decoder 6 -> 1152, encoder 4 -> 768; 12 heads; RoPE axes [8, 28, 28] * width / 4).
+_PAPER_ENCODER, _PAPER_DECODER = (768, 12, 8, (8, 28, 28)), (1152, 12, 16, (12, 42, 42))
+
 FLOWMO_PRESETS: Dict[str, Dict[str, Any]] = {
     # 256 tokens x 18 bits = 0.070 bits per pixel; 2 ids of 9 bits per token.
-    "flowmo-lo": dict(_PAPER_COMMON, context_dim=18, bits_per_subtoken=9),
+    "flowmo-lo": _flowmo(256, 256, 18, 9, _PAPER_ENCODER, _PAPER_DECODER),
     # 256 tokens x 56 bits = 0.219 bits per pixel; 4 ids of 14 bits per token.
-    "flowmo-hi": dict(_PAPER_COMMON, context_dim=56, bits_per_subtoken=14),
+    "flowmo-hi": _flowmo(256, 256, 56, 14, _PAPER_ENCODER, _PAPER_DECODER),
     # 32x32 images, 8 tokens x 12 bits (3 ids of 4 bits), ~0.3M parameters: tests and the CPU quickstart.
-    "flowmo-tiny": dict(
-        _PAPER_COMMON,
-        sample_size=32,
-        code_length=8,
-        context_dim=12,
-        bits_per_subtoken=4,
-        encoder_hidden_size=32,
-        encoder_num_heads=2,
-        encoder_depth=2,
-        encoder_axes_dim=[4, 6, 6],
-        decoder_hidden_size=64,
-        decoder_num_heads=2,
-        decoder_depth=2,
-        decoder_axes_dim=[8, 12, 12],
-    ),
+    "flowmo-tiny": _flowmo(32, 8, 12, 4, encoder=(32, 2, 2, (4, 6, 6)), decoder=(64, 2, 2, (8, 12, 12))),
 }
-
 
 
 # Named configurations. "maskgit-flowmo-lo" is *our* choice of size for a prior on FlowMo-Lo tokens (512 ids of 9 bits
@@ -62,26 +51,11 @@ FLOWMO_PRESETS: Dict[str, Dict[str, Any]] = {
 # MaskGiT's (768 / 24 / 16) and larger TiTok generators. "maskgit-tiny" pairs with the "flowmo-tiny" autoencoder
 # (24 ids of 4 bits) for CPU tests.
 MASKGIT_PRESETS: Dict[str, Dict[str, Any]] = {
-    "maskgit-flowmo-lo": dict(
-        num_indices=512,
-        codebook_size=512,
-        num_classes=1000,
-        hidden_size=1024,
-        num_layers=24,
-        num_heads=16,
-        intermediate_size=4096,
-        dropout=0.1,
-    ),
-    "maskgit-tiny": dict(
-        num_indices=24,
-        codebook_size=16,
-        num_classes=10,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=256,
-        dropout=0.0,
-    ),
+    # (ids per image, values per id, classes) of the token format and the backbone's (hidden, layers, heads, MLP).
+    "maskgit-flowmo-lo": dict(num_indices=512, codebook_size=512, num_classes=1000,
+                              hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, dropout=0.1),
+    "maskgit-tiny": dict(num_indices=24, codebook_size=16, num_classes=10,
+                         hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, dropout=0.0),
 }
 
 #: Every preset by family; names are unique across families, so a name alone finds its config.
