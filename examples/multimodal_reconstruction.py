@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from flowmo_diffusers import FlowMoPipeline
-from flowmo_diffusers.pipelines import per_pixel_variance
 from flowmo_diffusers.data import ImageTransform, load_default_image_dataset
+from flowmo_diffusers.pipelines import per_pixel_variance
 
 
 def main():

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+
 from hub_stub import local_hub  # noqa: F401  (the local Hub stand-in with the client patched, as a fixture)
 
 # Tests never reach the network: pretrained weights are passed explicitly and Hub tests use a local stand-in.

@@ -148,10 +148,10 @@ def test_fast_decoding_benchmark_measures_every_decoder(tmp_path, capsys):
 
     import torch
 
-    from testing_utils import tiny_flowmo_model
-
     from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
     from flowmo_diffusers.training.distillation import make_student_config
+
+    from testing_utils import tiny_flowmo_model
 
     FlowMoPipeline(autoencoder=tiny_flowmo_model(0), scheduler=FlowMoScheduler()).save_pretrained(tmp_path / "teacher")
     student = tiny_flowmo_model(0)

@@ -9,10 +9,11 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from testing_utils import tiny_flowmo_model
 
 from flowmo_diffusers import FlowMoMaskGiTTransformer, FlowMoModel, FlowMoPipeline, FlowMoScheduler
 from flowmo_diffusers.models.presets import get_maskgit_preset_config
+
+from testing_utils import tiny_flowmo_model
 
 IDS = torch.zeros(1, 24, dtype=torch.long)
 

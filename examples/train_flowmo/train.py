@@ -23,6 +23,7 @@ import shlex
 import sys
 import time
 
+import diffusers
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -30,16 +31,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-import diffusers
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler
-from flowmo_diffusers.models.presets import FLOWMO_PRESETS, resolve_model_config
-from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
-from flowmo_diffusers.training.checkpointing import (
-    load_checkpoint,
-    remove_stale_temporary_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-)
 from flowmo_diffusers.data import (
     build_eval_dataloader,
     build_train_dataloader,
@@ -47,15 +39,24 @@ from flowmo_diffusers.data import (
     take_images,
     total_skipped_images,
 )
+from flowmo_diffusers.models.presets import FLOWMO_PRESETS, resolve_model_config
+from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
+from flowmo_diffusers.training.arguments import add_checkpointing_arguments, add_tracking_arguments
+from flowmo_diffusers.training.checkpointing import (
+    load_checkpoint,
+    remove_stale_temporary_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
 from flowmo_diffusers.training.distillation import FlowMoDistillationModule, make_student_config
+from flowmo_diffusers.training.distributed import full_tensor
+from flowmo_diffusers.training.ema import EMACheckpoint, create_ema, ema_update_due, update_ema
 from flowmo_diffusers.training.losses import FlowMoTrainingModule
 from flowmo_diffusers.training.perceptual import (
     PERCEPTUAL_NETWORKS,
     MissingPretrainedWeightsError,
     build_perceptual_loss,
 )
-from flowmo_diffusers.training.distributed import full_tensor
-from flowmo_diffusers.training.ema import EMACheckpoint, create_ema, ema_update_due, update_ema
 from flowmo_diffusers.training.recipe import (
     InitialNormFixer,
     TrainingProgress,
@@ -65,7 +66,6 @@ from flowmo_diffusers.training.recipe import (
 )
 from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
-from flowmo_diffusers.utils.validation import positive_int
 
 logger = get_logger(__name__)
 
@@ -167,10 +167,7 @@ def parse_args(argv=None):
     parser.add_argument("--ema_decay", type=float, default=0.9999, help="Per-step decay; applied as decay**k every k steps.")
     parser.add_argument("--ema_update_every", type=int, default=10)
     # Checkpoints, validation, logging
-    parser.add_argument("--checkpointing_steps", type=int, default=5000)
-    parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help="'latest' (newest complete checkpoint in --output_dir, or a fresh start) or a path.")
+    add_checkpointing_arguments(parser, checkpointing_steps=5000)
     parser.add_argument("--validation_steps", type=int, default=None,
                         help="Reconstruct the fixed validation batch and log PSNR every N steps and at the start "
                         "(default 1000; 100 for the embedded demo data).")
@@ -179,12 +176,7 @@ def parse_args(argv=None):
                         help="Default: the decoder's own sampler (25 steps; K for --stage distill).")
     parser.add_argument("--validation_guidance_scale", type=float, default=None,
                         help="Default: the decoder's own (1.5; 1 for --stage distill).")
-    parser.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--tracker_project_name", type=str, default="train_flowmo")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
+    add_tracking_arguments(parser, tracker_project_name="train_flowmo")
     parser.add_argument("--debug_checksums", action="store_true",
                         help="Each process writes a checksum of its final weights to OUTPUT_DIR/debug_checksums/.")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 
+import diffusers
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -28,23 +29,22 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-import diffusers
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoMaskGiTTransformer, FlowMoPipeline, MaskGiTScheduler
 from flowmo_diffusers.models.presets import MASKGIT_PRESETS, resolve_model_config
-from flowmo_diffusers.utils.seeds import seeded_generator
-from flowmo_diffusers.training.maskgit import maskgit_training_step
-from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
+from flowmo_diffusers.training.arguments import add_checkpointing_arguments, add_tracking_arguments
 from flowmo_diffusers.training.checkpointing import (
     load_checkpoint,
     remove_stale_temporary_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
 )
+from flowmo_diffusers.training.maskgit import maskgit_training_step
+from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
 from flowmo_diffusers.training.recipe import TrainingProgress, check_finite_loss
 from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.hub import download_pipeline_folder
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
-from flowmo_diffusers.utils.validation import positive_int
+from flowmo_diffusers.utils.seeds import seeded_generator
 
 logger = get_logger(__name__)
 
@@ -93,22 +93,14 @@ def parse_args(argv=None):
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     # Checkpoints, validation, logging
-    parser.add_argument("--checkpointing_steps", type=int, default=10_000)
-    parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help="'latest' (newest complete checkpoint in --output_dir, or a fresh start) or a path.")
+    add_checkpointing_arguments(parser, checkpointing_steps=10_000)
     parser.add_argument("--validation_steps", type=int, default=5000)
     parser.add_argument("--validation_class_ids", type=int, nargs="+", default=None,
                         help="Classes drawn in the validation grid (default: 8 spread over the classes).")
     parser.add_argument("--validation_inference_steps", type=int, default=16)
     parser.add_argument("--validation_guidance_scale", type=float, default=3.0)
     parser.add_argument("--validation_decoder_inference_steps", type=int, default=25)
-    parser.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--tracker_project_name", type=str, default="train_maskgit")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
+    add_tracking_arguments(parser, tracker_project_name="train_maskgit")
     args = parser.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps"):

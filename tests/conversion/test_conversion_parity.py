@@ -6,11 +6,9 @@ import sys
 
 import pytest
 import torch
-from testing_utils import CONVERSION_SCRIPT as SCRIPT, ORIGINAL_CHECKPOINT as CHECKPOINT, ORIGINAL_TINY, WritesAMarker, load_conversion_script as load_script
 from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, get_preset_config
-from flowmo_diffusers.training import checkpointing
 from flowmo_diffusers.conversion import (
     CheckpointConversionError,
     UnsafeCheckpointError,
@@ -18,6 +16,12 @@ from flowmo_diffusers.conversion import (
     convert_original_state_dict,
     load_original_checkpoint,
 )
+from flowmo_diffusers.training import checkpointing
+
+from testing_utils import CONVERSION_SCRIPT as SCRIPT
+from testing_utils import ORIGINAL_CHECKPOINT as CHECKPOINT
+from testing_utils import ORIGINAL_TINY, WritesAMarker
+from testing_utils import load_conversion_script as load_script
 
 TOLERANCE = 1e-4  # fp32 on CPU; measured differences are below 1e-6
 

@@ -8,11 +8,14 @@ import pytest
 import torch
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors.torch import load_file
-from testing_utils import ORIGINAL_CHECKPOINT as CHECKPOINT, ORIGINAL_TINY, WritesAMarker, load_conversion_script as load_script
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler
 from flowmo_diffusers.conversion import CheckpointConversionError, UnsafeCheckpointError
 from flowmo_diffusers.utils.hub import parse_single_file_link
+
+from testing_utils import ORIGINAL_CHECKPOINT as CHECKPOINT
+from testing_utils import ORIGINAL_TINY, WritesAMarker
+from testing_utils import load_conversion_script as load_script
 
 CONFIG = ORIGINAL_TINY / "config.yaml"
 DIT_BASE = json.loads((ORIGINAL_TINY / "dit_base.json").read_text())["dit_b_4"]

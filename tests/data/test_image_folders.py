@@ -7,9 +7,10 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
-from testing_utils import REPO, launch
 
 from flowmo_diffusers.data import build_eval_dataloader, load_image_dataset, take_images
+
+from testing_utils import REPO, launch
 
 SPLIT_LIKE_NAMES = ["test_", "valid_", "dev_", "train_", "eval/", "validation/", "test/", "train/x_", "dev/"]
 

@@ -24,7 +24,6 @@ pytest.importorskip("scipy")
 skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
-from testing_utils import REPO as REPO_ROOT, tiny_flowmo_model  # noqa: E402
 
 from flowmo_diffusers import (  # noqa: E402
     FlowMoMaskGiTPipeline,
@@ -39,6 +38,13 @@ from flowmo_diffusers.evaluation.generation import (  # noqa: E402
     locate_npz_images,
     parse_args,
 )
+from flowmo_diffusers.evaluation.sampling import (  # noqa: E402
+    SamplingConfig,
+    batches_of_process,
+    parse_class_ids,
+    plan_samples,
+    sample_to_folder,
+)
 from flowmo_diffusers.metrics import (  # noqa: E402
     FIDInceptionFeatureExtractor,
     GenerationMetrics,
@@ -50,13 +56,9 @@ from flowmo_diffusers.metrics import (  # noqa: E402
     inception_score,
     inception_score_from_logits,
 )
-from flowmo_diffusers.evaluation.sampling import (  # noqa: E402
-    SamplingConfig,
-    batches_of_process,
-    parse_class_ids,
-    plan_samples,
-    sample_to_folder,
-)
+
+from testing_utils import REPO as REPO_ROOT  # noqa: E402
+from testing_utils import tiny_flowmo_model
 
 SAMPLE_SCRIPT = REPO_ROOT / "examples" / "train_maskgit" / "sample.py"
 EVALUATE_SCRIPT = REPO_ROOT / "examples" / "train_maskgit" / "evaluate_generation.py"
@@ -434,8 +436,8 @@ def test_reference_statistics_and_gfid(reference_64, samples, workspace, acceler
     # The center crops the reference was computed from, written as "samples": gFID ~ 0.
     from torchvision.transforms import InterpolationMode
 
-    from flowmo_diffusers.evaluation.reconstruction import add_global_image_index, build_evaluation_loader
     from flowmo_diffusers.data import load_image_dataset
+    from flowmo_diffusers.evaluation.reconstruction import add_global_image_index, build_evaluation_loader
 
     crops = tmp_path / "crops"
     crops.mkdir()

@@ -25,7 +25,6 @@ pytest.importorskip("matplotlib")
 skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
-from testing_utils import REPO as REPO_ROOT, tiny_flowmo_model  # noqa: E402
 
 from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler  # noqa: E402
 from flowmo_diffusers.evaluation.reconstruction import (  # noqa: E402
@@ -39,6 +38,9 @@ from flowmo_diffusers.evaluation.reconstruction import (  # noqa: E402
     parse_args,
 )
 from flowmo_diffusers.metrics import MissingPretrainedWeightsError  # noqa: E402
+
+from testing_utils import REPO as REPO_ROOT  # noqa: E402
+from testing_utils import tiny_flowmo_model
 
 EVALUATE_SCRIPT = REPO_ROOT / "examples" / "evaluate_flowmo" / "evaluate.py"
 METRIC_KEYS = ("rfid", "psnr", "ssim", "lpips")
@@ -189,8 +191,8 @@ def test_two_processes_give_the_metrics_of_one(workspace, two_model_run):
 
 # --------------------------------------------------------------------------- failures before heavy work
 def test_missing_weights_fail_before_data_or_models_are_loaded(workspace, accelerator, monkeypatch, tmp_path):
-    import flowmo_diffusers.evaluation.reconstruction as evaluation
     import flowmo_diffusers.data as data
+    import flowmo_diffusers.evaluation.reconstruction as evaluation
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("loaded data or a model before checking the metric weights")

@@ -9,7 +9,9 @@ from flowmo_diffusers import (
     get_maskgit_preset_config,
     get_preset_config,
 )
-from testing_utils import MASKGIT_TINY_SIZES, random_token_ids as random_ids
+
+from testing_utils import MASKGIT_TINY_SIZES
+from testing_utils import random_token_ids as random_ids
 
 N, V, C, MASK, NULL = MASKGIT_TINY_SIZES
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
-from testing_utils import ORIGINAL_TINY
 from safetensors.torch import load_file
 
 from flowmo_diffusers import LookupFreeQuantizer
+
+from testing_utils import ORIGINAL_TINY
 
 
 @pytest.fixture(scope="module")

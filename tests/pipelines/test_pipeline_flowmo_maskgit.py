@@ -16,6 +16,7 @@ from flowmo_diffusers import (
     get_maskgit_preset_config,
 )
 from flowmo_diffusers.training.maskgit import maskgit_training_step
+
 from testing_utils import MASKGIT_TINY_SIZES
 
 N, V, C, MASK, NULL = MASKGIT_TINY_SIZES

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from flowmo_diffusers import MaskGiTScheduler
-from testing_utils import MASKGIT_TINY_SIZES, random_token_ids as random_ids
+
+from testing_utils import MASKGIT_TINY_SIZES
+from testing_utils import random_token_ids as random_ids
 
 N, V, C, MASK, NULL = MASKGIT_TINY_SIZES
 

@@ -22,6 +22,7 @@ from flowmo_diffusers.training.checkpointing import (
 from flowmo_diffusers.training.ema import EMACheckpoint
 from flowmo_diffusers.training.recipe import InitialNormFixer, TrainingProgress
 from flowmo_diffusers.utils.output_lock import OutputDirLock
+
 from testing_utils import REPO
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import launch as launch_script
 from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
@@ -18,6 +17,7 @@ from flowmo_diffusers.training.distillation import (
 )
 
 from testing_utils import EXAMPLES, tiny_flowmo_model  # noqa: E402
+from testing_utils import launch as launch_script
 
 SCRIPT = EXAMPLES / "train_flowmo" / "train.py"
 

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from flowmo_diffusers import MaskGiTScheduler
 from flowmo_diffusers.training.maskgit import drop_class_labels, masked_cross_entropy, maskgit_training_step
-from testing_utils import MASKGIT_TINY_SIZES, random_token_ids as random_ids
+
+from testing_utils import MASKGIT_TINY_SIZES
+from testing_utils import random_token_ids as random_ids
 
 N, V, C, MASK, NULL = MASKGIT_TINY_SIZES
 

@@ -8,8 +8,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from testing_utils import REPO, launch
-from testing_utils import tiny_flowmo_model
 from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoPipeline, FlowMoScheduler
@@ -23,6 +21,8 @@ from flowmo_diffusers.training.pretokenize import (
     load_token_dataset,
     pretokenize,
 )
+
+from testing_utils import REPO, launch, tiny_flowmo_model
 
 PRETOKENIZE = REPO / "examples" / "train_maskgit" / "pretokenize.py"
 TRAIN = REPO / "examples" / "train_maskgit" / "train.py"

@@ -14,12 +14,20 @@ from pathlib import Path
 import accelerate
 import pytest
 import torch
-from testing_utils import REPO, launch as launch_script, tiny_flowmo_model
 from packaging.version import Version
 from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
 from flowmo_diffusers.training import perceptual as perceptual_module
+from flowmo_diffusers.training.checkpointing import (
+    list_checkpoints,
+    prune_checkpoints,
+    publish_checkpoint,
+    remove_stale_temporary_checkpoints,
+    resolve_resume_checkpoint,
+    temporary_checkpoint_path,
+)
+from flowmo_diffusers.training.ema import create_ema, ema_update_due, update_ema
 from flowmo_diffusers.training.losses import (
     FlowMoTrainingModule,
     flow_matching_loss,
@@ -33,15 +41,6 @@ from flowmo_diffusers.training.perceptual import (
     ResNet50LogitLoss,
     build_perceptual_loss,
 )
-from flowmo_diffusers.training.checkpointing import (
-    list_checkpoints,
-    prune_checkpoints,
-    publish_checkpoint,
-    remove_stale_temporary_checkpoints,
-    resolve_resume_checkpoint,
-    temporary_checkpoint_path,
-)
-from flowmo_diffusers.training.ema import create_ema, ema_update_due, update_ema
 from flowmo_diffusers.training.recipe import (
     InitialNormFixer,
     TrainingProgress,
@@ -52,6 +51,9 @@ from flowmo_diffusers.training.recipe import (
 )
 from flowmo_diffusers.training.reporting import write_model_card
 from flowmo_diffusers.utils.output_lock import OutputDirLock
+
+from testing_utils import REPO, tiny_flowmo_model
+from testing_utils import launch as launch_script
 
 SCRIPT = REPO / "examples" / "train_flowmo" / "train.py"
 

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, RepoFile, get_hf_file_metadata, hf_hub_download, hf_hub_url, model_info, snapshot_download
+from huggingface_hub import (
+    HfApi,
+    RepoFile,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    model_info,
+    snapshot_download,
+)
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -23,6 +31,9 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+from flowmo_diffusers.utils.hub import HubPipelineMixin, download_pipeline_folder, select_pipeline_files
+
 from hub_dummy_components import (
     TinyHubMixinPipeline,
     TinyHubModel,
@@ -31,8 +42,6 @@ from hub_dummy_components import (
     make_tiny_pipeline,
 )
 from hub_stub import LocalHub, running_hub
-
-from flowmo_diffusers.utils.hub import HubPipelineMixin, download_pipeline_folder, select_pipeline_files
 
 PIPELINE_FILES = {
     "model_index.json",

@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from testing_utils import REPO, launch
 
 from flowmo_diffusers.utils.output_lock import HOLDER_NAME, OutputDirLock, OutputDirLockedError, lock_output_dir
+
+from testing_utils import REPO, launch
 
 HOLD = """
 import sys

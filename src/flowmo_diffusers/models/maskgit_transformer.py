@@ -24,6 +24,7 @@ from diffusers.utils import BaseOutput
 from ..utils.validation import FloatRule, IntRule, validate_config
 from .modeling_utils import StrictLoadingMixin
 
+
 @dataclass
 class FlowMoMaskGiTTransformerOutput(BaseOutput):
     """

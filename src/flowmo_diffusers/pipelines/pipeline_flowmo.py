@@ -1,12 +1,11 @@
 """FlowMoPipeline: images -> token ids -> images with FlowMo's rectified-flow decoder."""
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -17,8 +16,8 @@ from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, 
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
-from .pipeline_utils import check_callback, check_generators, check_num_images_per_prompt, prepare_step_callback
-
+from . import pipeline_utils
+from .pipeline_utils import StepEndCallback
 
 
 @dataclass
@@ -201,7 +200,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         (`max_image_size`, `max_inference_steps`) before anything is allocated."""
         if (images is None) == (indices is None):
             raise ValueError("pass exactly one of `images` (to reconstruct) or `indices` (to decode)")
-        check_num_images_per_prompt(num_images_per_prompt)
+        pipeline_utils.check_num_images_per_prompt(num_images_per_prompt)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if num_inference_steps is not None and (
@@ -265,10 +264,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         return_dict: bool = True,
         max_image_size: Optional[int] = None,
         max_inference_steps: Optional[int] = None,
-        callback_on_step_end: Optional[
-            Union[Callable[[DiffusionPipeline, int, torch.Tensor, Dict[str, Any]], Dict[str, Any]], PipelineCallback,
-                  MultiPipelineCallbacks]
-        ] = None,
+        callback_on_step_end: Optional[StepEndCallback] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
     ) -> Union[FlowMoPipelineOutput, tuple]:
         """
@@ -307,7 +303,9 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         Returns:
             [`FlowMoPipelineOutput`] with `images` and `num_decoder_passes` (decoder evaluations per image).
         """
-        callback_on_step_end_tensor_inputs = check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        callback_on_step_end_tensor_inputs = pipeline_utils.check_callback(
+            self, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(
             images, indices, num_inference_steps, guidance_scale, latents, height, width, output_type, generator,
             max_image_size, max_inference_steps,
@@ -337,8 +335,10 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             width = width or model.config.sample_size
         if latents is not None and tuple(latents.shape[-2:]) != (height, width):
             raise ValueError(f"latents must be a tensor of shape ({batch_size}, 3, {height}, {width}), got {tuple(latents.shape)}")
-        check_generators(generator, batch_size, "inputs x num_images_per_prompt")
-        step_callback = prepare_step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        pipeline_utils.check_generators(generator, batch_size, "inputs x num_images_per_prompt")
+        step_callback = pipeline_utils.prepare_step_callback(
+            self, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         decoded = model.decode(
             code,

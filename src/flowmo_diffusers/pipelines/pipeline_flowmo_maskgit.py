@@ -1,12 +1,11 @@
 """FlowMoMaskGiTPipeline: class ids -> FlowMo token ids (MaskGiT prior) -> images (FlowMo decoder)."""
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
@@ -15,8 +14,9 @@ from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
 from ..utils.hub import HubPipelineMixin
+from . import pipeline_utils
 from .pipeline_flowmo import FlowMoPipeline
-from .pipeline_utils import check_callback, check_generators, check_num_images_per_prompt, prepare_step_callback
+from .pipeline_utils import StepEndCallback
 
 
 @dataclass
@@ -154,10 +154,7 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         decoder_num_inference_steps: Optional[int] = None,
         decoder_guidance_scale: Optional[float] = None,
         return_dict: bool = True,
-        callback_on_step_end: Optional[
-            Union[Callable[[DiffusionPipeline, int, torch.Tensor, Dict[str, Any]], Dict[str, Any]], PipelineCallback,
-                  MultiPipelineCallbacks]
-        ] = None,
+        callback_on_step_end: Optional[StepEndCallback] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
     ) -> Union[FlowMoMaskGiTPipelineOutput, tuple]:
         """
@@ -201,12 +198,16 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
                 raise ValueError(f"{name} must be a finite real number, got {value!r}")
-        check_num_images_per_prompt(num_images_per_prompt)
-        callback_on_step_end_tensor_inputs = check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        pipeline_utils.check_num_images_per_prompt(num_images_per_prompt)
+        callback_on_step_end_tensor_inputs = pipeline_utils.check_callback(
+            self, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_components()
         labels = self.prepare_class_labels(class_labels).repeat_interleave(num_images_per_prompt)
-        check_generators(generator, labels.shape[0], "class labels x num_images_per_prompt")
-        step_callback = prepare_step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        pipeline_utils.check_generators(generator, labels.shape[0], "class labels x num_images_per_prompt")
+        step_callback = pipeline_utils.prepare_step_callback(
+            self, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         indices = self.generate_indices(labels, num_inference_steps, guidance_scale, generator, step_callback)
 

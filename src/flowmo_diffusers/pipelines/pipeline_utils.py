@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Union
 
 import numpy as np
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+#: What `callback_on_step_end` may be: diffusers' `f(pipeline, step_index, timestep, callback_kwargs) -> dict`, or one
+#: of its callback objects.
+StepEndCallback = Union[
+    Callable[[DiffusionPipeline, int, torch.Tensor, Dict[str, Any]], Dict[str, Any]],
+    PipelineCallback,
+    MultiPipelineCallbacks,
+]
 
 
 def check_num_images_per_prompt(num_images_per_prompt) -> None:
@@ -85,11 +94,13 @@ def check_generators(generator: torch.Generator | List[torch.Generator] | None, 
     """
     if isinstance(generator, list) and len(generator) != batch_size:
         raise ValueError(
-            f"got {len(generator)} generators for {batch_size} images ({what}): pass one generator, or one per output image"
+            f"got {len(generator)} generators for {batch_size} images ({what}): "
+            "pass one generator, or one per output image"
         )
 
 
 __all__ = [
+    "StepEndCallback",
     "check_callback",
     "check_generators",
     "check_num_images_per_prompt",

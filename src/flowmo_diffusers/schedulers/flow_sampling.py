@@ -21,7 +21,6 @@ What each scheduler does with FlowMo's grid:
 import inspect
 from typing import List, Optional, Sequence, Tuple
 
-
 from .scheduling_flowmo import FlowMoScheduler, flow_time_grid, in_guidance_interval
 
 

@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..metrics.perceptual_similarity import load_torchvision_features_into_lpips_trunk
-from ..metrics.pretrained_weights import MissingPretrainedWeightsError, PathLike, PretrainedWeights, load_pretrained_state_dict
+from ..metrics.pretrained_weights import (
+    MissingPretrainedWeightsError,
+    PathLike,
+    PretrainedWeights,
+    load_pretrained_state_dict,
+)
 
 PERCEPTUAL_NETWORKS = ("lpips-vgg", "resnet50")
 

@@ -1,0 +1,43 @@
+"""Command-line options every training script takes in the same form: checkpointing and experiment tracking."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..utils.validation import positive_int
+
+
+def add_checkpointing_arguments(parser: argparse.ArgumentParser, checkpointing_steps: int) -> None:
+    """`--checkpointing_steps`, `--checkpoints_total_limit` and `--resume_from_checkpoint`.
+
+    Args:
+        parser (`argparse.ArgumentParser`):
+            The script's parser.
+        checkpointing_steps (`int`):
+            The default of `--checkpointing_steps` (optimizer steps between checkpoints).
+    """
+    parser.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
+    parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help="'latest' (newest complete checkpoint in --output_dir, or a fresh start) or a path.")
+
+
+def add_tracking_arguments(parser: argparse.ArgumentParser, tracker_project_name: str) -> None:
+    """Accelerate's trackers (`--report_to`, `--logging_dir`, `--tracker_project_name`) and the Hub upload
+    (`--push_to_hub`, `--hub_model_id`, `--hub_token`).
+
+    Args:
+        parser (`argparse.ArgumentParser`):
+            The script's parser.
+        tracker_project_name (`str`):
+            The default of `--tracker_project_name`.
+    """
+    parser.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--tracker_project_name", type=str, default=tracker_project_name)
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+
+
+__all__ = ["add_checkpointing_arguments", "add_tracking_arguments"]
