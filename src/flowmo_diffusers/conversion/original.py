@@ -2,7 +2,8 @@
 
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import yaml
@@ -11,7 +12,7 @@ from ..models.presets import get_preset_config
 from ..utils.safe_loading import load_torch_file
 
 # The original derives every size from `DIT_ZOO["dit_b_4"]` scaled by a muP width (hidden = width * base // 4).
-ORIGINAL_DIT_BASE: Dict[str, Any] = dict(
+ORIGINAL_DIT_BASE: dict[str, Any] = dict(
     hidden_size=768, mlp_ratio=4.0, num_heads=12, axes_dim=[8, 28, 28], theta=10_000, qkv_bias=True
 )
 
@@ -83,14 +84,17 @@ def _is_known_unused(key: str, config: Mapping[str, Any]) -> bool:
 
 def convert_original_state_dict(
     original: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, torch.Size], config: Mapping[str, Any]
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """
     Rename an original FlowMo state dict to FlowMoModel's keys.
 
     Args:
-        original: the original `FlowMo` module's state dict (EMA or not).
-        expected_shapes: FlowMoModel's parameter shapes, `{key: shape}` (e.g. from a meta-device model).
-        config: the FlowMoModel config (for the depths).
+        original (`Mapping[str, torch.Tensor]`):
+            the original `FlowMo` module's state dict (EMA or not).
+        expected_shapes (`Mapping[str, torch.Size]`):
+            FlowMoModel's parameter shapes, `{key: shape}` (e.g. from a meta-device model).
+        config (`Mapping[str, Any]`):
+            the FlowMoModel config (for the depths).
 
     Raises:
         CheckpointConversionError: naming every missing, unexpected or mis-shaped key.
@@ -125,7 +129,7 @@ def convert_original_state_dict(
     return converted
 
 
-def load_original_checkpoint(path: str, prefer_ema: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
+def load_original_checkpoint(path: str, prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """
     Read an original `.pth` safely (`weights_only=True`) and pick its weights.
 
@@ -152,13 +156,15 @@ def load_original_checkpoint(path: str, prefer_ema: bool = True) -> Tuple[Dict[s
     )
 
 
-def config_from_original(original_config: Any, dit_base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+def config_from_original(original_config: Any, dit_base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """
     FlowMoModel config from the original trainer's `config.yaml` (a path or a loaded dict).
 
     Args:
-        original_config: path to the experiment folder's `config.yaml`, or its parsed contents.
-        dit_base: the original's `DIT_ZOO["dit_b_4"]` entry, for forks that changed it; default the released one.
+        original_config (`Any`):
+            path to the experiment folder's `config.yaml`, or its parsed contents.
+        dit_base (`Mapping[str, Any]`, *optional*):
+            the original's `DIT_ZOO["dit_b_4"]` entry, for forks that changed it; default the released one.
     """
     original_config = _load_yaml(original_config)
     base = dict(ORIGINAL_DIT_BASE, **(dit_base or {}))
@@ -207,14 +213,14 @@ def config_from_original(original_config: Any, dit_base: Optional[Mapping[str, A
         raise CheckpointConversionError(f"the original config lacks the entry {error}") from error
 
 
-def _load_yaml(original_config: Any) -> Dict[str, Any]:
+def _load_yaml(original_config: Any) -> dict[str, Any]:
     if isinstance(original_config, (str, os.PathLike)):
         with open(original_config, encoding="utf-8") as handle:
             return yaml.safe_load(handle)
     return original_config
 
 
-def scheduler_config_from_original(original_config: Any) -> Dict[str, Any]:
+def scheduler_config_from_original(original_config: Any) -> dict[str, Any]:
     """FlowMoScheduler config from the sampler section (`eval.sampling`) of the original `config.yaml`."""
     sampling = (_load_yaml(original_config).get("eval") or {}).get("sampling") or {}
     schedule = str(sampling.get("schedule", "pow_0.25"))
@@ -235,13 +241,13 @@ def scheduler_config_from_original(original_config: Any) -> Dict[str, Any]:
 
 def convert_original_checkpoint(
     checkpoint_path: str,
-    preset: Optional[str] = None,
+    preset: str | None = None,
     original_config: Any = None,
-    dit_base: Optional[Mapping[str, Any]] = None,
-    config: Optional[Mapping[str, Any]] = None,
+    dit_base: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
     prefer_ema: bool = True,
     dtype: torch.dtype = torch.float32,
-    model_class: Optional[type] = None,
+    model_class: type | None = None,
 ):
     """
     Build a [`FlowMoModel`] from an original checkpoint.

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -35,13 +36,13 @@ def _resolve_original_config(original_config: Any, hub_kwargs: Mapping[str, Any]
 
 def _load_original_model(
     model_class: type,
-    pretrained_model_link_or_path: Union[str, os.PathLike],
-    preset: Optional[str],
+    pretrained_model_link_or_path: str | os.PathLike,
+    preset: str | None,
     original_config: Any,
-    config: Optional[Mapping[str, Any]],
-    original_dit_base: Optional[Mapping[str, Any]],
+    config: Mapping[str, Any] | None,
+    original_dit_base: Mapping[str, Any] | None,
     extract_ema: bool,
-    torch_dtype: Optional[torch.dtype],
+    torch_dtype: torch.dtype | None,
     hub_kwargs: Mapping[str, Any],
 ):
     from .original import convert_original_checkpoint
@@ -75,18 +76,18 @@ class FromOriginalModelMixin:
     @classmethod
     def from_single_file(
         cls,
-        pretrained_model_link_or_path: Union[str, os.PathLike],
+        pretrained_model_link_or_path: str | os.PathLike,
         *,
-        preset: Optional[str] = None,
+        preset: str | None = None,
         original_config: Any = None,
-        config: Optional[Mapping[str, Any]] = None,
-        original_dit_base: Optional[Mapping[str, Any]] = None,
+        config: Mapping[str, Any] | None = None,
+        original_dit_base: Mapping[str, Any] | None = None,
         extract_ema: bool = True,
-        torch_dtype: Optional[torch.dtype] = None,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
-        token: Optional[Union[str, bool]] = None,
-        revision: Optional[str] = None,
-        local_files_only: Optional[bool] = None,
+        torch_dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
         force_download: bool = False,
     ):
         r"""
@@ -143,7 +144,7 @@ class FromSingleFileMixin:
     @classmethod
     def from_single_file(
         cls,
-        pretrained_model_link_or_path: Union[str, os.PathLike],
+        pretrained_model_link_or_path: str | os.PathLike,
         *,
         original_config: Any = None,
         scheduler=None,

@@ -1,7 +1,7 @@
 """FlowMoModel: the FlowMo diffusion autoencoder (encoder, lookup-free quantizer, velocity decoder)."""
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -139,9 +139,10 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         context_dim (`int`): bits (channels) per code token.
         bits_per_subtoken (`int`): bits of one token id; each token splits into `context_dim // bits_per_subtoken`
             ids in `[0, 2**bits_per_subtoken)` (the original's `codebook_size_for_entropy`).
-        encoder_hidden_size, encoder_num_heads, encoder_depth, encoder_axes_dim: encoder transformer size and
-            RoPE channels per axis (code index / row, row, column).
-        decoder_hidden_size, decoder_num_heads, decoder_depth, decoder_axes_dim: decoder likewise.
+        encoder_hidden_size, encoder_num_heads, encoder_depth (`int`), encoder_axes_dim (`Sequence[int]`): encoder
+            transformer size and RoPE channels per axis (code index / row, row, column).
+        decoder_hidden_size, decoder_num_heads, decoder_depth (`int`), decoder_axes_dim (`Sequence[int]`): decoder
+            likewise.
         mlp_ratio (`float`): MLP hidden size over hidden size.
         qkv_bias (`bool`): bias on the qkv projections.
         rope_theta (`int`): RoPE base.
@@ -194,8 +195,8 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         sampling_guidance_scale: float = 1.5,
         sampling_time_schedule: str = "power",
         sampling_time_power: float = 4.0,
-        sampling_guidance_interval: Optional[Tuple[float, float]] = (0.17, 1.02),
-        distilled_from: Optional[str] = None,
+        sampling_guidance_interval: tuple[float, float] | None = (0.17, 1.02),
+        distilled_from: str | None = None,
     ):
         super().__init__()
         values = dict(locals())
@@ -330,7 +331,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
     # ----------------------------------------------------------------------------------------------------------
     def encode(
         self, images: torch.Tensor, return_dict: bool = True, return_quantizer_losses: bool = False
-    ) -> Union[FlowMoEncoderOutput, Tuple]:
+    ) -> FlowMoEncoderOutput | tuple:
         """
         Encode and quantize images.
 
@@ -358,7 +359,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         self.check_indices(indices)
         return self.quantizer.indices_to_code(indices.long(), self.config.code_length, dtype=dtype)
 
-    def decoder_rotary_embedding(self, height: int, width: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decoder_rotary_embedding(self, height: int, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables of the decoder for images of `height` x `width`; compute once and pass to `forward`."""
         patch = self.config.patch_size
         return self.decoder.rotary_embedding(self.config.code_length, height // patch, width // patch, device)
@@ -366,12 +367,12 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
     def forward(
         self,
         sample: torch.Tensor,
-        timestep: Union[torch.Tensor, float],
+        timestep: torch.Tensor | float,
         code: torch.Tensor,
-        code_mask: Optional[torch.Tensor] = None,
-        rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        code_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_dict: bool = True,
-    ) -> Union[FlowMoDecoderOutput, Tuple]:
+    ) -> FlowMoDecoderOutput | tuple:
         """
         Predict the velocity `noise - image` of a noisy image.
 
@@ -381,7 +382,8 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             code (`torch.Tensor` of shape `(B, code_length, context_dim)`): quantized code.
             code_mask (`torch.Tensor` of shape `(B,)`, optional): 1 keeps a sample's code, 0 replaces it by the null
                 code (all zeros, mask channel included) used for guidance. Default: all ones.
-            rotary_emb: precomputed [`decoder_rotary_embedding`] tables; computed here when None.
+            rotary_emb (`Tuple[torch.Tensor, torch.Tensor]`, *optional*):
+                precomputed [`decoder_rotary_embedding`] tables; computed here when None.
 
         Returns:
             [`FlowMoDecoderOutput`] whose `sample` is the velocity, same shape as `sample`.
@@ -442,19 +444,19 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
     def decode(
         self,
         code: torch.Tensor,
-        num_inference_steps: Optional[int] = None,
-        guidance_scale: Optional[float] = None,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         scheduler=None,
-        step_callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None,
-        progress_bar: Optional[Callable] = None,
+        step_callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+        progress_bar: Callable | None = None,
         return_dict: bool = True,
-        max_image_size: Optional[int] = None,
-        max_inference_steps: Optional[int] = None,
-    ) -> Union[FlowMoDecodeOutput, Tuple]:
+        max_image_size: int | None = None,
+        max_inference_steps: int | None = None,
+    ) -> FlowMoDecodeOutput | tuple:
         """
         Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
 
@@ -472,7 +474,8 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             latents (`torch.Tensor` of shape `(B, 3, H, W)`, *optional*): initial noise; drawn when None.
             height (`int`, *optional*), width (`int`, *optional*): output size (default `sample_size`); ignored when
                 `latents` is given.
-            scheduler (*optional*): the solver: [`FlowMoScheduler`] (default: [`sampling_scheduler`]) or a diffusers
+            scheduler (`SchedulerMixin`, *optional*):
+                the solver: [`FlowMoScheduler`] (default: [`sampling_scheduler`]) or a diffusers
                 flow-matching scheduler (see `flowmo_diffusers.schedulers.flow_sampling`), which then runs on this
                 decoder's grid where it accepts one, with this decoder's guidance interval.
             step_callback (`Callable`, *optional*): `f(step_index, timestep, latents)` after every solver step; a

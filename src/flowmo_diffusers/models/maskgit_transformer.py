@@ -13,7 +13,6 @@ returning `.last_hidden_state`; the attention kernel being read from `config._at
 """
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn as nn
@@ -195,7 +194,7 @@ class FlowMoMaskGiTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
         input_ids: torch.LongTensor,
         class_labels: torch.LongTensor,
         return_dict: bool = True,
-    ) -> Union[FlowMoMaskGiTTransformerOutput, tuple]:
+    ) -> FlowMoMaskGiTTransformerOutput | tuple:
         """
         Args:
             input_ids (`torch.LongTensor` of shape `(B, num_indices)`): token ids, `mask_token_id` where unknown.

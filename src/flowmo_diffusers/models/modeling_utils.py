@@ -3,7 +3,7 @@ the bounds of a decode (sizes, step counts, guidance) checked before anything is
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ..utils.validation import check_float, check_int
 
@@ -17,7 +17,7 @@ MAX_INFERENCE_STEPS = 1000
 MAX_GUIDANCE_SCALE = 100.0
 
 
-def resolve_max_image_size(sample_size: int, max_image_size: Optional[int] = None) -> int:
+def resolve_max_image_size(sample_size: int, max_image_size: int | None = None) -> int:
     """`max_image_size`, checked, or the default [`MAX_IMAGE_SIZE_FACTOR`] x `sample_size`."""
     if max_image_size is None:
         return MAX_IMAGE_SIZE_FACTOR * sample_size
@@ -26,12 +26,12 @@ def resolve_max_image_size(sample_size: int, max_image_size: Optional[int] = Non
 
 def check_decode_bounds(
     sample_size: int,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    num_inference_steps: Optional[int] = None,
-    guidance_scale: Optional[float] = None,
-    max_image_size: Optional[int] = None,
-    max_inference_steps: Optional[int] = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    max_image_size: int | None = None,
+    max_inference_steps: int | None = None,
 ) -> None:
     """Raise ValueError / TypeError unless the sizes, step count and guidance of a decode are within bounds.
 

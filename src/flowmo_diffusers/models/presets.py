@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict
+from typing import Any
 
 # Shared by every FlowMo preset: the original's block design, RoPE base, timestep embedding and quantizer losses.
-_FLOWMO_COMMON: Dict[str, Any] = dict(
+_FLOWMO_COMMON: dict[str, Any] = dict(
     in_channels=3,
     patch_size=4,
     mlp_ratio=4.0,
@@ -22,7 +22,7 @@ _FLOWMO_COMMON: Dict[str, Any] = dict(
 )
 
 
-def _flowmo(sample_size, code_length, context_dim, bits_per_subtoken, encoder, decoder) -> Dict[str, Any]:
+def _flowmo(sample_size, code_length, context_dim, bits_per_subtoken, encoder, decoder) -> dict[str, Any]:
     """A FlowMo config from its sizes; `encoder` and `decoder` are `(hidden_size, num_heads, depth, axes_dim)`."""
     stacks = {}
     for stack, (hidden_size, num_heads, depth, axes_dim) in (("encoder", encoder), ("decoder", decoder)):
@@ -35,7 +35,7 @@ def _flowmo(sample_size, code_length, context_dim, bits_per_subtoken, encoder, d
 # Paper sizes (original muP widths: decoder 6 -> 1152, encoder 4 -> 768; 12 heads; RoPE axes [8, 28, 28] * width / 4).
 _PAPER_ENCODER, _PAPER_DECODER = (768, 12, 8, (8, 28, 28)), (1152, 12, 16, (12, 42, 42))
 
-FLOWMO_PRESETS: Dict[str, Dict[str, Any]] = {
+FLOWMO_PRESETS: dict[str, dict[str, Any]] = {
     # 256 tokens x 18 bits = 0.070 bits per pixel; 2 ids of 9 bits per token.
     "flowmo-lo": _flowmo(256, 256, 18, 9, _PAPER_ENCODER, _PAPER_DECODER),
     # 256 tokens x 56 bits = 0.219 bits per pixel; 4 ids of 14 bits per token.
@@ -50,7 +50,7 @@ FLOWMO_PRESETS: Dict[str, Dict[str, Any]] = {
 # size (hidden 1024, 24 layers, 16 heads, MLP 4096, dropout 0.1; 305M parameters) is BERT-large-like, between
 # MaskGiT's (768 / 24 / 16) and larger TiTok generators. "maskgit-tiny" pairs with the "flowmo-tiny" autoencoder
 # (24 ids of 4 bits) for CPU tests.
-MASKGIT_PRESETS: Dict[str, Dict[str, Any]] = {
+MASKGIT_PRESETS: dict[str, dict[str, Any]] = {
     # (ids per image, values per id, classes) of the token format and the backbone's (hidden, layers, heads, MLP).
     "maskgit-flowmo-lo": dict(num_indices=512, codebook_size=512, num_classes=1000,
                               hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, dropout=0.1),
@@ -59,10 +59,10 @@ MASKGIT_PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 #: Every preset by family; names are unique across families, so a name alone finds its config.
-PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {"FlowMo": FLOWMO_PRESETS, "MaskGiT": MASKGIT_PRESETS}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {"FlowMo": FLOWMO_PRESETS, "MaskGiT": MASKGIT_PRESETS}
 
 
-def get_preset_config(name: str, family: str | None = None) -> Dict[str, Any]:
+def get_preset_config(name: str, family: str | None = None) -> dict[str, Any]:
     """A copy of the named config.
 
     Args:
@@ -85,12 +85,12 @@ def get_preset_config(name: str, family: str | None = None) -> Dict[str, Any]:
     raise ValueError(f"unknown {family + ' ' if family == 'MaskGiT' else ''}preset {name!r}; choose one of {names}")
 
 
-def get_maskgit_preset_config(name: str) -> Dict[str, Any]:
+def get_maskgit_preset_config(name: str) -> dict[str, Any]:
     """A copy of the named [`FlowMoMaskGiTTransformer`] config: `maskgit-flowmo-lo` or `maskgit-tiny`."""
     return get_preset_config(name, family="MaskGiT")
 
 
-def resolve_model_config(name_or_path: str, model_class: type, family: str, option: str = "--model_config") -> Dict[str, Any]:
+def resolve_model_config(name_or_path: str, model_class: type, family: str, option: str = "--model_config") -> dict[str, Any]:
     """The config a training script starts from: a preset name of `family`, or a `config.json` (file or folder).
 
     Args:

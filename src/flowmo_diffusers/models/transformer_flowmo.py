@@ -1,6 +1,6 @@
 """The MMDiT stack shared by FlowMo's encoder and decoder."""
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,13 +76,13 @@ class FlowMoStream(nn.Module):
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
 
-    def modulation_params(self, temb: Optional[torch.Tensor]):
+    def modulation_params(self, temb: torch.Tensor | None):
         """shift1, scale1, gate1, shift2, scale2, gate2, each `(B, 1, dim)`; None without modulation."""
         if self.modulation is None:
             return None
         return self.modulation(F.silu(temb))[:, None, :].chunk(6, dim=-1)
 
-    def attention_inputs(self, hidden_states: torch.Tensor, mod) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def attention_inputs(self, hidden_states: torch.Tensor, mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of shape `(B, S, heads, head_dim)`, q and k RMS-normalized."""
         normed = self.norm1(hidden_states)
         if mod is not None:
@@ -134,14 +134,15 @@ class FlowMoBlock(nn.Module):
         self,
         code_states: torch.Tensor,
         image_states: torch.Tensor,
-        temb: Optional[torch.Tensor],
-        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
-    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        temb: torch.Tensor | None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """
         Args:
             code_states (`torch.Tensor` of shape `(B, T, dim)`), image_states (`torch.Tensor` of shape `(B, N, dim)`).
             temb (`torch.Tensor` of shape `(B, dim)` or None): timestep embedding.
-            rotary_emb: cos and sin tables, each `(T + N, head_dim)`.
+            rotary_emb (`Tuple[torch.Tensor, torch.Tensor]`):
+                cos and sin tables, each `(T + N, head_dim)`.
 
         Returns:
             The updated `(code_states, image_states)`; a stream built `attention_only` returns None.
@@ -207,7 +208,7 @@ class FlowMoTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         rope_theta: int = 10_000,
-        attention_scale: Optional[float] = None,
+        attention_scale: float | None = None,
         timestep_embedding_dim: int = 256,
     ):
         super().__init__()
@@ -259,7 +260,7 @@ class FlowMoTransformer(nn.Module):
 
     def rotary_embedding(
         self, code_length: int, grid_height: int, grid_width: int, device=None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         RoPE tables for the sequence `[code, image]`: code token i sits at (i, i, i), patch (r, c) at (0, r, c).
 
@@ -280,15 +281,16 @@ class FlowMoTransformer(nn.Module):
     def forward(
         self,
         patches: torch.Tensor,
-        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
-        code: Optional[torch.Tensor] = None,
-        timestep: Optional[torch.Tensor] = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        code: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             patches (`torch.Tensor` of shape `(B, N, patch_dim)`): patchified image (clean for the encoder, noisy for
                 the decoder).
-            rotary_emb: tables from [`rotary_embedding`].
+            rotary_emb (`Tuple[torch.Tensor, torch.Tensor]`):
+                tables from [`rotary_embedding`].
             code (`torch.Tensor` of shape `(B, T, code_dim)`): decoder only, the conditioning code.
             timestep (`torch.Tensor` of shape `(B,)`): decoder only, flow time in [0, 1] (1 is pure noise).
 

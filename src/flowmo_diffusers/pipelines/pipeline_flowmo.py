@@ -1,7 +1,6 @@
 """FlowMoPipeline: images -> token ids -> images with FlowMo's rectified-flow decoder."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -31,10 +30,12 @@ class FlowMoPipelineOutput(ImagePipelineOutput):
             paper's sampler, K for a K-pass student.
     """
 
-    num_decoder_passes: Optional[int] = None
+    num_decoder_passes: int | None = None
 
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray], List[torch.Tensor]]
+ImageInput = (
+    PIL.Image.Image | np.ndarray | torch.Tensor | list[PIL.Image.Image] | list[np.ndarray] | list[torch.Tensor]
+)
 
 
 class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
@@ -67,7 +68,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
     model_cpu_offload_seq = "autoencoder"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, autoencoder: FlowMoModel, scheduler: Union[FlowMoScheduler, SchedulerMixin]):
+    def __init__(self, autoencoder: FlowMoModel, scheduler: FlowMoScheduler | SchedulerMixin):
         super().__init__()
         self.register_modules(autoencoder=autoencoder, scheduler=scheduler)
         self.image_processor = VaeImageProcessor(
@@ -75,7 +76,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    def preprocess(self, images: ImageInput, max_image_size: Optional[int] = None) -> torch.Tensor:
+    def preprocess(self, images: ImageInput, max_image_size: int | None = None) -> torch.Tensor:
         """Images in diffusers' formats -> float32 `(B, 3, H, W)` in [-1, 1] on the execution device, validated.
 
         One kind per call (PIL images, numpy arrays or torch tensors), all of one size. PIL images go through the
@@ -122,11 +123,11 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         self.autoencoder.check_images(pixels)
         return pixels
 
-    def _max_image_size(self, max_image_size: Optional[int]) -> int:
+    def _max_image_size(self, max_image_size: int | None) -> int:
         return resolve_max_image_size(self.autoencoder.config.sample_size, max_image_size)
 
     @staticmethod
-    def _image_size(item) -> Tuple[int, int]:
+    def _image_size(item) -> tuple[int, int]:
         """(height, width) of one image or batch, from its shape alone."""
         if isinstance(item, PIL.Image.Image):
             return item.size[1], item.size[0]
@@ -164,12 +165,13 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         return np.clip(item, 0.0, 1.0) if is_numpy else item.clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def encode(self, images: ImageInput, max_image_size: Optional[int] = None) -> torch.LongTensor:
+    def encode(self, images: ImageInput, max_image_size: int | None = None) -> torch.LongTensor:
         """
         Tokenize images.
 
         Args:
-            images: PIL, numpy or torch images in [0, 1] (see [`preprocess`]), height and width multiples of the
+            images (`ImageInput`):
+                PIL, numpy or torch images in [0, 1] (see [`preprocess`]), height and width multiples of the
                 patch size.
             max_image_size (`int`, *optional*, defaults to 4 x `sample_size`): the largest height or width accepted.
 
@@ -251,27 +253,28 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        images: Optional[ImageInput] = None,
-        indices: Optional[torch.LongTensor] = None,
-        num_inference_steps: Optional[int] = None,
-        guidance_scale: Optional[float] = None,
+        images: ImageInput | None = None,
+        indices: torch.LongTensor | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        max_image_size: Optional[int] = None,
-        max_inference_steps: Optional[int] = None,
-        callback_on_step_end: Optional[StepEndCallback] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-    ) -> Union[FlowMoPipelineOutput, tuple]:
+        max_image_size: int | None = None,
+        max_inference_steps: int | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> FlowMoPipelineOutput | tuple:
         """
         Reconstruct images, or decode token ids.
 
         Args:
-            images: images to reconstruct (PIL, numpy or torch in [0, 1]). Give either `images` or `indices`.
+            images (`ImageInput`, *optional*):
+                images to reconstruct (PIL, numpy or torch in [0, 1]). Give either `images` or `indices`.
             indices (`torch.LongTensor` of shape `(B, num_indices)`): token ids to decode, as from [`encode`].
             num_inference_steps (`int`, *optional*): solver steps; defaults to the decoder's own
                 (`autoencoder.config.sampling_num_inference_steps`: 25 for the paper's sampler, K for a K-pass

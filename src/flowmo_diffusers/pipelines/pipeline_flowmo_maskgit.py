@@ -1,7 +1,7 @@
 """FlowMoMaskGiTPipeline: class ids -> FlowMo token ids (MaskGiT prior) -> images (FlowMo decoder)."""
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -25,12 +25,13 @@ class FlowMoMaskGiTPipelineOutput(BaseOutput):
     Output of [`FlowMoMaskGiTPipeline`].
 
     Args:
-        images: PIL images, numpy `(B, H, W, 3)` or torch `(B, 3, H, W)` in [0, 1]; with `output_type="latent"` the
+        images (`Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]`):
+            PIL images, numpy `(B, H, W, 3)` or torch `(B, 3, H, W)` in [0, 1]; with `output_type="latent"` the
             token ids themselves (diffusers' convention for "latent"), `(B, num_indices)` int64.
         indices (`torch.LongTensor` of shape `(B, num_indices)`): the sampled FlowMo token ids.
     """
 
-    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     indices: torch.LongTensor
 
 
@@ -84,7 +85,7 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
                 f"({self.transformer.mask_token_id})"
             )
 
-    def prepare_class_labels(self, class_labels: Union[int, Sequence[int], np.ndarray, torch.Tensor]) -> torch.Tensor:
+    def prepare_class_labels(self, class_labels: int | Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """An int, a list, an array or a tensor of class ids -> int64 `(B,)` on the execution device, validated."""
         num_classes = self.transformer.config.num_classes
         if isinstance(class_labels, (bool, np.bool_)) or class_labels is None:
@@ -113,7 +114,7 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         num_inference_steps: int,
         guidance_scale: float,
         generator=None,
-        step_callback: Optional[Callable[[int, torch.Tensor, torch.LongTensor], Optional[torch.LongTensor]]] = None,
+        step_callback: Callable[[int, torch.Tensor, torch.LongTensor], torch.LongTensor | None] | None = None,
     ) -> torch.LongTensor:
         """MaskGiT sampling: validated labels `(B,)` -> token ids `(B, num_indices)`. `step_callback(step_index,
         timestep, ids)` runs after every unmasking step; ids it returns replace the current ones."""
@@ -145,23 +146,24 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: Union[int, List[int], np.ndarray, torch.Tensor],
+        class_labels: int | list[int] | np.ndarray | torch.Tensor,
         num_inference_steps: int = 16,
         guidance_scale: float = 3.0,
         num_images_per_prompt: int = 1,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
-        decoder_num_inference_steps: Optional[int] = None,
-        decoder_guidance_scale: Optional[float] = None,
+        decoder_num_inference_steps: int | None = None,
+        decoder_guidance_scale: float | None = None,
         return_dict: bool = True,
-        callback_on_step_end: Optional[StepEndCallback] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-    ) -> Union[FlowMoMaskGiTPipelineOutput, tuple]:
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> FlowMoMaskGiTPipelineOutput | tuple:
         """
         Generate images of the given classes.
 
         Args:
-            class_labels: one class id, or a list / array / tensor of them (one image each), in `[0, num_classes)`.
+            class_labels (`Union[int, List[int], np.ndarray, torch.Tensor]`):
+                one class id, or a list / array / tensor of them (one image each), in `[0, num_classes)`.
             num_inference_steps (`int`): MaskGiT unmasking steps.
             guidance_scale (`float`): classifier-free guidance g on the logits, `null + w_i (cond - null)`, with w_i
                 from the scheduler's `guidance_schedule` (constant: w_i = g); 1 disables it. Our default, not tuned.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Union
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,11 +12,11 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 #: What `callback_on_step_end` may be: diffusers' `f(pipeline, step_index, timestep, callback_kwargs) -> dict`, or one
 #: of its callback objects.
-StepEndCallback = Union[
-    Callable[[DiffusionPipeline, int, torch.Tensor, Dict[str, Any]], Dict[str, Any]],
-    PipelineCallback,
-    MultiPipelineCallbacks,
-]
+StepEndCallback = (
+    Callable[[DiffusionPipeline, int, torch.Tensor, dict[str, Any]], dict[str, Any]]
+    | PipelineCallback
+    | MultiPipelineCallbacks
+)
 
 
 def check_num_images_per_prompt(num_images_per_prompt) -> None:
@@ -28,7 +29,7 @@ def check_num_images_per_prompt(num_images_per_prompt) -> None:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
 
 
-def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> List[str] | None:
+def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> list[str] | None:
     """Check a step-end callback and return the tensor names it asks for.
 
     Raises ValueError for a callback that is not callable or asks for tensors the pipeline does not offer. diffusers'
@@ -81,7 +82,7 @@ def prepare_step_callback(pipeline, callback_on_step_end, tensor_inputs) -> Call
     return step_end_callback(pipeline, callback_on_step_end, tensor_inputs)
 
 
-def check_generators(generator: torch.Generator | List[torch.Generator] | None, batch_size: int, what: str) -> None:
+def check_generators(generator: torch.Generator | list[torch.Generator] | None, batch_size: int, what: str) -> None:
     """Raise ValueError for a list of generators whose length is not the number of output images.
 
     Args:

@@ -5,7 +5,6 @@ FlowMo's decoder is a diffusion model, so one token sequence decodes to many ima
 `num_images_per_prompt` and pass the output here.
 """
 
-from typing import List, Union
 
 import numpy as np
 import PIL.Image
@@ -15,8 +14,8 @@ __all__ = ["per_pixel_variance"]
 
 
 def per_pixel_variance(
-    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor], num_images_per_prompt: int
-) -> Union[np.ndarray, torch.Tensor]:
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor, num_images_per_prompt: int
+) -> np.ndarray | torch.Tensor:
     r"""
     Variance over each input's `num_images_per_prompt` decodings, per pixel, averaged over the color channels.
 

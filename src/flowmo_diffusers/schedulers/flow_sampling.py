@@ -19,7 +19,7 @@ What each scheduler does with FlowMo's grid:
 """
 
 import inspect
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from .scheduling_flowmo import FlowMoScheduler, flow_time_grid, in_guidance_interval
 
@@ -87,7 +87,7 @@ def set_flow_timesteps(
         )
 
 
-def evaluation_flow_times(scheduler) -> List[float]:
+def evaluation_flow_times(scheduler) -> list[float]:
     """The flow time of the sample the model is evaluated at, for each of `scheduler.timesteps`, as Python floats.
 
     Read once before the loop, so that deciding guidance never waits on the device. For every supported scheduler
@@ -99,8 +99,8 @@ def evaluation_flow_times(scheduler) -> List[float]:
 
 
 def guided_evaluations(
-    flow_times: Sequence[float], guidance_scale: float, guidance_interval: Optional[Tuple[float, float]]
-) -> List[bool]:
+    flow_times: Sequence[float], guidance_scale: float, guidance_interval: tuple[float, float] | None
+) -> list[bool]:
     """For each model evaluation, whether it is guided (`guidance_scale != 1` and t inside the EDM-sigma interval)."""
     if guidance_scale == 1.0:
         return [False] * len(flow_times)

@@ -1,7 +1,6 @@
 """FlowMoScheduler: rectified-flow Euler sampling on FlowMo's time grids, its guidance interval and training times."""
 
 import math
-from typing import List, Optional, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -39,7 +38,7 @@ def edm_sigma_to_flow_time(sigma: float) -> float:
     return sigma / (1 + sigma)
 
 
-def in_guidance_interval(flow_time: float, guidance_interval: Optional[Tuple[float, float]]) -> bool:
+def in_guidance_interval(flow_time: float, guidance_interval: tuple[float, float] | None) -> bool:
     """Whether guidance applies at flow time t: t inside the EDM-sigma `guidance_interval` converted to flow time
     (bounds included, compared in float64 like the original); None means everywhere."""
     if guidance_interval is None:
@@ -99,7 +98,7 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         self,
         time_schedule: str = "power",
         time_power: float = 4.0,
-        guidance_interval: Optional[Tuple[float, float]] = (0.17, 1.02),
+        guidance_interval: tuple[float, float] | None = (0.17, 1.02),
         training_time_distribution: str = "fat_lognormal",
         uniform_time_probability: float = 0.1,
         num_train_timesteps: int = 1000,
@@ -132,15 +131,15 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         return self.euler.timesteps
 
     @property
-    def num_inference_steps(self) -> Optional[int]:
+    def num_inference_steps(self) -> int | None:
         return self.euler.num_inference_steps
 
     @property
-    def step_index(self) -> Optional[int]:
+    def step_index(self) -> int | None:
         return self.euler.step_index
 
     @property
-    def begin_index(self) -> Optional[int]:
+    def begin_index(self) -> int | None:
         """The first step's index, when set with [`set_begin_index`]."""
         return self.euler.begin_index
 
@@ -152,8 +151,8 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
     def scale_noise(
         self,
         sample: torch.Tensor,
-        timestep: Union[float, torch.Tensor],
-        noise: Optional[torch.Tensor] = None,
+        timestep: float | torch.Tensor,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Noise clean images to the flow time of `timestep` on the current grid, `(1 - t) x + t noise` (diffusers'
@@ -173,11 +172,11 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
     def step(
         self,
         model_output: torch.Tensor,
-        timestep: Union[float, torch.Tensor],
+        timestep: float | torch.Tensor,
         sample: torch.Tensor,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> Union[FlowMatchEulerDiscreteSchedulerOutput, Tuple]:
+    ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
         """One Euler step `z + (t_next - t) v`, in float32 whatever the velocity's dtype."""
         # The parent casts its result to model_output's dtype; the original keeps z in float32 under autocast.
         return self.euler.step(model_output.float(), timestep, sample.float(), generator=generator, return_dict=return_dict)
@@ -190,9 +189,9 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(
         self,
-        num_inference_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        sigmas: Optional[List[float]] = None,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
         **kwargs,
     ):
         """Sets `sigmas` (flow times, N + 1 values ending at 0) and `timesteps` (`1000 * t`, N values)."""
@@ -205,21 +204,21 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         self.euler.set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, **kwargs)
 
     @property
-    def guidance_interval_flow_time(self) -> Optional[Tuple[float, float]]:
+    def guidance_interval_flow_time(self) -> tuple[float, float] | None:
         """The guidance interval in flow time t = sigma / (1 + sigma)."""
         if self.config.guidance_interval is None:
             return None
         low, high = self.config.guidance_interval
         return self.edm_sigma_to_flow_time(low), self.edm_sigma_to_flow_time(high)
 
-    def is_guidance_step(self, flow_time: Union[float, torch.Tensor]) -> bool:
+    def is_guidance_step(self, flow_time: float | torch.Tensor) -> bool:
         """Whether guidance applies at flow time t (bounds included, compared in float64 like the original)."""
         return in_guidance_interval(float(flow_time), self.config.guidance_interval)
 
     # ----------------------------------------------------------------------------------------------------------
     # Training
     def sample_training_times(
-        self, batch_size: int, generator: Optional[torch.Generator] = None, device=None
+        self, batch_size: int, generator: torch.Generator | None = None, device=None
     ) -> torch.Tensor:
         """Flow times `(batch_size,)` in (0, 1) drawn from `training_time_distribution`."""
         distribution = self.config.training_time_distribution

@@ -38,7 +38,6 @@ uniformly at random (TiTok's `get_masked_tokens`), and returns the masked ids an
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -49,7 +48,7 @@ MASKING_SCHEDULES = ("cosine", "arccos", "linear")
 TEMPERATURE_SCHEDULES = ("linear", "constant")
 GUIDANCE_SCHEDULES = ("constant", "linear", "power-cosine")
 
-GeneratorType = Optional[Union[torch.Generator, List[torch.Generator]]]
+GeneratorType = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -68,7 +67,7 @@ class MaskGiTSchedulerOutput(BaseOutput):
     pred_original_sample: torch.LongTensor
 
 
-def uniform_noise(shape: Tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
+def uniform_noise(shape: tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
     """U[0, 1) float32 noise of `shape` on `device`, drawn on the generator's device (a list: one generator per row)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
@@ -78,7 +77,7 @@ def uniform_noise(shape: Tuple[int, ...], generator: GeneratorType, device: torc
     return torch.rand(shape, generator=generator, device=draw_device, dtype=torch.float32).to(device)
 
 
-def _gumbel(shape: Tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
+def _gumbel(shape: tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
     noise = uniform_noise(shape, generator, device)
     return -torch.log((-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20))
 
@@ -128,14 +127,14 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if not math.isfinite(guidance_power) or guidance_power <= 0:
             raise ValueError(f"guidance_power must be positive, got {guidance_power}")
-        self.num_inference_steps: Optional[int] = None
-        self.timesteps: Optional[torch.Tensor] = None
-        self.mask_ratios: Optional[torch.Tensor] = None
-        self.temperatures: Optional[torch.Tensor] = None
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+        self.mask_ratios: torch.Tensor | None = None
+        self.temperatures: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Schedules
-    def mask_ratio(self, t: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+    def mask_ratio(self, t: float | torch.Tensor) -> float | torch.Tensor:
         """gamma(t): the fraction of positions masked at progress `t` in [0, 1] (1 at t = 0, 0 at t = 1).
 
         For training, `mask_ratio(u)` with `u ~ U(0, 1)` is MaskGiT's masking-ratio distribution.
@@ -158,7 +157,7 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
             return math.acos(t) / (math.pi / 2)
         return 1.0 - t
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Prepare `S = num_inference_steps` steps: `timesteps` are the step indices 0..S-1, `mask_ratios[i]` is
         gamma((i + 1) / S) and `temperatures[i]` the choice temperature of step i."""
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
@@ -176,7 +175,7 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
             values = [temperature] * steps
         self.temperatures = torch.tensor(values, dtype=torch.float32, device=device)
 
-    def _check_step_index(self, step_index: Union[int, torch.Tensor]) -> int:
+    def _check_step_index(self, step_index: int | torch.Tensor) -> int:
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before stepping")
         if isinstance(step_index, torch.Tensor):
@@ -185,7 +184,7 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step_index must lie in [0, {self.num_inference_steps}), got {step_index}")
         return step_index
 
-    def num_masked_after_step(self, step_index: Union[int, torch.Tensor], num_indices: int) -> int:
+    def num_masked_after_step(self, step_index: int | torch.Tensor, num_indices: int) -> int:
         """The schedule's count of masked positions after step `step_index`: `floor(N * gamma((i + 1) / S))`, 0 after
         the last step. `step` keeps exactly this many masked, except that it always unmasks at least one position
         per step and keeps at least one masked before the last step."""
@@ -194,7 +193,7 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
             return 0
         return int(math.floor(num_indices * float(self.mask_ratios[step_index])))
 
-    def guidance_scale_at(self, step_index: Union[int, torch.Tensor], guidance_scale: float) -> float:
+    def guidance_scale_at(self, step_index: int | torch.Tensor, guidance_scale: float) -> float:
         """The guidance weight w_i of step `step_index` for a pipeline's `guidance_scale` g (see module docstring)."""
         step_index = self._check_step_index(step_index)
         steps = self.num_inference_steps
@@ -216,7 +215,7 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
         if sample.numel() and (sample.min() < 0 or sample.max() > self.config.mask_token_id):
             raise ValueError(f"{name} must lie in [0, {self.config.mask_token_id}] (the last is the mask id)")
 
-    def _draw_ids(self, logits: torch.Tensor, generator: GeneratorType) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _draw_ids(self, logits: torch.Tensor, generator: GeneratorType) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids drawn from softmax(logits / sampling_temperature) and their log-probabilities under it."""
         temperature = self.config.sampling_temperature
         if temperature == 0:
@@ -230,11 +229,11 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
     def step(
         self,
         model_output: torch.Tensor,
-        step_index: Union[int, torch.Tensor],
+        step_index: int | torch.Tensor,
         sample: torch.LongTensor,
         generator: GeneratorType = None,
         return_dict: bool = True,
-    ) -> Union[MaskGiTSchedulerOutput, Tuple[torch.LongTensor, torch.LongTensor]]:
+    ) -> MaskGiTSchedulerOutput | tuple[torch.LongTensor, torch.LongTensor]:
         """
         One unmasking step.
 
@@ -242,7 +241,8 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
             model_output (`torch.Tensor` of shape `(B, N, codebook_size)`): logits (after guidance).
             step_index (`int`): the step, an element of `timesteps` (0..S-1).
             sample (`torch.LongTensor` of shape `(B, N)`): current ids, `mask_token_id` where masked.
-            generator: a `torch.Generator` (or one per sample) for the id draws and the confidence noise.
+            generator (`GeneratorType`, *optional*):
+                a `torch.Generator` (or one per sample) for the id draws and the confidence noise.
             return_dict (`bool`): return a [`MaskGiTSchedulerOutput`] rather than a tuple.
 
         Returns:
@@ -295,14 +295,15 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
         self,
         sample: torch.LongTensor,
         generator: GeneratorType = None,
-        mask_ratio: Optional[Union[float, torch.Tensor]] = None,
-    ) -> Tuple[torch.LongTensor, torch.BoolTensor]:
+        mask_ratio: float | torch.Tensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """
         Training-time masking.
 
         Args:
             sample (`torch.LongTensor` of shape `(B, N)`): clean ids.
-            generator: a `torch.Generator` (or one per sample).
+            generator (`GeneratorType`, *optional*):
+                a `torch.Generator` (or one per sample).
             mask_ratio (`float` or `torch.Tensor` of shape `(B,)`, *optional*): fraction to mask per sample; drawn
                 as `gamma(u)`, `u ~ U(0, 1)`, when None.
 

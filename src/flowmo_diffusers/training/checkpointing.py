@@ -24,7 +24,8 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ _DATA_ONLY_SUFFIXES = (".safetensors", ".json")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints `(step, path)` in `output_dir`, oldest first.
 
     Only folders named exactly `checkpoint-<step>` count: a save in progress (or interrupted) lives in
@@ -68,7 +69,7 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
-def resolve_resume_checkpoint(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[Tuple[int, str]]:
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> tuple[int, str] | None:
     """`(step, path)` of the checkpoint to resume from, or None to start fresh.
 
     `"latest"` picks the newest complete `checkpoint-<step>` of `output_dir` (None if there is none, so the same
@@ -91,7 +92,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: Optional[str], output_dir:
     return int(match.group(1)), path
 
 
-def remove_stale_temporary_checkpoints(output_dir: str, lock: Optional[OutputDirLock]) -> List[str]:
+def remove_stale_temporary_checkpoints(output_dir: str, lock: OutputDirLock | None) -> list[str]:
     """Delete `checkpoint-*.tmp` / `checkpoint-*.old` folders left by an interrupted save; returns their paths.
 
     Args:
@@ -140,7 +141,7 @@ def publish_checkpoint(output_dir: str, step: int) -> str:
     return final
 
 
-def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> List[str]:
+def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
     """Delete the oldest complete checkpoints so that at most `total_limit` remain; returns the removed paths."""
     if total_limit is None:
         return []
@@ -153,7 +154,7 @@ def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> List[str]:
     return removed
 
 
-def check_checkpoints_total_limit(total_limit: Optional[int]) -> None:
+def check_checkpoints_total_limit(total_limit: int | None) -> None:
     """Raise ValueError unless `total_limit` is None (keep all) or at least 1; call it when parsing arguments."""
     if total_limit is not None and (isinstance(total_limit, bool) or not isinstance(total_limit, int) or total_limit < 1):
         raise ValueError(
@@ -166,7 +167,7 @@ def check_checkpoints_total_limit(total_limit: Optional[int]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _encode_state(value: Any, key: str, tensors: Dict[str, torch.Tensor]) -> Any:
+def _encode_state(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON-able copy of a state dict; tensors are replaced by `{"__tensor__": key}` and stored in `tensors`."""
     if isinstance(value, torch.Tensor):
         # A copy: safetensors refuses tensors that share memory, and state dicts may hand out views.
@@ -191,7 +192,7 @@ def _encode_state(value: Any, key: str, tensors: Dict[str, torch.Tensor]) -> Any
     )
 
 
-def _decode_state(value: Any, tensors: Dict[str, torch.Tensor], source: str) -> Any:
+def _decode_state(value: Any, tensors: dict[str, torch.Tensor], source: str) -> Any:
     if isinstance(value, dict):
         if set(value) == {_TENSOR_TAG}:
             key = value[_TENSOR_TAG]
@@ -210,7 +211,7 @@ def save_training_states(states: Mapping[str, Any], folder: str, is_main_process
     Call on every process (`state_dict` may be a collective, e.g. [`EMACheckpoint`] gathering FSDP2 shards); only
     the main process writes.
     """
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     encoded = {name: _encode_state(obj.state_dict(), name, tensors) for name, obj in states.items()}
     if not is_main_process:
         return
@@ -220,7 +221,7 @@ def save_training_states(states: Mapping[str, Any], folder: str, is_main_process
 
 
 def load_training_states(
-    states: Mapping[str, Any], folder: str, flags: Optional[Mapping[str, str]] = None
+    states: Mapping[str, Any], folder: str, flags: Mapping[str, str] | None = None
 ) -> None:
     """Restore every object of `states` from `folder` (see [`save_training_states`]); names must match exactly.
 
@@ -288,9 +289,9 @@ def save_checkpoint(
     accelerator,
     output_dir: str,
     step: int,
-    total_limit: Optional[int] = None,
-    log: Optional[Callable[[str], None]] = None,
-    states: Optional[Mapping[str, Any]] = None,
+    total_limit: int | None = None,
+    log: Callable[[str], None] | None = None,
+    states: Mapping[str, Any] | None = None,
 ) -> str:
     """`accelerator.save_state` plus `states` into `checkpoint-<step>.tmp`, then publish it atomically and prune.
 
@@ -363,7 +364,7 @@ def _load_torch_pickle_safely(path: str) -> Any:
     return load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def verify_checkpoint_files(folder: str) -> Dict[str, Any]:
+def verify_checkpoint_files(folder: str) -> dict[str, Any]:
     """Check that nothing in `folder` needs a code-running unpickle; returns the RNG states of the folder by file name.
 
     Raises:
@@ -425,7 +426,7 @@ def _check_rng_restored(path: str, states: Any) -> None:
 
 
 def load_checkpoint(
-    accelerator, folder: str, states: Optional[Mapping[str, Any]] = None, flags: Optional[Mapping[str, str]] = None
+    accelerator, folder: str, states: Mapping[str, Any] | None = None, flags: Mapping[str, str] | None = None
 ) -> None:
     """Resume from a checkpoint written by [`save_checkpoint`], refusing any file that could run code when loaded.
 

@@ -18,7 +18,7 @@ including the effect of guidance, so it needs no null-code pass.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_student_config(
-    model: FlowMoModel, num_steps: int, time_schedule: str = "linear", teacher: Optional[str] = None
+    model: FlowMoModel, num_steps: int, time_schedule: str = "linear", teacher: str | None = None
 ) -> None:
     """Record in `model`'s config that it decodes in `num_steps` unguided passes on `time_schedule`, distilled from
     `teacher`, so that `model.decode(ids)` and a saved pipeline's `pipe(indices=ids)` take K passes by default."""
@@ -76,13 +76,13 @@ def distillation_losses(
     teacher: FlowMoModel,
     images: torch.Tensor,
     *,
-    teacher_num_inference_steps: Optional[int] = None,
-    teacher_guidance_scale: Optional[float] = None,
-    perceptual_loss: Optional[PerceptualLoss] = None,
+    teacher_num_inference_steps: int | None = None,
+    teacher_guidance_scale: float | None = None,
+    perceptual_loss: PerceptualLoss | None = None,
     perceptual_weight: float = 0.0,
     gradient_checkpointing: bool = True,
-    generator: Optional[torch.Generator] = None,
-) -> Dict[str, torch.Tensor]:
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """All loss terms of one distillation batch.
 
     Args:
@@ -142,16 +142,22 @@ class FlowMoDistillationModule(nn.Module):
 
     Args:
         autoencoder (`FlowMoModel`): the student.
-        teacher_num_inference_steps, teacher_guidance_scale, perceptual_weight, gradient_checkpointing: see
-            [`distillation_losses`].
+        teacher_num_inference_steps (`int`, *optional*):
+            see [`distillation_losses`].
+        teacher_guidance_scale (`float`, *optional*):
+            see [`distillation_losses`].
+        perceptual_weight (`float`, *optional*, defaults to `0.0`):
+            see [`distillation_losses`].
+        gradient_checkpointing (`bool`, *optional*, defaults to `True`):
+            see [`distillation_losses`].
     """
 
     def __init__(
         self,
         autoencoder: FlowMoModel,
         *,
-        teacher_num_inference_steps: Optional[int] = None,
-        teacher_guidance_scale: Optional[float] = None,
+        teacher_num_inference_steps: int | None = None,
+        teacher_guidance_scale: float | None = None,
         perceptual_weight: float = 0.0,
         gradient_checkpointing: bool = True,
     ):
@@ -165,10 +171,10 @@ class FlowMoDistillationModule(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        perceptual_loss: Optional[PerceptualLoss] = None,
-        teacher: Optional[FlowMoModel] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> Dict[str, torch.Tensor]:
+        perceptual_loss: PerceptualLoss | None = None,
+        teacher: FlowMoModel | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         if teacher is None:
             raise ValueError("distillation needs the teacher: forward(images, perceptual_loss, teacher=...)")
         return distillation_losses(

@@ -7,7 +7,7 @@ checkpoints are the same files whatever the sharding.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, List
+from collections.abc import Iterable
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -75,7 +75,7 @@ def ema_update_due(global_step: int, update_every: int = 10) -> bool:
 
 
 @contextlib.contextmanager
-def _all_require_grad(parameters: List[torch.nn.Parameter]):
+def _all_require_grad(parameters: list[torch.nn.Parameter]):
     frozen = [p for p in parameters if not p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(True)

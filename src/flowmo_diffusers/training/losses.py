@@ -14,7 +14,7 @@ a sample drawn with k Euler steps at random times, backpropagating through the w
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint
@@ -35,7 +35,7 @@ def flow_matching_loss(velocity: torch.Tensor, images: torch.Tensor, noise: torc
 
 
 def sample_posttrain_times(
-    batch_size: int, num_steps: int, generator: Optional[torch.Generator] = None, device=None
+    batch_size: int, num_steps: int, generator: torch.Generator | None = None, device=None
 ) -> torch.Tensor:
     """Per-sample random time grids `(batch_size, num_steps + 1)`, each running from exactly 1 down to exactly 0.
 
@@ -55,12 +55,12 @@ def posttrain_sample(
     code: torch.Tensor,
     num_steps: int = 8,
     *,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    noise: Optional[torch.Tensor] = None,
-    times: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    height: int | None = None,
+    width: int | None = None,
+    noise: torch.Tensor | None = None,
+    times: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     gradient_checkpointing: bool = True,
 ) -> torch.Tensor:
     """Differentiable k-step Euler sample of the decoder given `code` (FlowMo's stage-1B sampler).
@@ -107,27 +107,36 @@ def flowmo_training_losses(
     images: torch.Tensor,
     scheduler: FlowMoScheduler,
     *,
-    perceptual_loss: Optional[PerceptualLoss] = None,
+    perceptual_loss: PerceptualLoss | None = None,
     perceptual_weight: float = 0.0,
     guidance_dropout: float = 0.1,
-    posttrain_sample_steps: Optional[int] = None,
+    posttrain_sample_steps: int | None = None,
     posttrain_gradient_checkpointing: bool = True,
-    generator: Optional[torch.Generator] = None,
-) -> Dict[str, torch.Tensor]:
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """All loss terms of one FlowMo training batch.
 
     Args:
-        model: the autoencoder being trained.
-        images: `(B, 3, H, W)` in [-1, 1].
-        scheduler: provides the training-time distribution (`fat_lognormal` in the paper).
-        perceptual_loss: `f(images, predictions) -> (B,)` distances (see `training.perceptual`); required when
+        model (`FlowMoModel`):
+            the autoencoder being trained.
+        images (`torch.Tensor`):
+            `(B, 3, H, W)` in [-1, 1].
+        scheduler (`FlowMoScheduler`):
+            provides the training-time distribution (`fat_lognormal` in the paper).
+        perceptual_loss (`PerceptualLoss`, *optional*):
+            `f(images, predictions) -> (B,)` distances (see `training.perceptual`); required when
             `perceptual_weight != 0`.
-        perceptual_weight: 0.1 (stage 1A, LPIPS-VGG) or 0.01 (stage 1B, ResNet-50) in the paper.
-        guidance_dropout: share of samples whose code is replaced by the null code in the flow term.
-        posttrain_sample_steps: None for stage 1A (perceptual term on the one-step prediction `z_t - t v`); k for
+        perceptual_weight (`float`, *optional*, defaults to `0.0`):
+            0.1 (stage 1A, LPIPS-VGG) or 0.01 (stage 1B, ResNet-50) in the paper.
+        guidance_dropout (`float`, *optional*, defaults to `0.1`):
+            share of samples whose code is replaced by the null code in the flow term.
+        posttrain_sample_steps (`int`, *optional*):
+            None for stage 1A (perceptual term on the one-step prediction `z_t - t v`); k for
             stage 1B (perceptual term on a k-step [`posttrain_sample`] from the full code).
-        posttrain_gradient_checkpointing: checkpoint each decoder call of the stage-1B sampler.
-        generator: random source of times, noise and masks (the global RNG when None).
+        posttrain_gradient_checkpointing (`bool`, *optional*, defaults to `True`):
+            checkpoint each decoder call of the stage-1B sampler.
+        generator (`torch.Generator`, *optional*):
+            random source of times, noise and masks (the global RNG when None).
 
     Returns:
         dict with `loss` (the total, differentiable) and detached terms `flow_loss`, `quantizer_loss`,
@@ -153,7 +162,7 @@ def flowmo_training_losses(
     flow = flow_matching_loss(velocity, images, noise)
     quantizer = encoded.quantizer
     total = flow + quantizer.loss
-    terms: Dict[str, torch.Tensor] = {}
+    terms: dict[str, torch.Tensor] = {}
     if perceptual_weight != 0:
         if posttrain_sample_steps is None:
             prediction = scheduler.predict_image(noisy, velocity, times)
@@ -195,10 +204,18 @@ class FlowMoTrainingModule(nn.Module):
     to `forward` rather than held, so that it is neither synchronised nor checkpointed with the trained weights.
 
     Args:
-        autoencoder: the model to train.
-        scheduler: training-time distribution.
-        guidance_dropout, perceptual_weight, posttrain_sample_steps, posttrain_gradient_checkpointing: see
-            [`flowmo_training_losses`].
+        autoencoder (`FlowMoModel`):
+            the model to train.
+        scheduler (`FlowMoScheduler`):
+            training-time distribution.
+        guidance_dropout (`float`, *optional*, defaults to `0.1`):
+            see [`flowmo_training_losses`].
+        perceptual_weight (`float`, *optional*, defaults to `0.0`):
+            see [`flowmo_training_losses`].
+        posttrain_sample_steps (`int`, *optional*):
+            see [`flowmo_training_losses`].
+        posttrain_gradient_checkpointing (`bool`, *optional*, defaults to `True`):
+            see [`flowmo_training_losses`].
     """
 
     def __init__(
@@ -208,7 +225,7 @@ class FlowMoTrainingModule(nn.Module):
         *,
         guidance_dropout: float = 0.1,
         perceptual_weight: float = 0.0,
-        posttrain_sample_steps: Optional[int] = None,
+        posttrain_sample_steps: int | None = None,
         posttrain_gradient_checkpointing: bool = True,
     ):
         super().__init__()
@@ -222,9 +239,9 @@ class FlowMoTrainingModule(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        perceptual_loss: Optional[PerceptualLoss] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> Dict[str, torch.Tensor]:
+        perceptual_loss: PerceptualLoss | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         return flowmo_training_losses(
             self.autoencoder,
             images,

@@ -10,7 +10,6 @@ One step (MaskGiT, Chang et al. 2022; TiTok's `ImageBert` training in bytedance/
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler, uniform_noise
 
-GeneratorType = Optional[Union[torch.Generator, List[torch.Generator]]]
+GeneratorType = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -26,11 +25,16 @@ class MaskGiTTrainingOutput:
     """What [`maskgit_training_step`] returns.
 
     Args:
-        loss: scalar masked cross-entropy (label-smoothed), to backpropagate.
-        accuracy: scalar fraction of masked positions whose argmax equals the target (detached, for logging).
-        logits: `(B, N, codebook_size)`.
-        mask: bool `(B, N)`, the positions that were masked.
-        class_labels: `(B,)`, the labels after class dropout.
+        loss (`torch.Tensor`):
+            scalar masked cross-entropy (label-smoothed), to backpropagate.
+        accuracy (`torch.Tensor`):
+            scalar fraction of masked positions whose argmax equals the target (detached, for logging).
+        logits (`torch.Tensor`):
+            `(B, N, codebook_size)`.
+        mask (`torch.BoolTensor`):
+            bool `(B, N)`, the positions that were masked.
+        class_labels (`torch.LongTensor`):
+            `(B,)`, the labels after class dropout.
     """
 
     loss: torch.Tensor
@@ -99,11 +103,14 @@ def maskgit_training_step(
     Mask, drop classes, predict, and compute the loss (call `.backward()` on `output.loss` yourself).
 
     Args:
-        transformer: the model (in train mode for dropout).
-        scheduler: gives the masking schedule and the mask id (must equal the transformer's `mask_token_id`).
+        transformer (`FlowMoMaskGiTTransformer`):
+            the model (in train mode for dropout).
+        scheduler (`MaskGiTScheduler`):
+            gives the masking schedule and the mask id (must equal the transformer's `mask_token_id`).
         token_ids (`(B, num_indices)`): clean FlowMo ids; class_labels (`(B,)`): ids in `[0, num_classes)`.
         class_dropout_prob, label_smoothing (`float`): 0.1 each by default (MaskGiT / TiTok).
-        generator: for the masking and the class dropout.
+        generator (`GeneratorType`, *optional*):
+            for the masking and the class dropout.
     """
     from accelerate.utils import extract_model_from_parallel
 

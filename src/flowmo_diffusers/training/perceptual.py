@@ -14,7 +14,6 @@ to their *inputs*; their own parameters are frozen (``requires_grad=False``, eva
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +51,7 @@ RESNET50_WEIGHTS = PretrainedWeights(
 )
 
 
-def _load_weights(weights: PretrainedWeights, weights_path: Optional[PathLike]):
+def _load_weights(weights: PretrainedWeights, weights_path: PathLike | None):
     try:
         return load_pretrained_state_dict(weights, weights_path)
     except MissingPretrainedWeightsError as error:
@@ -75,16 +74,18 @@ class LPIPSVGGLoss(nn.Module):
     ``pnet_rand=True`` so that it never downloads anything on its own).
 
     Args:
-        pretrained: load the ImageNet trunk (required for the paper's loss). ``False``: random trunk, explicit
+        pretrained (`bool`, *optional*, defaults to `True`):
+            load the ImageNet trunk (required for the paper's loss). ``False``: random trunk, explicit
             test option; then ``weights_path`` must be None.
-        weights_path: local torchvision ``vgg16-397923af.pth``.
+        weights_path (`PathLike`, *optional*):
+            local torchvision ``vgg16-397923af.pth``.
 
     Raises:
         MissingPretrainedWeightsError: ``pretrained`` and the trunk weights are neither at ``weights_path`` nor in
             the torch hub cache, nor downloadable.
     """
 
-    def __init__(self, pretrained: bool = True, weights_path: Optional[PathLike] = None):
+    def __init__(self, pretrained: bool = True, weights_path: PathLike | None = None):
         super().__init__()
         import lpips
 
@@ -115,15 +116,17 @@ class ResNet50LogitLoss(nn.Module):
     ImageNet mean and std and classified; the loss is the mean squared difference of the 1000 logits.
 
     Args:
-        pretrained: load torchvision's ``ResNet50_Weights.IMAGENET1K_V1``. ``False``: random network, explicit test
+        pretrained (`bool`, *optional*, defaults to `True`):
+            load torchvision's ``ResNet50_Weights.IMAGENET1K_V1``. ``False``: random network, explicit test
             option; then ``weights_path`` must be None.
-        weights_path: local torchvision ``resnet50-0676ba61.pth``.
+        weights_path (`PathLike`, *optional*):
+            local torchvision ``resnet50-0676ba61.pth``.
 
     Raises:
         MissingPretrainedWeightsError: ``pretrained`` and the weights cannot be found.
     """
 
-    def __init__(self, pretrained: bool = True, weights_path: Optional[PathLike] = None):
+    def __init__(self, pretrained: bool = True, weights_path: PathLike | None = None):
         super().__init__()
         from torchvision.models import resnet50
 
@@ -154,7 +157,7 @@ class ResNet50LogitLoss(nn.Module):
 
 
 def build_perceptual_loss(
-    network: str, pretrained: bool = True, weights_path: Optional[PathLike] = None
+    network: str, pretrained: bool = True, weights_path: PathLike | None = None
 ) -> nn.Module:
     """``"lpips-vgg"`` -> [`LPIPSVGGLoss`], ``"resnet50"`` -> [`ResNet50LogitLoss`]; frozen, eval mode."""
     if network == "lpips-vgg":

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch import nn
 from .distributed import full_tensor, local_tensor
 
 
-def weights_to_fix(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+def weights_to_fix(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """`(name, weight)` of every `nn.Linear` inside the double-stream blocks of the encoder and decoder.
 
     These are the original's `double_blocks` Linear layers (qkv, attention output projection, MLP and modulation, of
@@ -42,8 +42,8 @@ class InitialNormFixer:
     """
 
     def __init__(self):
-        self.norms: Dict[str, torch.Tensor] = {}
-        self._device_norms: Dict[tuple, torch.Tensor] = {}
+        self.norms: dict[str, torch.Tensor] = {}
+        self._device_norms: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
     def record(self, model: nn.Module) -> None:
@@ -86,7 +86,7 @@ class InitialNormFixer:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def optimizer_param_groups(model: nn.Module, include_encoder: bool = True) -> List[dict]:
+def optimizer_param_groups(model: nn.Module, include_encoder: bool = True) -> list[dict]:
     """Adam parameter groups as in the original: `{"name": "encoder"}` and `{"name": "decoder"}` (everything else).
 
     `model` is a `FlowMoModel` or a module holding one; encoder parameters are those whose name has an `encoder.`
@@ -107,7 +107,7 @@ def encoder_module(model: nn.Module) -> nn.Module:
 
 
 def freeze_encoder(
-    model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, reset_optimizer_state: bool = True
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, reset_optimizer_state: bool = True
 ) -> int:
     """Freeze the encoder: `requires_grad_(False)` and, if given, drop its parameters from `optimizer`.
 
@@ -143,7 +143,7 @@ def freeze_encoder(
 
 
 def guidance_dropout_mask(
-    batch_size: int, probability: float = 0.1, generator: Optional[torch.Generator] = None, device=None
+    batch_size: int, probability: float = 0.1, generator: torch.Generator | None = None, device=None
 ) -> torch.Tensor:
     """`(batch_size,)` float mask, 1 keeps a sample's code and 0 replaces it by the null code (probability `p`).
 

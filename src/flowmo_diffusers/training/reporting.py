@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 import torch
 
 
-def validation_grid(rows: List[torch.Tensor], padding: int = 2):
+def validation_grid(rows: list[torch.Tensor], padding: int = 2):
     """PIL image with one row per batch of `(B, 3, H, W)` images in [-1, 1] (originals, reconstructions, ...)."""
     import PIL.Image
     from torchvision.utils import make_grid
@@ -29,13 +29,13 @@ def write_model_card(
     command: str,
     model_config: dict,
     training_args: dict,
-    base_model: Optional[str] = None,
-    final_metrics: Optional[dict] = None,
-    global_step: Optional[int] = None,
+    base_model: str | None = None,
+    final_metrics: dict | None = None,
+    global_step: int | None = None,
     images: Iterable[str] = (),
     ema: bool = False,
-    summary: Optional[str] = None,
-    usage: Optional[str] = None,
+    summary: str | None = None,
+    usage: str | None = None,
     metrics_caption: str = "PSNR (dB) on the fixed validation batch of the training script (top row: inputs).",
     tags: Iterable[str] = ("flowmo", "image-tokenizer"),
     pipeline_tag: str = "image-to-image",

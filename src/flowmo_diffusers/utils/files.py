@@ -3,19 +3,22 @@
 import contextlib
 import os
 import tempfile
-from typing import BinaryIO, Iterator, Optional, Union
+from collections.abc import Iterator
+from typing import BinaryIO, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, prefix: Optional[str] = None) -> Iterator[BinaryIO]:
+def atomic_write(path: PathLike, prefix: str | None = None) -> Iterator[BinaryIO]:
     """Open a temporary binary file beside `path`; when the block succeeds it replaces `path` (`os.replace`, atomic on
     POSIX and Windows), when it fails it is deleted. `path` therefore either keeps its old content or is complete.
 
     Args:
-        path: the file to write; its folder is created if needed.
-        prefix: start of the temporary file's name (default `.<name>-`); it ends in `.tmp`, so globs such as
+        path (`PathLike`):
+            the file to write; its folder is created if needed.
+        prefix (`str`, *optional*):
+            start of the temporary file's name (default `.<name>-`); it ends in `.tmp`, so globs such as
             `*.parquet` or `*.json` never see it, and a caller can find leftovers of a killed process by the prefix.
     """
     path = os.fspath(path)

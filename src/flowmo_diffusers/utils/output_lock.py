@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import sys
-from typing import Any, Dict, Optional
+from typing import Any
 
 import filelock
 
@@ -41,7 +41,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _describe(holder: Optional[Dict[str, Any]]) -> str:
+def _describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "a process that left no description"
     return (
@@ -67,7 +67,7 @@ class OutputDirLock:
     ```
     """
 
-    def __init__(self, output_dir: str, purpose: Optional[str] = None):
+    def __init__(self, output_dir: str, purpose: str | None = None):
         self.output_dir = os.path.abspath(output_dir)
         self.purpose = purpose
         self.lock_path = os.path.join(self.output_dir, LOCK_NAME)
@@ -75,13 +75,13 @@ class OutputDirLock:
         # thread_local=False: one lock for the whole process (the DataLoader, trackers and so on run in threads).
         self._lock = filelock.FileLock(self.lock_path, timeout=0, thread_local=False)
         #: The description of a dead run whose lock was taken over by [`acquire`], if any.
-        self.previous_holder: Optional[Dict[str, Any]] = None
+        self.previous_holder: dict[str, Any] | None = None
 
     @property
     def is_locked(self) -> bool:
         return self._lock.is_locked
 
-    def read_holder(self) -> Optional[Dict[str, Any]]:
+    def read_holder(self) -> dict[str, Any] | None:
         """The description the current (or last) holder wrote, or None."""
         try:
             with open(self.holder_path, encoding="utf-8") as file:
@@ -90,7 +90,7 @@ class OutputDirLock:
             return None
         return holder if isinstance(holder, dict) else None
 
-    def acquire(self) -> "OutputDirLock":
+    def acquire(self) -> OutputDirLock:
         """Take the lock or raise [`OutputDirLockedError`] naming the holder; returns `self`.
 
         A description left by a run that no longer exists (a dead pid on this host) is reported in
@@ -135,7 +135,7 @@ class OutputDirLock:
                 pass
         self._lock.release()
 
-    def __enter__(self) -> "OutputDirLock":
+    def __enter__(self) -> OutputDirLock:
         return self.acquire()
 
     def __exit__(self, *exc_info) -> None:
@@ -144,10 +144,10 @@ class OutputDirLock:
 
 # Locks taken by lock_output_dir in this process, by folder: flock refuses a second lock of one file even to the
 # process that holds the first.
-_HELD_BY_THIS_PROCESS: Dict[str, OutputDirLock] = {}
+_HELD_BY_THIS_PROCESS: dict[str, OutputDirLock] = {}
 
 
-def lock_output_dir(output_dir: str, accelerator=None, purpose: Optional[str] = None, log=None) -> Optional[OutputDirLock]:
+def lock_output_dir(output_dir: str, accelerator=None, purpose: str | None = None, log=None) -> OutputDirLock | None:
     """Take the [`OutputDirLock`] of `output_dir` on the main process (others return None); call it first.
 
     The lock is released when the process ends; a second call for the same folder in the same process returns the

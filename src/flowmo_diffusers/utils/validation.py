@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import numbers
-from typing import Any, Optional
+from typing import Any
 
 
 def is_integer(value: Any) -> bool:
@@ -25,7 +25,7 @@ def _is_numpy_bool(value: Any) -> bool:
     return type(value).__name__ == "bool_" and type(value).__module__ == "numpy"
 
 
-def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """`int(value)` if `value` is an integer in `[minimum, maximum]`, else a TypeError / ValueError naming `name`."""
     if not is_integer(value):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -36,7 +36,7 @@ def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Opt
 
 
 def check_float(
-    name: str, value: Any, minimum: Optional[float] = None, maximum: Optional[float] = None
+    name: str, value: Any, minimum: float | None = None, maximum: float | None = None
 ) -> float:
     """`float(value)` if `value` is a finite real number in `[minimum, maximum]`, else TypeError / ValueError."""
     if not is_real(value):
@@ -94,7 +94,7 @@ class IntRule:
 class FloatRule:
     """A finite real number in `[minimum, maximum]` (`exclusive_minimum`: strictly above `minimum`)."""
 
-    def __init__(self, minimum: Optional[float] = None, maximum: Optional[float] = None, exclusive_minimum=False):
+    def __init__(self, minimum: float | None = None, maximum: float | None = None, exclusive_minimum=False):
         self.minimum, self.maximum, self.exclusive_minimum = minimum, maximum, exclusive_minimum
 
     def __call__(self, name: str, value: Any) -> None:
