@@ -127,7 +127,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
     image into `code_length` tokens of `context_dim` channels, the lookup-free quantizer binarizes them (token ids of
     `bits_per_subtoken` bits), and the decoder predicts the rectified-flow velocity of a noisy image given the code.
 
-    Sizes are explicit (the original derives them from muP width multipliers); see `flowmo_diffusers.presets`.
+    Sizes are explicit (the original derives them from muP width multipliers); see `flowmo_diffusers.models.presets`.
     `FlowMoModel.from_single_file("flowmo_lo.pth", preset="flowmo-lo")` loads an original checkpoint (a path or a
     Hub file link) without a conversion step.
 

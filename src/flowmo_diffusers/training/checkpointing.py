@@ -143,6 +143,8 @@ def publish_checkpoint(output_dir: str, step: int) -> str:
 
 def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
     """Delete the oldest complete checkpoints so that at most `total_limit` remain; returns the removed paths."""
+    # Kept by hand: Accelerate's own rotation (ProjectConfiguration(total_limit=...)) counts only its
+    # `checkpoints/checkpoint_<i>` folders, not diffusers' `checkpoint-<step>` names that are published atomically here.
     if total_limit is None:
         return []
     check_checkpoints_total_limit(total_limit)

@@ -48,6 +48,8 @@ def write_model_card(
     """
     import json
 
+    # huggingface_hub's ModelCard writes and validates the card; diffusers' load_or_create_model_card is not used because
+    # it first looks the card up on the Hub and fills its own training template, which has no stage, command or config.
     from huggingface_hub import ModelCard, ModelCardData
 
     card_data = ModelCardData(
