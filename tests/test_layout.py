@@ -1,6 +1,7 @@
 """The package's own modules never import each other's private (underscore) names."""
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,5 +118,52 @@ def test_entry_points_use_the_package_not_each_other():
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for line, target in [(node.lineno, getattr(node, "module", None) or "")]
         if target.split(".")[0] in {"examples", "benchmarks", "scripts", "tests"}
+    ]
+    assert offenders == []
+
+
+def google_style_argument_lines(source: str):
+    """(line, text) of argument entries written `name: text` in the Args/Parameters/Attributes sections of the
+    docstrings in `source`; diffusers' style is ``name (`type`, *optional*, defaults to `x`):``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        docstring = ast.get_docstring(node, clean=True)
+        if not docstring:
+            continue
+        for section in re.finditer(r"^(Args|Parameters|Arguments|Attributes):\n((?:[ \t]+.*\n?|\n)+)", docstring, re.M):
+            for text in section.group(2).split("\n"):
+                if re.match(r"^    \S", text) and not re.match(r"^    [\w*]+(, [\w*]+)* \((`|\[)", text):
+                    found.append((getattr(node, "lineno", 1), text.strip()))
+    return found
+
+
+def test_the_docstring_checker_tells_the_styles_apart():
+    google = 'def f(x):\n    """Do it.\n\n    Args:\n        x: the input.\n    """\n'
+    diffusers = 'def f(x):\n    """Do it.\n\n    Args:\n        x (`int`, *optional*, defaults to 1):\n            the input.\n    """\n'
+    assert google_style_argument_lines(google) == [(1, "x: the input.")]
+    assert google_style_argument_lines(diffusers) == []
+
+
+def test_docstrings_use_one_argument_style():
+    offenders = [
+        f"{path.relative_to(REPO)}:{line}: {text[:80]}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line, text in google_style_argument_lines(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
+
+
+def test_type_hints_use_one_style():
+    """PEP 604 / 585 annotations (`int | None`, `list[str]`) everywhere: no `typing.Optional`, `Union`, `List`, ..."""
+    old_style = {"Optional", "Union", "List", "Dict", "Tuple", "Set", "FrozenSet", "Type"}
+    offenders = [
+        f"{path.relative_to(REPO)}:{node.lineno}: from typing import {alias.name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and node.module == "typing"
+        for alias in node.names
+        if alias.name in old_style
     ]
     assert offenders == []

@@ -231,13 +231,8 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         def attention_scale(hidden_size, num_heads):
             return 8.0 / (hidden_size // num_heads) if mup_attention_scale else None
 
-        shared = dict(
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            rope_theta=rope_theta,
-            timestep_embedding_dim=timestep_embedding_dim,
-            patch_dim=patch_dim,
-        )
+        shared = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, rope_theta=rope_theta, patch_dim=patch_dim,
+                      timestep_embedding_dim=timestep_embedding_dim)
         self.encoder = FlowMoTransformer(
             hidden_size=encoder_hidden_size,
             num_heads=encoder_num_heads,

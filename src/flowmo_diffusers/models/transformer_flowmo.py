@@ -52,13 +52,7 @@ class FlowMoStream(nn.Module):
     """
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        modulated: bool,
-        attention_only: bool = False,
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, modulated: bool, attention_only: bool = False
     ):
         super().__init__()
         head_dim = dim // num_heads

@@ -163,10 +163,13 @@ class FlowMoDistillationModule(nn.Module):
     ):
         super().__init__()
         self.autoencoder = autoencoder
-        self.teacher_num_inference_steps = teacher_num_inference_steps
-        self.teacher_guidance_scale = teacher_guidance_scale
-        self.perceptual_weight = perceptual_weight
-        self.gradient_checkpointing = gradient_checkpointing
+        # The keyword arguments of distillation_losses, as given here (plain values: nothing to train or checkpoint).
+        self.loss_options = dict(
+            teacher_num_inference_steps=teacher_num_inference_steps,
+            teacher_guidance_scale=teacher_guidance_scale,
+            perceptual_weight=perceptual_weight,
+            gradient_checkpointing=gradient_checkpointing,
+        )
 
     def forward(
         self,
@@ -178,15 +181,7 @@ class FlowMoDistillationModule(nn.Module):
         if teacher is None:
             raise ValueError("distillation needs the teacher: forward(images, perceptual_loss, teacher=...)")
         return distillation_losses(
-            self.autoencoder,
-            teacher,
-            images,
-            teacher_num_inference_steps=self.teacher_num_inference_steps,
-            teacher_guidance_scale=self.teacher_guidance_scale,
-            perceptual_loss=perceptual_loss,
-            perceptual_weight=self.perceptual_weight,
-            gradient_checkpointing=self.gradient_checkpointing,
-            generator=generator,
+            self.autoencoder, teacher, images, perceptual_loss=perceptual_loss, generator=generator, **self.loss_options
         )
 
 

@@ -231,10 +231,13 @@ class FlowMoTrainingModule(nn.Module):
         super().__init__()
         self.autoencoder = autoencoder
         self.scheduler = scheduler
-        self.guidance_dropout = guidance_dropout
-        self.perceptual_weight = perceptual_weight
-        self.posttrain_sample_steps = posttrain_sample_steps
-        self.posttrain_gradient_checkpointing = posttrain_gradient_checkpointing
+        # The keyword arguments of flowmo_training_losses, as given here (plain values: nothing to train or checkpoint).
+        self.loss_options = dict(
+            guidance_dropout=guidance_dropout,
+            perceptual_weight=perceptual_weight,
+            posttrain_sample_steps=posttrain_sample_steps,
+            posttrain_gradient_checkpointing=posttrain_gradient_checkpointing,
+        )
 
     def forward(
         self,
@@ -243,15 +246,8 @@ class FlowMoTrainingModule(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         return flowmo_training_losses(
-            self.autoencoder,
-            images,
-            self.scheduler,
-            perceptual_loss=perceptual_loss,
-            perceptual_weight=self.perceptual_weight,
-            guidance_dropout=self.guidance_dropout,
-            posttrain_sample_steps=self.posttrain_sample_steps,
-            posttrain_gradient_checkpointing=self.posttrain_gradient_checkpointing,
-            generator=generator,
+            self.autoencoder, images, self.scheduler, perceptual_loss=perceptual_loss, generator=generator,
+            **self.loss_options,
         )
 
 

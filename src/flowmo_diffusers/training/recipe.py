@@ -164,10 +164,13 @@ class TrainingProgress:
     """Counters saved with every checkpoint (pass it in the `states` of [`save_checkpoint`]).
 
     Attributes:
-        global_step: optimizer steps done.
-        batches_consumed: training batches drawn by each process (micro-batches, `global_step *
+        global_step (`int`, *optional*, defaults to `0`):
+            optimizer steps done.
+        batches_consumed (`int`, *optional*, defaults to `0`):
+            training batches drawn by each process (micro-batches, `global_step *
             gradient_accumulation_steps` for a run that never changed it); passed back as `skip_batches`.
-        encoder_frozen: whether the encoder was frozen (and dropped from the optimizer) when saved.
+        encoder_frozen (`bool`, *optional*, defaults to `False`):
+            whether the encoder was frozen (and dropped from the optimizer) when saved.
     """
 
     global_step: int = 0
