@@ -6,20 +6,7 @@ import numpy as np
 import torch
 
 from ._optional_dependencies import require
-from .image_conversion import check_image_batch, images_to_uint8_hwc, uint8_to_unit_float32
-
-
-def _quantised_float_pairs(originals: torch.Tensor, reconstructions: torch.Tensor):
-    check_image_batch(originals, "originals")
-    check_image_batch(reconstructions, "reconstructions")
-    if originals.shape != reconstructions.shape:
-        raise ValueError(
-            f"shape mismatch: originals {tuple(originals.shape)} vs reconstructions {tuple(reconstructions.shape)}"
-        )
-    return (
-        uint8_to_unit_float32(images_to_uint8_hwc(originals)),
-        uint8_to_unit_float32(images_to_uint8_hwc(reconstructions)),
-    )
+from .image_conversion import quantised_image_pairs
 
 
 def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np.ndarray:
@@ -31,14 +18,16 @@ def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np
     That equals the PSNR of the uint8 images with ``data_range=255``.
 
     Args:
-        originals: [B, 3, H, W] tensor in [-1, 1].
-        reconstructions: [B, 3, H, W] tensor in [-1, 1].
+        originals (`torch.Tensor`):
+            [B, 3, H, W] images in [-1, 1].
+        reconstructions (`torch.Tensor`):
+            [B, 3, H, W] images in [-1, 1].
 
     Returns:
-        [B] float64 array. Identical images give ``inf`` (as scikit-image does).
+        `np.ndarray`: [B] float64 PSNRs. Identical images give `inf` (as scikit-image does).
     """
     skimage_metrics = require("skimage.metrics")
-    originals_hwc, reconstructions_hwc = _quantised_float_pairs(originals, reconstructions)
+    originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
     # Identical images have zero error: PSNR is inf by definition, not worth a warning.
     with np.errstate(divide="ignore"):
         return np.array(
@@ -59,13 +48,15 @@ def psnr_pooled_over_batch(originals: torch.Tensor, reconstructions: torch.Tenso
     size. Use :func:`psnr_per_image` for the usual per-image definition.
 
     Args:
-        originals: [B, 3, H, W] tensor in [-1, 1].
-        reconstructions: [B, 3, H, W] tensor in [-1, 1].
+        originals (`torch.Tensor`):
+            [B, 3, H, W] images in [-1, 1].
+        reconstructions (`torch.Tensor`):
+            [B, 3, H, W] images in [-1, 1].
 
     Returns:
-        The batch PSNR in dB.
+        `float`: The batch PSNR in dB.
     """
     skimage_metrics = require("skimage.metrics")
-    originals_hwc, reconstructions_hwc = _quantised_float_pairs(originals, reconstructions)
+    originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
     with np.errstate(divide="ignore"):
         return float(skimage_metrics.peak_signal_noise_ratio(originals_hwc, reconstructions_hwc, data_range=1.0))
