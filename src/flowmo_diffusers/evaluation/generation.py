@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers.hf_argparser import HfArg, HfArgumentParser
+from transformers.hf_argparser import HfArg
 
 from ..metrics import describe_fid_inception, sum_across_processes
 from ..utils.output_lock import lock_output_dir
@@ -45,7 +45,6 @@ from .options import (
     ImageDatasetOptions,
     check_positive,
     create_accelerator,
-    parse_options,
     start_command,
 )
 from .reconstruction import build_evaluation_loader, load_evaluation_dataset
@@ -90,6 +89,11 @@ class GenerationEvaluationConfig(FeatureNetworkOptions, ImageDatasetOptions, Sam
     center-cropped to `resolution`) says what is evaluated. `inception_score_shuffle_seed` is held as None when
     negative (contiguous splits in sample order).
     """
+
+    command_description = (
+        "gFID and Inception Score of generated images, or reference statistics of real ones "
+        "(run with `accelerate launch`)."
+    )
 
     samples: str | None = HfArg(default=None, help="Folder of generated images (sample.py) or ADM-style .npz.")
     pretrained_model_name_or_path: str | None = HfArg(
@@ -177,18 +181,9 @@ class GenerationEvaluationConfig(FeatureNetworkOptions, ImageDatasetOptions, Sam
         return describe_fid_inception(self.random_init_feature_networks, self.inception_feature_dims)
 
 
-def build_argument_parser() -> HfArgumentParser:
-    """The command line of `examples/train_maskgit/evaluate_generation.py`, from [`GenerationEvaluationConfig`]."""
-    return HfArgumentParser(
-        GenerationEvaluationConfig,
-        description="gFID and Inception Score of generated images, or reference statistics of real ones "
-        "(run with `accelerate launch`).",
-    )
-
-
-def parse_args(argv: Sequence[str] | None = None) -> GenerationEvaluationConfig:
-    """Parse the command line into a validated [`GenerationEvaluationConfig`]."""
-    return parse_options(build_argument_parser(), argv)
+#: The command line, one flag per [`GenerationEvaluationConfig`] field, and its parser (into a validated config).
+build_argument_parser = GenerationEvaluationConfig.argument_parser
+parse_args = GenerationEvaluationConfig.from_command_line
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,20 +206,16 @@ def build_generation_metrics(config: GenerationEvaluationConfig, device: torch.d
     """
     from ..metrics import GenerationMetrics
 
-    def build():
-        return GenerationMetrics(
-            reference_statistics=config.reference_statistics,
-            device=device,
-            random_init=config.random_init_feature_networks,
-            inception_weights_path=config.inception_weights_path,
-            inception_feature_dims=config.inception_feature_dims,
-            compute_inception_score=config.computes_inception_score,
-            inception_score_splits=config.inception_score_splits,
-            inception_score_shuffle_seed=config.inception_score_shuffle_seed,
-        )
-
-    script = "examples/train_maskgit/evaluate_generation.py"
-    return config.build_metric_networks(build, RANDOM_FEATURE_NETWORK_SEED, script)
+    return config.build_metric_networks(
+        GenerationMetrics,
+        RANDOM_FEATURE_NETWORK_SEED,
+        "examples/train_maskgit/evaluate_generation.py",
+        reference_statistics=config.reference_statistics,
+        device=device,
+        compute_inception_score=config.computes_inception_score,
+        inception_score_splits=config.inception_score_splits,
+        inception_score_shuffle_seed=config.inception_score_shuffle_seed,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -542,9 +533,9 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
 
     Args:
         config ([`GenerationEvaluationConfig`]):
-            The run's settings.
+            The mode, what it reads and how.
         accelerator (`accelerate.Accelerator`, *optional*):
-            An existing accelerator; None creates one ([`~flowmo_diffusers.evaluation.options.create_accelerator`]).
+            Made from `config` if not given.
 
     Returns:
         `dict[str, Any]`: The report (`results.json`): `{"mode", "metrics", "source", "reference_statistics",

@@ -16,7 +16,7 @@ import os
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 from transformers.hf_argparser import HfArg, HfArgumentParser
@@ -58,10 +58,35 @@ def _choices(hint: Any) -> tuple | None:
 
 @dataclass(kw_only=True)
 class Options:
-    """Base of the option groups: [`~Options.validate`] ends with the choices of every `Literal` field."""
+    """Base of the option groups and of the entry points' configs.
+
+    [`~Options.validate`] ends with the choices of every `Literal` field; [`~Options.from_command_line`] parses a
+    command line into a validated config.
+    """
+
+    #: The `--help` description of the command a config is the options of.
+    command_description: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         pass  # the end of the groups' cooperative __post_init__ chain
+
+    @classmethod
+    def argument_parser(cls) -> HfArgumentParser:
+        """The command line of this config: one flag per field (`transformers.HfArgumentParser`)."""
+        return HfArgumentParser(cls, description=cls.command_description)
+
+    @classmethod
+    def from_command_line(cls, argv: Sequence[str] | None = None):
+        """Parse `argv` (default `sys.argv[1:]`) into a validated config.
+
+        Raises:
+            ValueError: [`~Options.validate`] refused the settings.
+        """
+        # argparse's parse_args, not parse_args_into_dataclasses: that one turns an unknown flag into a ValueError
+        # instead of argparse's usage error and reads a `<script>.args` file next to the script.
+        options = cls(**vars(cls.argument_parser().parse_args(argv)))
+        options.validate()
+        return options
 
     def validate(self) -> None:
         """Raise a ValueError naming the flag for impossible settings (cheap checks, before anything is loaded)."""
@@ -92,6 +117,39 @@ class AcceleratorOptions(Options):
         help="Autocast for the pipeline (default: Accelerate's config); the metric networks always run in float32.",
     )
     cpu: bool = HfArg(default=False, help="Run on CPU even if an accelerator is available.")
+
+
+def decoder_sampler_options(prefix: str = "") -> type[Options]:
+    """The option group of the FlowMo decoder's sampler: `{prefix}num_inference_steps` and `{prefix}guidance_scale`.
+
+    One declaration for two spellings of the same flags: the tokenizer evaluation names them without a prefix, MaskGiT
+    sampling (whose own steps and guidance have those names) with `decoder_`. None, the default, decodes with each
+    decoder's own sampler: the paper's 25 steps and guidance 1.5 for a trained FlowMo, K passes for a distilled student.
+
+    Args:
+        prefix (`str`, *optional*, defaults to `""`):
+            Prefix of the two field names (and flags).
+
+    Returns:
+        `type`: A dataclass to inherit from.
+    """
+    steps, guidance = f"{prefix}num_inference_steps", f"{prefix}guidance_scale"
+
+    def validate(self) -> None:
+        check_positive(self, steps)
+        super(group, self).validate()
+
+    help_text = "FlowMo decoder {} (default: the decoder's own: {} for FlowMo, {} for a distilled student)."
+    fields = [
+        (steps, int | None, HfArg(default=None, help=help_text.format("steps", 25, "K"))),
+        (guidance, float | None, HfArg(default=None, help=help_text.format("guidance", 1.5, 1))),
+    ]
+    # make_dataclass: the field names depend on `prefix`, which a class statement cannot express.
+    group = dataclasses.make_dataclass(
+        "DecoderSamplerOptions", fields, bases=(Options,), namespace={"validate": validate}, kw_only=True
+    )
+    group.__module__ = __name__
+    return group
 
 
 @dataclass(kw_only=True)
@@ -152,32 +210,42 @@ class FeatureNetworkOptions(Options):
             )
         super().validate()
 
-    def build_metric_networks(self, build: Callable[[], ResultT], seed: int, script: str) -> ResultT:
-        """`build()` the metric networks, random ones drawn from `seed`, missing weights explained for `script`.
+    def build_metric_networks(
+        self, metrics_class: Callable[..., ResultT], seed: int, script: str, **arguments: Any
+    ) -> ResultT:
+        """`metrics_class(...)` with these options, random networks drawn from `seed`, missing weights explained.
 
         Every process must hold the *same* random networks, otherwise the summed feature statistics would mix
         different feature spaces (and two runs with the same seed would differ).
 
         Args:
-            build (`Callable[[], Any]`):
-                Builds the metrics (reads the pretrained weights unless `random_init_feature_networks`).
+            metrics_class (`type`):
+                [`~flowmo_diffusers.metrics.ReconstructionMetrics`] or [`~flowmo_diffusers.metrics.GenerationMetrics`]
+                (it reads the pretrained weights unless `random_init_feature_networks`).
             seed (`int`):
                 Seed of the random networks.
             script (`str`):
                 The command whose flags the error for missing weights names.
+            **arguments:
+                The metrics' other arguments (`device`, ...).
 
         Returns:
-            What `build` returns.
+            The metrics.
 
         Raises:
             MissingPretrainedWeightsError: A pretrained network's weights are missing; the message adds the flag.
         """
+        arguments.update(
+            random_init=self.random_init_feature_networks,
+            inception_weights_path=self.inception_weights_path,
+            inception_feature_dims=self.inception_feature_dims,
+        )
         if self.random_init_feature_networks:
             with torch.random.fork_rng(devices=[]):  # initialised on the CPU; leave the caller's RNG alone
                 torch.manual_seed(seed)
-                return build()
+                return metrics_class(**arguments)
         try:
-            return build()
+            return metrics_class(**arguments)
         except MissingPretrainedWeightsError as error:
             # The metrics package names its Python options; a command-line user needs the flag.
             flags = [f"--{name}" for name, weights in self.weights_files().items() if weights.file_name in str(error)]
@@ -187,29 +255,6 @@ class FeatureNetworkOptions(Options):
                 "any pretrained network, pass --random_init_feature_networks (the figures are then not comparable to "
                 "anything)."
             ) from error
-
-
-def parse_options(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> Any:
-    """Parse `argv` into the one dataclass `parser` was built from, and validate it.
-
-    Args:
-        parser (`transformers.HfArgumentParser`):
-            A parser of one options dataclass.
-        argv (`Sequence[str]`, *optional*, defaults to `sys.argv[1:]`):
-            The command line.
-
-    Returns:
-        The validated options.
-
-    Raises:
-        ValueError: [`Options.validate`] refused the settings.
-    """
-    (options_class,) = parser.dataclass_types
-    # argparse's parse_args, not parse_args_into_dataclasses: that one turns an unknown flag into a ValueError instead
-    # of argparse's usage error and reads a `<script>.args` file next to the script.
-    options = options_class(**vars(parser.parse_args(argv)))
-    options.validate()
-    return options
 
 
 def _has_accelerator_device() -> bool:
@@ -285,6 +330,6 @@ __all__ = [
     "check_non_negative",
     "check_positive",
     "create_accelerator",
-    "parse_options",
+    "decoder_sampler_options",
     "start_command",
 ]

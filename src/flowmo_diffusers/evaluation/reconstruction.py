@@ -32,11 +32,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from transformers.hf_argparser import HfArg, HfArgumentParser
+from transformers.hf_argparser import HfArg
 
 from ..metrics.pretrained_weights import LPIPS_BACKBONE_WEIGHTS, PretrainedWeights
 from ..metrics.reconstruction_metrics import PSNR_MODES
@@ -50,7 +50,7 @@ from .options import (
     check_non_negative,
     check_positive,
     create_accelerator,
-    parse_options,
+    decoder_sampler_options,
     start_command,
 )
 from .reports import (
@@ -60,6 +60,12 @@ from .reports import (
     warning_lines,
     write_json_and_markdown,
 )
+
+if TYPE_CHECKING:
+    import datasets
+    from torchvision.transforms import InterpolationMode
+
+    from ..data import ImageBatchLoader
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +102,18 @@ PAPER_RESULTS = (
 
 
 @dataclass(kw_only=True)
-class EvaluationConfig(FeatureNetworkOptions, AcceleratorOptions, ImageDatasetOptions):
+class EvaluationConfig(FeatureNetworkOptions, AcceleratorOptions, decoder_sampler_options(), ImageDatasetOptions):
     """Everything an evaluation run needs; each field is the command-line flag of the same name of `evaluate.py`.
 
-    The help of every field says what it does (`evaluate.py --help`); the hub, dataset, accelerator and feature-network
-    options are shared with the generation evaluation ([`~flowmo_diffusers.evaluation.options`]). Without
-    `dataset_name` and `data_dir` the embedded scikit-image photographs are evaluated (offline smoke test). The
-    sampler settings default to each decoder's own: the paper's (25 steps, guidance 1.5) for a trained FlowMo, K
-    unguided passes for a distilled student. FlowMo's own evaluation used `mixed_precision="bf16"`.
+    The help of every field says what it does (`evaluate.py --help`); the hub, dataset, accelerator, decoder-sampler
+    and feature-network options are shared with the other entry points ([`~flowmo_diffusers.evaluation.options`]).
+    Without `dataset_name` and `data_dir` the embedded scikit-image photographs are evaluated (offline smoke test).
+    FlowMo's own evaluation used `mixed_precision="bf16"`.
     """
+
+    command_description = (
+        "rFID, PSNR, SSIM and LPIPS of FlowMo reconstructions (run with `accelerate launch`)."
+    )
 
     pretrained_model_name_or_path: list[str] = HfArg(
         help="One or more FlowMoPipeline folders or Hub ids; several models are evaluated on the same images and "
@@ -118,12 +127,6 @@ class EvaluationConfig(FeatureNetworkOptions, AcceleratorOptions, ImageDatasetOp
     resolution: int | None = HfArg(default=None, help="Center-crop size (default: model sample_size).")
     batch_size: int = HfArg(default=16, help="Images per process and batch.")
     seed: int = HfArg(default=0, help="Seed of the per-image initial noise (and of random feature networks).")
-    num_inference_steps: int | None = HfArg(
-        default=None, help="Decoder steps (default: each decoder's own: 25 for FlowMo, K for a distilled student)."
-    )
-    guidance_scale: float | None = HfArg(
-        default=None, help="Guidance (default: each decoder's own: 1.5 for FlowMo, 1 for a distilled student)."
-    )
     lpips_nets: list[str] = HfArg(
         default_factory=lambda: ["alex"],
         help="LPIPS backbones, comma- or space-separated: alex (reported as lpips), vgg (lpips_vgg).",
@@ -157,7 +160,7 @@ class EvaluationConfig(FeatureNetworkOptions, AcceleratorOptions, ImageDatasetOp
                 f"--model_names has {len(self.model_names)} entries for "
                 f"{len(self.pretrained_model_name_or_path)} models; give one name per model"
             )
-        check_positive(self, "batch_size", "resolution", "num_inference_steps")
+        check_positive(self, "batch_size", "resolution")
         check_non_negative(self, "seed")
         if self.data_dir is not None and self.dataset_name is not None:
             raise ValueError("give either --dataset_name or --data_dir, not both")
@@ -201,17 +204,9 @@ def parse_lpips_nets(value: str | Sequence[str]) -> list[str]:
     return [net.strip() for item in items for net in item.replace(" ", ",").split(",") if net.strip()]
 
 
-def build_argument_parser() -> HfArgumentParser:
-    """The command line of `examples/evaluate_flowmo/evaluate.py`, built from [`EvaluationConfig`]."""
-    return HfArgumentParser(
-        EvaluationConfig,
-        description="rFID, PSNR, SSIM and LPIPS of FlowMo reconstructions (run with `accelerate launch`).",
-    )
-
-
-def parse_args(argv: Sequence[str] | None = None) -> EvaluationConfig:
-    """Parse the command line into a validated [`EvaluationConfig`]."""
-    return parse_options(build_argument_parser(), argv)
+#: The command line, one flag per [`EvaluationConfig`] field, and its parser (into a validated config).
+build_argument_parser = EvaluationConfig.argument_parser
+parse_args = EvaluationConfig.from_command_line
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,7 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluationConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_evaluation_dataset(config: ImageDatasetOptions):
+def load_evaluation_dataset(config: ImageDatasetOptions) -> datasets.Dataset | datasets.IterableDataset:
     """Load the images named by `config` and number them (see [`add_global_image_index`]).
 
     Args:
@@ -244,7 +239,9 @@ def load_evaluation_dataset(config: ImageDatasetOptions):
     return add_global_image_index(dataset, config.max_samples)
 
 
-def add_global_image_index(dataset, max_samples: int | None = None):
+def add_global_image_index(
+    dataset: datasets.Dataset | datasets.IterableDataset, max_samples: int | None = None
+) -> datasets.Dataset | datasets.IterableDataset:
     """Keep the first `max_samples` images and add [`GLOBAL_IMAGE_INDEX_COLUMN`] (0, 1, 2, ... in order).
 
     The index is attached before the dataset is split over processes, so each image keeps it wherever it is
@@ -294,14 +291,14 @@ class _IsImageOfProcess:
 
 
 def build_evaluation_loader(
-    dataset,
+    dataset: datasets.Dataset | datasets.IterableDataset,
     resolution: int,
     batch_size: int,
     process_index: int = 0,
     num_processes: int = 1,
     num_workers: int = 0,
-    interpolation=None,
-):
+    interpolation: InterpolationMode | None = None,
+) -> ImageBatchLoader:
     """Center-cropped batches of this process' share of ``dataset``, carrying each image's global index.
 
     Map-style data is split by :func:`~flowmo_diffusers.data.build_eval_dataloader` (contiguous chunks,
@@ -398,18 +395,15 @@ def build_reconstruction_metrics(config: EvaluationConfig, device: torch.device)
     """
     from ..metrics import ReconstructionMetrics
 
-    def build():
-        return ReconstructionMetrics(
-            lpips_nets=config.lpips_nets,
-            device=device,
-            random_init=config.random_init_feature_networks,
-            inception_weights_path=config.inception_weights_path,
-            lpips_backbone_weights_paths=config.lpips_backbone_weights_paths(),
-            inception_feature_dims=config.inception_feature_dims,
-            psnr_mode=config.psnr_mode,
-        )
-
-    return config.build_metric_networks(build, config.seed, "examples/evaluate_flowmo/evaluate.py")
+    return config.build_metric_networks(
+        ReconstructionMetrics,
+        config.seed,
+        "examples/evaluate_flowmo/evaluate.py",
+        lpips_nets=config.lpips_nets,
+        device=device,
+        lpips_backbone_weights_paths=config.lpips_backbone_weights_paths(),
+        psnr_mode=config.psnr_mode,
+    )
 
 
 @torch.no_grad()

@@ -46,14 +46,21 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from transformers.hf_argparser import HfArg, HfArgumentParser
+from transformers.hf_argparser import HfArg
 
 from ..metrics import sum_across_processes
 from ..utils.files import atomic_write
 from ..utils.output_lock import lock_output_dir
 from ..utils.seeds import seeded_generator
-from .options import AcceleratorOptions, HubOptions, check_non_negative, check_positive, create_accelerator
-from .options import parse_options, start_command
+from .options import (
+    AcceleratorOptions,
+    HubOptions,
+    check_non_negative,
+    check_positive,
+    create_accelerator,
+    decoder_sampler_options,
+    start_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -278,13 +285,14 @@ def write_samples_npz(
 
 
 @dataclass(kw_only=True)
-class SamplingOptions(AcceleratorOptions, HubOptions):
+class SamplingOptions(AcceleratorOptions, decoder_sampler_options("decoder_"), HubOptions):
     """The class and sampler options of `sample.py`, shared by `evaluate_generation.py` (which samples on the fly).
 
     The config that uses them declares `pretrained_model_name_or_path`: required by [`SamplingConfig`], one of the
     inputs of [`~flowmo_diffusers.evaluation.generation.GenerationEvaluationConfig`]. `class_ids` are given as
-    integers and ranges (`0-99`) and held as the sorted class ids, None for all classes of the prior. The decoder
-    defaults to its own sampler: the paper's 25 steps and guidance 1.5, or a distilled student's K passes.
+    integers and ranges (`0-99`) and held as the sorted class ids, None for all classes of the prior. The FlowMo
+    decoder's options are `decoder_num_inference_steps` and `decoder_guidance_scale`
+    ([`~flowmo_diffusers.evaluation.options.decoder_sampler_options`]).
     """
 
     class_ids: list[str] | None = HfArg(
@@ -295,12 +303,6 @@ class SamplingOptions(AcceleratorOptions, HubOptions):
     seed: int = HfArg(default=0, help="Seed of the per-image generators (seed, class, index).")
     num_inference_steps: int = HfArg(default=16, help="MaskGiT unmasking steps.")
     guidance_scale: float = HfArg(default=3.0, help="MaskGiT classifier-free guidance.")
-    decoder_num_inference_steps: int | None = HfArg(
-        default=None, help="FlowMo decoder steps (default: the decoder's own, 25; K for a distilled student)."
-    )
-    decoder_guidance_scale: float | None = HfArg(
-        default=None, help="FlowMo decoder guidance (default: the decoder's own, 1.5; 1 for a distilled student)."
-    )
     batch_size: int = HfArg(default=32, help="Images per process and forward pass.")
 
     def __post_init__(self) -> None:
@@ -308,7 +310,7 @@ class SamplingOptions(AcceleratorOptions, HubOptions):
         super().__post_init__()
 
     def validate(self) -> None:
-        check_positive(self, "num_images_per_class", "batch_size", "num_inference_steps", "decoder_num_inference_steps")
+        check_positive(self, "num_images_per_class", "batch_size", "num_inference_steps")
         check_non_negative(self, "seed")
         super().validate()
 
@@ -326,6 +328,11 @@ class SamplingOptions(AcceleratorOptions, HubOptions):
 class SamplingConfig(SamplingOptions):
     """Settings of `sample.py`; each field is the command-line flag of the same name (`sample.py --help`)."""
 
+    command_description = (
+        "Sample class-conditional images from a FlowMo MaskGiT prior into a folder of PNGs "
+        "(run with `accelerate launch`; resumable)."
+    )
+
     pretrained_model_name_or_path: str = HfArg(help="FlowMoMaskGiTPipeline folder or Hub id.")
     output_dir: str = HfArg(help="Folder of the PNGs (created; existing files are kept).")
     npz_path: str | None = HfArg(
@@ -333,18 +340,9 @@ class SamplingConfig(SamplingOptions):
     )
 
 
-def build_argument_parser() -> HfArgumentParser:
-    """The command line of `examples/train_maskgit/sample.py`, built from [`SamplingConfig`]."""
-    return HfArgumentParser(
-        SamplingConfig,
-        description="Sample class-conditional images from a FlowMo MaskGiT prior into a folder of PNGs "
-        "(run with `accelerate launch`; resumable).",
-    )
-
-
-def parse_args(argv: Sequence[str] | None = None) -> SamplingConfig:
-    """Parse the command line into a validated [`SamplingConfig`]."""
-    return parse_options(build_argument_parser(), argv)
+#: The command line, one flag per [`SamplingConfig`] field, and its parser (into a validated config).
+build_argument_parser = SamplingConfig.argument_parser
+parse_args = SamplingConfig.from_command_line
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -429,9 +427,10 @@ def sample_to_folder(config: SamplingConfig, accelerator=None) -> dict[str, Any]
 
     Args:
         config ([`SamplingConfig`]):
-            The run's settings.
+            The prior, the classes, the sampler and the folder.
         accelerator (`accelerate.Accelerator`, *optional*):
-            An existing accelerator; None creates one ([`~flowmo_diffusers.evaluation.options.create_accelerator`]).
+            The processes to share the work among (default: [`~flowmo_diffusers.evaluation.options.create_accelerator`]
+            of `config`).
 
     Returns:
         `dict[str, Any]`: `{"num_images", "num_generated", "num_existing", "output_dir", "npz_path", "seconds"}`

@@ -21,6 +21,9 @@ import torch
 from ._optional_dependencies import require
 from .image_conversion import resolve_device
 
+#: Where scikit-image documents its metrics (PSNR, SSIM), followed by the function's name.
+SKIMAGE_METRICS_URL = "https://scikit-image.org/docs/stable/api/skimage.metrics.html#skimage.metrics."
+
 
 def image_pair_features():
     """`datasets.Features` for `predictions` / `references` images of shape [3, H, W].
@@ -68,17 +71,23 @@ def image_pair_batches(
 
 
 class ImagePairMetric(evaluate.Metric):
-    """An `evaluate` metric of (reconstruction, original) image pairs.
+    """An `evaluate` metric of (reconstruction, original) image pairs, named after its class (`Psnr` -> `"psnr"`).
 
     Subclasses set the class attributes below and implement [`~ImagePairMetric.compute_pairs`]; `_info` and
-    `_compute`, the two methods `evaluate` calls, are here. The class docstring becomes `DESCRIPTION` followed by
-    `INPUTS_DESCRIPTION`, as `evaluate`'s own metrics have it.
+    `_compute`, the two methods `evaluate` calls, are here, and so is the part of the documentation every bundled
+    metric shares (the image inputs, `batch_size`, the example). The class docstring becomes the description followed
+    by the inputs description, as `evaluate`'s own metrics have it.
 
     Attributes:
         DESCRIPTION (`str`):
             What the metric computes.
-        INPUTS_DESCRIPTION (`str`):
-            Its arguments and results.
+        OPTIONS (`str`):
+            Lines of the `Args:` section for the metric's own keyword arguments of `compute`, indented by 4.
+        RESULT (`str`):
+            What the result is.
+        PER_IMAGE (`Callable`, *optional*):
+            For a mean of per-image values: `per_image(originals [B, 3, H, W], reconstructions) -> [B] values`; the
+            default [`~ImagePairMetric.compute_pairs`] averages it. Metrics that need more override `compute_pairs`.
         CITATION (`str`):
             BibTeX of the metric.
         REFERENCE_URLS (`list[str]`):
@@ -86,12 +95,28 @@ class ImagePairMetric(evaluate.Metric):
     """
 
     DESCRIPTION = ""
-    INPUTS_DESCRIPTION = ""
+    OPTIONS = ""
+    RESULT = ""
+    PER_IMAGE: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
     CITATION = ""
     REFERENCE_URLS: list[str] = []
+    INPUTS_DESCRIPTION = ""  # composed by __init_subclass__
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        name = cls.__name__.lower()
+        cls.INPUTS_DESCRIPTION = (
+            "\nArgs:\n"
+            "    predictions: reconstructed images, each a channel-first [3, H, W] float array in [-1, 1].\n"
+            "    references: original images, same shapes.\n"
+            f"{cls.OPTIONS}"
+            "    batch_size: image pairs per batch (consecutive pairs of one size).\n"
+            f"Returns:\n    {name}: {cls.RESULT}\n"
+            "Examples:\n"
+            "    >>> from flowmo_diffusers.metrics import load_metric\n"
+            f"    >>> {name} = load_metric({name!r})\n"
+            f"    >>> {name}.compute(predictions=reconstructions, references=originals)[{name!r}]\n"
+        )
         cls.__doc__ = cls.DESCRIPTION + cls.INPUTS_DESCRIPTION
 
     def _info(self) -> evaluate.MetricInfo:
@@ -105,25 +130,29 @@ class ImagePairMetric(evaluate.Metric):
 
     def _compute(self, predictions: Sequence[Any], references: Sequence[Any], **options: Any) -> dict[str, float]:
         references = as_image_tensors(references, "references")
-        return self.compute_pairs(references, as_image_tensors(predictions, "predictions"), **options)
+        value = self.compute_pairs(references, as_image_tensors(predictions, "predictions"), **options)
+        return {type(self).__name__.lower(): value}
 
     def compute_pairs(
-        self, references: list[torch.Tensor], predictions: list[torch.Tensor], **options: Any
-    ) -> dict[str, float]:
-        """The metric of the image pairs.
+        self, references: list[torch.Tensor], predictions: list[torch.Tensor], batch_size: int = 64
+    ) -> float:
+        """The metric of the image pairs; by default the mean of `PER_IMAGE` over them.
+
+        Subclasses that override it take the metric's own options (the keyword arguments of `compute` besides
+        `predictions` and `references`) as further keyword arguments.
 
         Args:
             references (`list[torch.Tensor]`):
                 The original images, [3, H, W] float32 in [-1, 1].
             predictions (`list[torch.Tensor]`):
                 The reconstructions, the same shapes.
-            **options:
-                The keyword arguments given to `compute` besides `predictions` and `references`.
+            batch_size (`int`, *optional*, defaults to `64`):
+                Image pairs per call of `PER_IMAGE`.
 
         Returns:
-            `dict[str, float]`: `{metric name: value}`.
+            `float`: The metric.
         """
-        raise NotImplementedError
+        return self.mean_over_images(self.PER_IMAGE, references, predictions, batch_size)
 
     @staticmethod
     def mean_over_images(

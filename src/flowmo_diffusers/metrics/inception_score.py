@@ -204,10 +204,10 @@ class InceptionScore:
 
         Args:
             accelerator (`accelerate.Accelerator`, *optional*):
-                The run's accelerator; without it `torch.distributed` is used when initialised.
+                Gathers the logits; without it a `torch.distributed` group is used if there is one.
 
         Returns:
-            [`InceptionScore`]: `self`.
+            [`InceptionScore`]: `self`, holding every process' samples.
 
         Raises:
             ValueError: Processes hold logits with different numbers of classes.

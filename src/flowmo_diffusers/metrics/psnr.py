@@ -49,9 +49,9 @@ def psnr_pooled_over_batch(originals: torch.Tensor, reconstructions: torch.Tenso
 
     Args:
         originals (`torch.Tensor`):
-            [B, 3, H, W] images in [-1, 1].
+            The batch, [B, 3, H, W] in [-1, 1].
         reconstructions (`torch.Tensor`):
-            [B, 3, H, W] images in [-1, 1].
+            Its reconstruction, the same shape.
 
     Returns:
         `float`: The batch PSNR in dB.

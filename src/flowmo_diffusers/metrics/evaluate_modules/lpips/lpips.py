@@ -16,22 +16,13 @@ averaged over images, computed by `lpips.LPIPS(net=...)` on [-1, 1] images as in
 The ImageNet backbone weights come from `backbone_weights_path` or the torch hub cache
 (downloaded if possible); a clear error says how to provide them offline.
 """
-    INPUTS_DESCRIPTION = """
-Args:
-    predictions: reconstructed images, each a channel-first [3, H, W] float array in [-1, 1].
-    references: original images, same shapes.
+    OPTIONS = """\
     net: "alex" (default, FlowMo's LPIPS) or "vgg".
     pretrained: True (default). False keeps a random backbone: for tests only.
     backbone_weights_path: local torchvision alexnet-owt-7be5be79.pth / vgg16-397923af.pth.
     device: torch device for the network (default: CUDA if available, else CPU).
-    batch_size: images per forward pass (default 16).
-Returns:
-    lpips: mean LPIPS distance over images (lower is more similar).
-Examples:
-    >>> from flowmo_diffusers.metrics import load_metric
-    >>> lpips = load_metric("lpips")
-    >>> lpips.compute(predictions=reconstructions, references=originals, net="alex")["lpips"]
 """
+    RESULT = "mean LPIPS distance over images (lower is more similar)."
     CITATION = """\
 @inproceedings{zhang2018perceptual,
   title={The Unreasonable Effectiveness of Deep Features as a Perceptual Metric},
@@ -40,9 +31,7 @@ Examples:
   year={2018}
 }
 """
-    REFERENCE_URLS = [
-        "https://github.com/richzhang/PerceptualSimilarity",
-    ]
+    REFERENCE_URLS = ["https://github.com/richzhang/PerceptualSimilarity"]
 
     def compute_pairs(
         self,
@@ -53,8 +42,8 @@ Examples:
         backbone_weights_path: str | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 16,
-    ) -> dict[str, float]:
+    ) -> float:
         network, _ = self.network(
             LPIPSDistance, device, net=net, pretrained=pretrained, backbone_weights_path=backbone_weights_path
         )
-        return {"lpips": self.mean_over_images(network, references, predictions, batch_size)}
+        return self.mean_over_images(network, references, predictions, batch_size)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 # The module, not the class: `evaluate.load` takes the first metric class it finds in this script's namespace.
 from flowmo_diffusers.metrics import image_pair_metric
 from flowmo_diffusers.metrics.psnr import psnr_per_image
@@ -16,17 +14,7 @@ images. Images in [-1, 1] are clamped, mapped to [0, 1], quantised to uint8 by t
 and compared with scikit-image's `peak_signal_noise_ratio` (data range 1 on uint8/255),
 exactly as in FlowMo's evaluation code.
 """
-    INPUTS_DESCRIPTION = """
-Args:
-    predictions: reconstructed images, each a channel-first [3, H, W] float array in [-1, 1].
-    references: original images, same shapes.
-Returns:
-    psnr: mean PSNR over images in dB (inf if every pair is identical).
-Examples:
-    >>> from flowmo_diffusers.metrics import load_metric
-    >>> psnr = load_metric("psnr")
-    >>> psnr.compute(predictions=reconstructions, references=originals)["psnr"]
-"""
+    RESULT = "mean PSNR over images in dB (inf if every pair is identical)."
     CITATION = """\
 @article{sargent2025flowmo,
   title={Flow to the Mode: Mode-Seeking Diffusion Autoencoders for State-of-the-Art Image Tokenization},
@@ -35,11 +23,5 @@ Examples:
   year={2025}
 }
 """
-    REFERENCE_URLS = [
-        "https://scikit-image.org/docs/stable/api/skimage.metrics.html#skimage.metrics.peak_signal_noise_ratio",
-    ]
-
-    def compute_pairs(
-        self, references: list[torch.Tensor], predictions: list[torch.Tensor], batch_size: int = 64
-    ) -> dict[str, float]:
-        return {"psnr": self.mean_over_images(psnr_per_image, references, predictions, batch_size)}
+    REFERENCE_URLS = [image_pair_metric.SKIMAGE_METRICS_URL + "peak_signal_noise_ratio"]
+    PER_IMAGE = staticmethod(psnr_per_image)

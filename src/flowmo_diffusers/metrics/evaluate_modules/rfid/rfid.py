@@ -20,22 +20,13 @@ weights come from `weights_path` or the torch hub cache (downloaded if possible)
 Meaningful values need thousands of images (FlowMo uses the 50k ImageNet validation set);
 for large evaluations prefer `flowmo_diffusers.metrics.ReconstructionMetrics`, which streams.
 """
-    INPUTS_DESCRIPTION = """
-Args:
-    predictions: reconstructed images, each a channel-first [3, H, W] float array in [-1, 1].
-    references: original images, same shapes. At least 2 pairs.
+    OPTIONS = """\
     weights_path: local pt_inception-2015-12-05-6726825d.pth.
     random_init: False (default). True keeps random Inception weights: for tests only.
     feature_dims: 2048 (default, rFID as reported); 64, 192 or 768 only for tests.
     device: torch device for the network (default: CUDA if available, else CPU).
-    batch_size: images per forward pass (default 16).
-Returns:
-    rfid: the Frechet Inception distance between originals and reconstructions.
-Examples:
-    >>> from flowmo_diffusers.metrics import load_metric
-    >>> rfid = load_metric("rfid")
-    >>> rfid.compute(predictions=reconstructions, references=originals)["rfid"]
 """
+    RESULT = "the Frechet Inception distance between originals and reconstructions (at least 2 pairs)."
     CITATION = """\
 @inproceedings{heusel2017gans,
   title={GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium},
@@ -44,10 +35,7 @@ Examples:
   year={2017}
 }
 """
-    REFERENCE_URLS = [
-        "https://github.com/mseitzer/pytorch-fid",
-        "https://arxiv.org/abs/1706.08500",
-    ]
+    REFERENCE_URLS = ["https://github.com/mseitzer/pytorch-fid", "https://arxiv.org/abs/1706.08500"]
 
     def compute_pairs(
         self,
@@ -58,7 +46,7 @@ Examples:
         feature_dims: int = 2048,
         device: str | torch.device | None = None,
         batch_size: int = 16,
-    ) -> dict[str, float]:
+    ) -> float:
         network, device = self.network(
             FIDInceptionFeatureExtractor,
             device,
@@ -71,4 +59,4 @@ Examples:
         for originals, reconstructions in image_pair_metric.image_pair_batches(references, predictions, batch_size):
             originals_statistics.update(network(originals))
             reconstructions_statistics.update(network(reconstructions))
-        return {"rfid": originals_statistics.frechet_distance(reconstructions_statistics)}
+        return originals_statistics.frechet_distance(reconstructions_statistics)

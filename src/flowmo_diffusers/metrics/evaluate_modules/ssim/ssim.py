@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 # The module, not the class: `evaluate.load` takes the first metric class it finds in this script's namespace.
 from flowmo_diffusers.metrics import image_pair_metric
 from flowmo_diffusers.metrics.ssim import ssim_per_image
@@ -16,17 +14,7 @@ Images in [-1, 1] are clamped, mapped to [0, 1], quantised to uint8 by truncatio
 with scikit-image's `structural_similarity(data_range=1.0, channel_axis=-1)` on uint8/255
 (7x7 uniform window, K1=0.01, K2=0.03), exactly as in FlowMo's evaluation code.
 """
-    INPUTS_DESCRIPTION = """
-Args:
-    predictions: reconstructed images, each a channel-first [3, H, W] float array in [-1, 1], H, W >= 7.
-    references: original images, same shapes.
-Returns:
-    ssim: mean SSIM over images.
-Examples:
-    >>> from flowmo_diffusers.metrics import load_metric
-    >>> ssim = load_metric("ssim")
-    >>> ssim.compute(predictions=reconstructions, references=originals)["ssim"]
-"""
+    RESULT = "mean SSIM over images (images of at least 7x7 pixels)."
     CITATION = """\
 @article{wang2004ssim,
   title={Image quality assessment: from error visibility to structural similarity},
@@ -38,11 +26,5 @@ Examples:
   year={2004}
 }
 """
-    REFERENCE_URLS = [
-        "https://scikit-image.org/docs/stable/api/skimage.metrics.html#skimage.metrics.structural_similarity",
-    ]
-
-    def compute_pairs(
-        self, references: list[torch.Tensor], predictions: list[torch.Tensor], batch_size: int = 64
-    ) -> dict[str, float]:
-        return {"ssim": self.mean_over_images(ssim_per_image, references, predictions, batch_size)}
+    REFERENCE_URLS = [image_pair_metric.SKIMAGE_METRICS_URL + "structural_similarity"]
+    PER_IMAGE = staticmethod(ssim_per_image)
