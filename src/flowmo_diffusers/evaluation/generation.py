@@ -1,22 +1,22 @@
 """Evaluate generated images: gFID against reference statistics and Inception Score, distributed, with a report.
 
-This is the logic behind ``accelerate launch examples/train_maskgit/evaluate_generation.py``; the script only calls
-:func:`main`. Three modes:
+This is the logic behind `accelerate launch examples/train_maskgit/evaluate_generation.py`; the script only calls
+[`main`]. Three modes:
 
-* ``--samples PATH``: a folder of images (``sample.py``'s output: sorted file names give the sample order) or an
-  ADM-style ``.npz`` (``arr_0``: ``[N, H, W, 3]`` uint8, memory-mapped when stored uncompressed as ``np.savez``
+* `--samples PATH`: a folder of images (`sample.py`'s output: sorted file names give the sample order) or an
+  ADM-style `.npz` (`arr_0`: `[N, H, W, 3]` uint8, memory-mapped when stored uncompressed as `np.savez`
   writes it). Images are evaluated at their own size (Inception resizes to 299x299), never cropped.
-* ``--pretrained_model_name_or_path``: generate on the fly with exactly the images ``sample.py`` would write (same
+* `--pretrained_model_name_or_path`: generate on the fly with exactly the images `sample.py` would write (same
   plan, seeds and uint8 quantisation, same order), without writing them.
-* ``--compute_reference_statistics OUT.npz``: ``mu``/``sigma`` of real images (a ``datasets`` dataset or an image
-  folder, resized and center-cropped to ``--resolution``), saved with the number of images.
+* `--compute_reference_statistics OUT.npz`: `mu`/`sigma` of real images (a `datasets` dataset or an image
+  folder, resized and center-cropped to `--resolution`), saved with the number of images.
 
 The metric networks are built first, so missing Inception weights or unusable reference statistics fail before any
 data or model is loaded. Images are split over processes, every image carries its global index, and the metric
 states are combined once at the end, so the numbers do not depend on the number of processes. The main process
-writes ``results.json`` and ``results.md``.
+writes `results.json` and `results.md`.
 
-ImageNet 256x256: the usual reference is ADM's ``VIRTUAL_imagenet256_labeled.npz`` (statistics of the ImageNet
+ImageNet 256x256: the usual reference is ADM's `VIRTUAL_imagenet256_labeled.npz` (statistics of the ImageNet
 training set, computed with the TF graph of the same Inception weights); figures computed against it with this
 evaluator (pytorch-fid's port and resize) are close to, not bit-identical with, ADM's TF evaluator.
 """
@@ -224,7 +224,7 @@ def build_generation_metrics(config: GenerationEvaluationConfig, device: torch.d
 
 
 def list_sample_images(folder: os.PathLike | str) -> list[Path]:
-    """Image files directly inside ``folder`` (hidden/temporary files excluded), sorted by name.
+    """Image files directly inside `folder` (hidden/temporary files excluded), sorted by name.
 
     Raises:
         FileNotFoundError: Not a folder. ValueError: No images in it.
@@ -244,7 +244,7 @@ def list_sample_images(folder: os.PathLike | str) -> list[Path]:
 
 @dataclass(frozen=True)
 class NpzImageArray:
-    """Where ``arr_0`` ([N, H, W, 3] uint8) of an ``.npz`` lies: memory-mappable if stored, else loaded whole."""
+    """Where `arr_0` ([N, H, W, 3] uint8) of an `.npz` lies: memory-mappable if stored, else loaded whole."""
 
     path: str
     shape: tuple[int, ...]
@@ -258,14 +258,14 @@ class NpzImageArray:
 
 
 def locate_npz_images(path: os.PathLike | str) -> NpzImageArray:
-    """Find ``arr_0`` in an ADM-style ``.npz`` without reading it.
+    """Find `arr_0` in an ADM-style `.npz` without reading it.
 
-    ``np.savez`` stores members uncompressed, so the array's bytes lie contiguously in the file and can be
+    `np.savez` stores members uncompressed, so the array's bytes lie contiguously in the file and can be
     memory-mapped (random access for any number of processes and workers, nothing loaded up front). A
-    ``np.savez_compressed`` archive is loaded into memory instead.
+    `np.savez_compressed` archive is loaded into memory instead.
 
     Raises:
-        FileNotFoundError / ValueError: Missing file, no ``arr_0``, or not ``[N, H, W, 3]`` uint8.
+        FileNotFoundError / ValueError: Missing file, no `arr_0`, or not `[N, H, W, 3]` uint8.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -304,12 +304,17 @@ def locate_npz_images(path: os.PathLike | str) -> NpzImageArray:
 
 
 class SampleImages(torch.utils.data.Dataset):
-    """One process' share of a samples folder or ``.npz``: items ``(global index, [3, H, W] uint8 tensor)``.
+    """One process' share of a samples folder or `.npz`: items `(global index, [3, H, W] uint8 tensor)`.
 
     Args:
-        source: Sorted image paths (:func:`list_sample_images`) or an :class:`NpzImageArray`.
-        process_index / num_processes: This process takes the global indices ``i`` with ``i % P == p``.
-        max_samples: Only the first ``max_samples`` images of the whole set.
+        source (`list[Path]` or [`NpzImageArray`]):
+            Sorted image paths ([`list_sample_images`]) or an `.npz`'s images.
+        process_index (`int`, *optional*, defaults to `0`):
+            This process, `p`: it takes the global indices `i` with `i % P == p`.
+        num_processes (`int`, *optional*, defaults to `1`):
+            `P`.
+        max_samples (`int`, *optional*):
+            Only the first `max_samples` images of the whole set.
     """
 
     def __init__(self, source, process_index: int = 0, num_processes: int = 1, max_samples: int | None = None):
@@ -372,7 +377,7 @@ def sample_file_batches(
     num_workers: int = 0,
     max_samples: int | None = None,
 ) -> tuple[torch.utils.data.DataLoader, int]:
-    """Batches ``(global indices [b], images [b, 3, H, W] uint8)`` of this process' share of a folder or ``.npz``.
+    """Batches `(global indices [b], images [b, 3, H, W] uint8)` of this process' share of a folder or `.npz`.
 
     Returns:
         The loader and the total number of images (all processes).

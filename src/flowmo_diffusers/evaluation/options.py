@@ -164,7 +164,7 @@ class ImageDatasetOptions(HubOptions):
     dataloader_num_workers: int = HfArg(default=0, help="Decoding workers per process.")
 
     def image_folder(self) -> str | None:
-        """The image folder (``imagefolder`` builder) read when `dataset_name` is None."""
+        """The image folder (`imagefolder` builder) read when `dataset_name` is None."""
         raise NotImplementedError
 
     def resolved_split(self) -> str:

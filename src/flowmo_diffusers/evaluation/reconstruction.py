@@ -1,24 +1,24 @@
 """Evaluate FlowMo tokenizers: rFID, PSNR, SSIM and LPIPS of reconstructions, distributed, with a report.
 
-This is the logic behind ``accelerate launch examples/evaluate_flowmo/evaluate.py``; the script only calls
-:func:`main`. One run evaluates one or several :class:`~flowmo_diffusers.FlowMoPipeline` s on the same images:
+This is the logic behind `accelerate launch examples/evaluate_flowmo/evaluate.py`; the script only calls
+[`main`]. One run evaluates one or several [`~flowmo_diffusers.FlowMoPipeline`]s on the same images:
 
-1. The metric networks are built first (:class:`~flowmo_diffusers.metrics.ReconstructionMetrics`), so missing
-   pretrained weights fail with :class:`~flowmo_diffusers.metrics.MissingPretrainedWeightsError` before any
+1. The metric networks are built first ([`~flowmo_diffusers.metrics.ReconstructionMetrics`]), so missing
+   pretrained weights fail with [`~flowmo_diffusers.metrics.MissingPretrainedWeightsError`] before any
    dataset or pipeline is loaded.
-2. The dataset (ImageNet val streamed from the Hub, any ``datasets`` dataset, an image folder, or the embedded
+2. The dataset (ImageNet val streamed from the Hub, any `datasets` dataset, an image folder, or the embedded
    default photographs) gets a column with each image's **global index** (its position in the dataset, after
-   ``max_samples``), and is split over the processes without padding or duplicates.
+   `max_samples`), and is split over the processes without padding or duplicates.
 3. Each image is reconstructed with the pipeline from initial noise drawn from a generator seeded by
-   ``(seed, global index)``: the noise of an image, hence every number in the report, does not depend on the
+   `(seed, global index)`: the noise of an image, hence every number in the report, does not depend on the
    number of processes, the batch size or the order in which images arrive.
 4. Metric states (sums and feature statistics) are accumulated per process and summed over processes once at
    the end, so processes may see different numbers of images.
-5. The main process writes ``results.json``, ``results.md`` and, for several models, ``rate_distortion.png``.
+5. The main process writes `results.json`, `results.md` and, for several models, `rate_distortion.png`.
 
 Reported numbers are comparable to the paper only with the pretrained feature networks (the default),
 2048-d Inception features, the 50,000 ImageNet-1K validation images at 256x256 and the paper's sampler
-(25 steps, guidance 1.5). ``random_init_feature_networks`` exists for tests and offline smoke runs; the report
+(25 steps, guidance 1.5). `random_init_feature_networks` exists for tests and offline smoke runs; the report
 then says, in every output, that rFID and LPIPS are not comparable to anything.
 """
 
@@ -299,14 +299,14 @@ def build_evaluation_loader(
     num_workers: int = 0,
     interpolation: InterpolationMode | None = None,
 ) -> ImageBatchLoader:
-    """Center-cropped batches of this process' share of ``dataset``, carrying each image's global index.
+    """Center-cropped batches of this process' share of `dataset`, carrying each image's global index.
 
-    Map-style data is split by :func:`~flowmo_diffusers.data.build_eval_dataloader` (contiguous chunks,
-    no padding, no duplicates). A stream is different: ``datasets`` splits streams by shard and numbers mapped
+    Map-style data is split by [`~flowmo_diffusers.data.build_eval_dataloader`] (contiguous chunks,
+    no padding, no duplicates). A stream is different: `datasets` splits streams by shard and numbers mapped
     examples per shard, so an index added before the split would restart in every shard. Here every process
-    therefore reads the whole stream, keeps the images whose global index modulo ``num_processes`` equals
-    ``process_index`` (only those are decoded) and uses at most one worker (several workers would again split
-    the stream by shard). Reading is cheap next to decoding, and ``datasets`` does the same whenever the number
+    therefore reads the whole stream, keeps the images whose global index modulo `num_processes` equals
+    `process_index` (only those are decoded) and uses at most one worker (several workers would again split
+    the stream by shard). Reading is cheap next to decoding, and `datasets` does the same whenever the number
     of shards is not a multiple of the number of processes.
 
     Args:
@@ -357,7 +357,7 @@ def build_evaluation_loader(
 
 
 def initial_noise_for_images(global_indices: torch.Tensor, seed: int, image_shape: Sequence[int]) -> torch.Tensor:
-    """The sampler's initial noise for each image, a function of ``(seed, global index)`` only.
+    """The sampler's initial noise for each image, a function of `(seed, global index)` only.
 
     Drawn on the CPU so that every device and process produces the same values.
 
@@ -418,7 +418,7 @@ def evaluate_pipeline(
     accelerator=None,
     progress_description: str | None = None,
 ) -> dict[str, Any]:
-    """Reconstruct every image of ``loader`` with ``pipeline`` and return the metrics over all processes.
+    """Reconstruct every image of `loader` with `pipeline` and return the metrics over all processes.
 
     Must be called on every process (the metric sums are all-reduced once at the end, which is also why
     processes may see different numbers of batches).

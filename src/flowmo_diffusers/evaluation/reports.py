@@ -1,7 +1,7 @@
 """Writing the evaluation reports: strict JSON, markdown pieces, library versions, the not-comparable banner.
 
 The tokenizer evaluation ([`~flowmo_diffusers.evaluation.reconstruction`]) and the generation evaluation
-([`~flowmo_diffusers.evaluation.generation`]) each write ``results.json`` and ``results.md`` with these helpers; what
+([`~flowmo_diffusers.evaluation.generation`]) each write `results.json` and `results.md` with these helpers; what
 their tables hold is theirs.
 """
 
@@ -15,7 +15,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-#: Distributions whose versions go into the reports (missing ones are reported as ``None``).
+#: Distributions whose versions go into the reports (missing ones are reported as `None`).
 REPORTED_DISTRIBUTIONS = (
     "flowmo-diffusers",
     "torch",

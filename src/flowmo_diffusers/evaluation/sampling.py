@@ -1,31 +1,31 @@
 """Sample class-conditional images from a FlowMo MaskGiT prior into a folder (for gFID / IS), distributed and resumable.
 
-This is the logic behind ``accelerate launch examples/train_maskgit/sample.py``; the script only calls :func:`main`.
+This is the logic behind `accelerate launch examples/train_maskgit/sample.py`; the script only calls [`main`].
 
-**Which images.** For the selected classes ``C = sorted(class_ids)`` (default: every class of the prior) and
-``n = num_images_per_class``, sample ``j`` of class ``c`` is drawn from a generator seeded by ``(seed, c, j)``
-(:func:`~flowmo_diffusers.utils.seeds.seeded_generator`; the MaskGiT token draws and then the decoder's noise continue
+**Which images.** For the selected classes `C = sorted(class_ids)` (default: every class of the prior) and
+`n = num_images_per_class`, sample `j` of class `c` is drawn from a generator seeded by `(seed, c, j)`
+([`~flowmo_diffusers.utils.seeds.seeded_generator`]; the MaskGiT token draws and then the decoder's noise continue
 the same per-image generator).
 An image is therefore a function of the run's seed, its class and its index within the class: it does not depend
 on the number of processes, on the batch size (up to floating-point differences between batched kernels), on the
-other classes selected or on ``n``, so ``--num_images_per_class`` can be raised later and the existing files stay
+other classes selected or on `n`, so `--num_images_per_class` can be raised later and the existing files stay
 valid.
 
-**Order and file names.** Samples are numbered class-interleaved, global index ``g = j * |C| + position of c``:
+**Order and file names.** Samples are numbered class-interleaved, global index `g = j * |C| + position of c`:
 a batch holds many classes, an interrupted run has a class-balanced prefix, and every 5,000 consecutive images of
-the 50,000 of ImageNet hold 5 of each class (what ADM's evaluator's Inception-Score splits expect of an ``.npz``).
-Files are named ``{j:05d}_class{c:04d}.png``, so sorting the names gives the same order.
+the 50,000 of ImageNet hold 5 of each class (what ADM's evaluator's Inception-Score splits expect of an `.npz`).
+Files are named `{j:05d}_class{c:04d}.png`, so sorting the names gives the same order.
 
-**Sharding and resuming.** The global index range is cut into batches of ``batch_size``; process ``p`` of ``P``
-generates batches ``p, p + P, ...``. A batch whose files all exist is skipped; a batch with a missing file is
+**Sharding and resuming.** The global index range is cut into batches of `batch_size`; process `p` of `P`
+generates batches `p, p + P, ...`. A batch whose files all exist is skipped; a batch with a missing file is
 generated again whole (same composition, hence the same bytes as the first time) and only its missing files are
 written. Every file is written to a temporary name and renamed, so an interrupted run leaves no truncated image.
-``sampling_config.json`` records the settings that determine the images; resuming into a folder made with other
+`sampling_config.json` records the settings that determine the images; resuming into a folder made with other
 settings is an error rather than a silent mix.
 
 **Output.** PNGs (lossless: what is evaluated is exactly what the pipeline produced, quantised to uint8 by
-diffusers' ``numpy_to_pil``), optionally an ADM-style ``.npz`` (``arr_0``: ``[N, H, W, 3]`` uint8 in global
-order, ``arr_1``: ``[N]`` int64 class labels), written in a streaming fashion so 50,000 images at 256x256 (9.8 GB)
+diffusers' `numpy_to_pil`), optionally an ADM-style `.npz` (`arr_0`: `[N, H, W, 3]` uint8 in global
+order, `arr_1`: `[N]` int64 class labels), written in a streaming fashion so 50,000 images at 256x256 (9.8 GB)
 never sit in memory.
 """
 
@@ -103,7 +103,7 @@ class SampleSpec:
     index_in_class: int
 
     def file_name(self) -> str:
-        """``{j:05d}_class{c:04d}.png``: sorted names follow the global order."""
+        """`{j:05d}_class{c:04d}.png`: sorted names follow the global order."""
         return f"{self.index_in_class:05d}_class{self.class_id:04d}.png"
 
 
@@ -111,7 +111,7 @@ def parse_class_ids(values: Sequence[str | int] | None) -> list[int] | None:
     """`["0-9", "15", "20,21"]` -> `[0, ..., 9, 15, 20, 21]` (sorted, unique); None or empty -> None (all).
 
     Raises:
-        ValueError: Not an integer or a ``start-end`` range with ``start <= end``.
+        ValueError: Not an integer or a `start-end` range with `start <= end`.
     """
     if not values:
         return None
@@ -154,9 +154,9 @@ def plan_samples(class_ids: Sequence[int], num_images_per_class: int) -> list[Sa
 def batches_of_process(
     plan: Sequence[SampleSpec], batch_size: int, process_index: int = 0, num_processes: int = 1
 ) -> Iterator[list[SampleSpec]]:
-    """This process' batches: global batches ``[b B, (b + 1) B)`` of the plan for ``b = p, p + P, ...``.
+    """This process' batches: global batches `[b B, (b + 1) B)` of the plan for `b = p, p + P, ...`.
 
-    A batch's composition depends only on ``batch_size``, not on the number of processes.
+    A batch's composition depends only on `batch_size`, not on the number of processes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -211,9 +211,9 @@ def generate_batches(
 
 
 def save_image_atomically(image: PIL.Image.Image, path: os.PathLike | str) -> None:
-    """Write ``image`` as PNG to ``path`` through a temporary file in the same folder and a rename.
+    """Write `image` as PNG to `path` through a temporary file in the same folder and a rename.
 
-    ``os.replace`` is atomic on POSIX and Windows, so ``path`` either does not exist or is complete.
+    `os.replace` is atomic on POSIX and Windows, so `path` either does not exist or is complete.
     """
     path = Path(path)
     with atomic_write(path, prefix=f"{_TEMPORARY_PREFIX}{path.stem}-") as file:
@@ -235,19 +235,22 @@ def write_samples_npz(
     npz_path: os.PathLike | str,
     class_labels: Sequence[int] | None = None,
 ) -> Path:
-    """Pack images into an ADM-style ``.npz`` without holding them all in memory.
+    """Pack images into an ADM-style `.npz` without holding them all in memory.
 
-    The archive is written like ``np.savez`` (uncompressed zip, one ``.npy`` per array) but ``arr_0`` is streamed
-    image by image; ``np.load(npz_path)["arr_0"]`` and ADM's evaluator read it as usual. Written to a temporary
+    The archive is written like `np.savez` (uncompressed zip, one `.npy` per array) but `arr_0` is streamed
+    image by image; `np.load(npz_path)["arr_0"]` and ADM's evaluator read it as usual. Written to a temporary
     file and renamed.
 
     Args:
-        image_paths: Images in the desired order; all must have the same size.
-        npz_path: Output file.
-        class_labels: Optional [N] labels, stored as ``arr_1`` (ADM's class-conditional samples do the same).
+        image_paths (`Sequence[str | os.PathLike]`):
+            Images in the desired order; all must have the same size.
+        npz_path (`str` or `os.PathLike`):
+            Output file.
+        class_labels (`Sequence[int]`, *optional*):
+            [N] labels, stored as `arr_1` (ADM's class-conditional samples do the same).
 
     Returns:
-        The written path. ``arr_0`` is ``[N, H, W, 3]`` uint8.
+        `Path`: The written path. `arr_0` is `[N, H, W, 3]` uint8.
     """
     from ..utils.images import to_rgb as convert_to_rgb
 
@@ -400,7 +403,7 @@ def check_or_write_sampling_config(output_dir: Path, record: dict[str, Any], acc
     Call on every process: each reads the existing record before the main process writes it.
 
     Raises:
-        ValueError: ``sampling_config.json`` exists and differs in an image-determining setting.
+        ValueError: `sampling_config.json` exists and differs in an image-determining setting.
     """
     path = output_dir / SAMPLING_CONFIG_NAME
     if path.is_file():

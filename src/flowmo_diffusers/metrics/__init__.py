@@ -1,23 +1,23 @@
 """Image metrics: reconstruction (rFID, PSNR, SSIM, LPIPS) and generation (gFID, Inception Score).
 
 Computed the way FlowMo's evaluation code did (scikit-image PSNR/SSIM on uint8-quantised
-images, ``lpips.LPIPS`` on [-1, 1] images, FID from pytorch-fid's TF-ported InceptionV3),
+images, `lpips.LPIPS` on [-1, 1] images, FID from pytorch-fid's TF-ported InceptionV3),
 but streaming: memory does not grow with the number of images, and state is summed
-across processes with one all-reduce (``accelerator.reduce``).
+across processes with one all-reduce (`accelerator.reduce`).
 
-Generation metrics (:class:`GenerationMetrics`) use the same Inception: gFID against
-reference statistics read from an ``.npz`` (pytorch-fid's or ADM's format,
-:class:`ReferenceStatistics`) and the Inception Score from the network's 1008-way logits
+Generation metrics ([`GenerationMetrics`]) use the same Inception: gFID against
+reference statistics read from an `.npz` (pytorch-fid's or ADM's format,
+[`ReferenceStatistics`]) and the Inception Score from the network's 1008-way logits
 (the one state that grows with the number of images: 4 KB of logits per image, gathered
 across processes).
 
 Pretrained networks are never replaced by random ones silently: they come from an
 explicit local path or the torch hub cache / download, otherwise
-:class:`MissingPretrainedWeightsError` explains how to provide them. Random
+[`MissingPretrainedWeightsError`] explains how to provide them. Random
 initialisation (for tests) is a separate explicit option.
 
 Heavy dependencies (scikit-image, scipy, lpips, pytorch-fid, evaluate) are imported on
-first use; install them with ``pip install 'flowmo-diffusers[eval]'``.
+first use; install them with `pip install 'flowmo-diffusers[eval]'`.
 """
 
 from .distributed import gather_across_processes, gather_rows_across_processes, sum_across_processes

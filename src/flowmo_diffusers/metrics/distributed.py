@@ -1,11 +1,11 @@
-"""Combining metric states across processes: Accelerate's collectives, or a plain ``torch.distributed`` group.
+"""Combining metric states across processes: Accelerate's collectives, or a plain `torch.distributed` group.
 
 Almost all metric states in this package are sums (of per-image values, of features, of feature outer products) and
-counts, so combining processes is one all-reduce with ``SUM`` per tensor (``accelerator.reduce``). The one exception
-is the Inception Score, which needs every sample's class probabilities: :func:`gather_across_processes` collects them
-(``accelerate.utils.gather_object``).
+counts, so combining processes is one all-reduce with `SUM` per tensor (`accelerator.reduce`). The one exception
+is the Inception Score, which needs every sample's class probabilities: [`gather_across_processes`] collects them
+(`accelerate.utils.gather_object`).
 
-Without an accelerator, a process group that the caller initialised with ``torch.distributed`` is used; accelerate's
+Without an accelerator, a process group that the caller initialised with `torch.distributed` is used; accelerate's
 free functions read Accelerate's own state, which such a group does not set up, so that path calls torch directly.
 """
 

@@ -1,9 +1,10 @@
-"""Loading the bundled Hugging Face ``evaluate`` metric modules.
+"""Loading the bundled Hugging Face `evaluate` metric modules.
 
-The package ships four ``evaluate`` metric scripts under ``evaluate_modules/<name>/<name>.py`` (``psnr``, ``ssim``,
-``lpips``, ``rfid``). ``evaluate.load`` on a local directory copies the script into its module cache and imports it
-there, without any network access; the scripts subclass :class:`~flowmo_diffusers.metrics.image_pair_metric.
-ImagePairMetric` and import their implementation from ``flowmo_diffusers.metrics``.
+The package ships four `evaluate` metric scripts under `evaluate_modules/<name>/<name>.py` (`psnr`, `ssim`,
+`lpips`, `rfid`). `evaluate.load` on a local directory copies the script into its module cache and imports it
+there, without any network access; the scripts subclass
+[`~flowmo_diffusers.metrics.image_pair_metric.ImagePairMetric`] and import their implementation from
+`flowmo_diffusers.metrics`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Streaming mean and covariance of feature vectors, for FID over arbitrarily many images.
 
-Instead of keeping all N feature vectors (O(N * D) memory, then ``np.cov``), the
+Instead of keeping all N feature vectors (O(N * D) memory, then `np.cov`), the
 accumulator keeps the count, the sum of features and the sum of their outer products in
 float64 (O(D^2) memory: 32 MiB for Inception's D = 2048). These sums add up across
 batches and across processes, so distributed evaluation is a single all-reduce, and
@@ -70,7 +70,7 @@ class StreamingFeatureStatistics:
 
     # ------------------------------------------------------------------ state / merging
     def state(self) -> StatisticsState:
-        """Copies of the sums: ``{"num_samples": [], "feature_sum": [D], "outer_product_sum": [D, D]}``."""
+        """Copies of the sums: `{"num_samples": [], "feature_sum": [D], "outer_product_sum": [D, D]}`."""
         return {
             "num_samples": self.num_samples.clone(),
             "feature_sum": self.feature_sum.clone(),
@@ -81,13 +81,13 @@ class StreamingFeatureStatistics:
     def from_state(
         cls, state: Mapping[str, Any], device: str | torch.device | None = None
     ) -> StreamingFeatureStatistics:
-        """Rebuild an accumulator from :meth:`state` (e.g. after saving it with ``torch.save``)."""
+        """Rebuild an accumulator from [`state`] (e.g. after saving it with `torch.save`)."""
         statistics = cls(int(torch.as_tensor(state["feature_sum"]).shape[0]), device=device)
         statistics.merge(state)
         return statistics
 
     def merge(self, other: StreamingFeatureStatistics | Mapping[str, Any]) -> StreamingFeatureStatistics:
-        """Add another accumulator (or its :meth:`state`) into this one, in place; returns self.
+        """Add another accumulator (or its [`state`]) into this one, in place; returns self.
 
         Merging the accumulators of disjoint sets of samples gives exactly the sums of
         their union, so merge order does not matter.
@@ -128,7 +128,7 @@ class StreamingFeatureStatistics:
         return self.feature_sum.cpu().numpy() / num_samples
 
     def covariance(self) -> np.ndarray:
-        """[D, D] float64 unbiased covariance (divides by N - 1, like ``np.cov(x, rowvar=False)``)."""
+        """[D, D] float64 unbiased covariance (divides by N - 1, like `np.cov(x, rowvar=False)`)."""
         num_samples = int(self.num_samples)
         if num_samples < 2:
             raise ValueError(f"the covariance needs at least 2 samples, got {num_samples}")
@@ -140,5 +140,5 @@ class StreamingFeatureStatistics:
         return (covariance + covariance.T) / 2
 
     def frechet_distance(self, other: StreamingFeatureStatistics, eps: float = 1e-6) -> float:
-        """Frechet distance between the Gaussians fitted to this and ``other``'s features (FID)."""
+        """Frechet distance between the Gaussians fitted to this and `other`'s features (FID)."""
         return frechet_distance(self.mean(), self.covariance(), other.mean(), other.covariance(), eps=eps)

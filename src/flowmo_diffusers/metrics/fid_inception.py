@@ -1,17 +1,17 @@
 """The TF-ported InceptionV3 used for FID (pytorch-fid's network), as a feature extractor.
 
-This is pytorch-fid's ``InceptionV3`` (``use_fid_inception=True``): torchvision's
-Inception3 with the ``FIDInceptionA/C/E_1/E_2`` blocks that reproduce TensorFlow's
-pooling quirks, and the weights ``pt_inception-2015-12-05-6726825d.pth`` ported from
+This is pytorch-fid's `InceptionV3` (`use_fid_inception=True`): torchvision's
+Inception3 with the `FIDInceptionA/C/E_1/E_2` blocks that reproduce TensorFlow's
+pooling quirks, and the weights `pt_inception-2015-12-05-6726825d.pth` ported from
 the original TF FID graph. FlowMo computed rFID from its 2048-d final average-pool
 features. The difference from pytorch-fid's own class is only how the weights are
 obtained: from a local file, from the torch hub cache / URL with a clear error, or
 explicitly left random for tests.
 
 The same forward pass can also return the network's 1008-way logits for the Inception
-Score (``return_logits=True``), computed the way the original TF Inception Score code
-(openai/improved-gan), ADM's evaluator and torch-fidelity's ``logits_unbiased`` do:
-``pool_features @ fc.weight.T``, without the bias of the ``fc`` layer.
+Score (`return_logits=True`), computed the way the original TF Inception Score code
+(openai/improved-gan), ADM's evaluator and torch-fidelity's `logits_unbiased` do:
+`pool_features @ fc.weight.T`, without the bias of the `fc` layer.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ FID_INCEPTION_NUM_LOGITS = 1008
 def build_fid_inception_v3() -> nn.Module:
     """Randomly initialised FID InceptionV3 with the layout of the pretrained weights file.
 
-    Mirrors ``pytorch_fid.inception.fid_inception_v3`` minus the download.
+    Mirrors `pytorch_fid.inception.fid_inception_v3` minus the download.
     """
     require("pytorch_fid")
     from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
@@ -63,8 +63,8 @@ class FIDInceptionFeatureExtractor(nn.Module):
     """FID Inception features of a batch of images, as pytorch-fid computes them.
 
     Images are brought to [0, 1], resized to 299x299 with bilinear interpolation
-    (``align_corners=False``), scaled to [-1, 1] and run through the network up to the
-    block that yields ``feature_dims`` channels, then spatially averaged.
+    (`align_corners=False`), scaled to [-1, 1] and run through the network up to the
+    block that yields `feature_dims` channels, then spatially averaged.
 
     Args:
         weights_path (`str` or `os.PathLike`, *optional*):
@@ -78,7 +78,7 @@ class FIDInceptionFeatureExtractor(nn.Module):
             logits.
 
     Raises:
-        MissingPretrainedWeightsError: ``random_init`` is False and the weights cannot be found.
+        MissingPretrainedWeightsError: `random_init` is False and the weights cannot be found.
     """
 
     def __init__(
@@ -137,7 +137,7 @@ class FIDInceptionFeatureExtractor(nn.Module):
 
     @property
     def has_logits(self) -> bool:
-        """Whether :meth:`forward` can return logits (only with ``feature_dims=2048``)."""
+        """Whether [`forward`] can return logits (only with `feature_dims=2048`)."""
         return self.fc is not None
 
     @torch.no_grad()
@@ -164,7 +164,7 @@ class FIDInceptionFeatureExtractor(nn.Module):
             network's device, or, with `return_logits`, the tuple `(features [B, 2048], logits [B, 1008])`.
 
         Raises:
-            ValueError: ``return_logits`` with ``feature_dims`` other than 2048.
+            ValueError: `return_logits` with `feature_dims` other than 2048.
         """
         if return_logits and not self.has_logits:
             raise ValueError(

@@ -13,11 +13,11 @@ from ._optional_dependencies import require
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:
-    """Frechet distance ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))``.
+    """Frechet distance `||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))`.
 
-    Same algorithm as pytorch-fid's ``calculate_frechet_distance`` (Dougal Sutherland's
-    stable version) used by FlowMo: ``scipy.linalg.sqrtm`` of ``sigma1 @ sigma2``; if the
-    result is not finite (nearly singular product), ``eps`` is added to both diagonals;
+    Same algorithm as pytorch-fid's `calculate_frechet_distance` (Dougal Sutherland's
+    stable version) used by FlowMo: `scipy.linalg.sqrtm` of `sigma1 @ sigma2`; if the
+    result is not finite (nearly singular product), `eps` is added to both diagonals;
     a small imaginary part from numerical error is dropped, a large one is an error.
 
     Args:

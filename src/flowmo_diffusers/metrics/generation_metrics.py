@@ -1,19 +1,19 @@
 """Generation metrics of a class-conditional image generator: gFID against reference statistics, Inception Score.
 
 * **gFID**: Frechet distance between a Gaussian fitted to the FID-Inception pool features of the
-  generated images (streamed, :class:`StreamingFeatureStatistics`) and the reference Gaussian
-  ``(mu, sigma)`` of real images, read from an ``.npz`` (:class:`ReferenceStatistics`). The format is
-  pytorch-fid's (``mu``, ``sigma``) and also reads ADM's reference batches (guided-diffusion, e.g.
-  ``VIRTUAL_imagenet256_labeled.npz``, which hold ``mu``/``sigma`` next to the images ``arr_0``; only
+  generated images (streamed, [`StreamingFeatureStatistics`]) and the reference Gaussian
+  `(mu, sigma)` of real images, read from an `.npz` ([`ReferenceStatistics`]). The format is
+  pytorch-fid's (`mu`, `sigma`) and also reads ADM's reference batches (guided-diffusion, e.g.
+  `VIRTUAL_imagenet256_labeled.npz`, which hold `mu`/`sigma` next to the images `arr_0`; only
   the statistics are loaded).
-* **Inception Score** from the 1008-way logits of the same forward pass (:mod:`.inception_score`).
+* **Inception Score** from the 1008-way logits of the same forward pass ([`.inception_score`]).
 
 ADM's numbers come from the TF graph of the same Inception weights, with TF's image resize; this
 package uses pytorch-fid's port and resize, which agree to within small differences (pytorch-fid
 documents them), so compare figures of the two evaluators with that in mind.
 
 Networks are never randomly initialised silently: pretrained Inception weights come from a local file
-or the torch hub cache, and ``random_init=True`` is an explicit test option whose statistics are marked
+or the torch hub cache, and `random_init=True` is an explicit test option whose statistics are marked
 as such, so they cannot be compared with statistics of the real network by mistake.
 """
 
@@ -37,8 +37,8 @@ from .inception_score import TORCH_FIDELITY_SHUFFLE_SEED, InceptionScore
 from .pretrained_weights import FID_INCEPTION_WEIGHTS, PathLike
 from ..utils.files import atomic_write
 
-#: ADM's (guided-diffusion) ImageNet 256x256 reference batch: ``mu``/``sigma`` of the 2048-d pool features of
-#: the ImageNet training set, plus 10,000 images (``arr_0``) that this package does not need.
+#: ADM's (guided-diffusion) ImageNet 256x256 reference batch: `mu`/`sigma` of the 2048-d pool features of
+#: the ImageNet training set, plus 10,000 images (`arr_0`) that this package does not need.
 ADM_IMAGENET256_REFERENCE_URL = (
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
     "VIRTUAL_imagenet256_labeled.npz"
@@ -53,7 +53,7 @@ REFERENCE_STATISTICS_HINT = (
 
 
 def describe_fid_inception(random_init: bool, feature_dims: int) -> str:
-    """The ``feature_network`` label stored with statistics, so that incompatible ones are not compared."""
+    """The `feature_network` label stored with statistics, so that incompatible ones are not compared."""
     if random_init:
         return f"RANDOM-INIT FID InceptionV3 (tests only), {feature_dims}-d"
     return f"FID InceptionV3 ({FID_INCEPTION_WEIGHTS.file_name}), {feature_dims}-d"
@@ -118,9 +118,9 @@ class ReferenceStatistics:
 
     @classmethod
     def load(cls, path: PathLike, feature_dims: int | None = None) -> ReferenceStatistics:
-        """Read ``mu`` and ``sigma`` (and ``num_samples`` / ``feature_network`` if present) from an ``.npz``.
+        """Read `mu` and `sigma` (and `num_samples` / `feature_network` if present) from an `.npz`.
 
-        Only these entries are read, so ADM's reference batches (several GB of images in ``arr_0``) load
+        Only these entries are read, so ADM's reference batches (several GB of images in `arr_0`) load
         in a moment.
 
         Args:
@@ -134,8 +134,8 @@ class ReferenceStatistics:
 
         Raises:
             FileNotFoundError: No such file.
-            ValueError: Not an ``.npz``, no ``mu``/``sigma``, wrong shapes, non-finite values, or D differs
-                from ``feature_dims``.
+            ValueError: Not an `.npz`, no `mu`/`sigma`, wrong shapes, non-finite values, or D differs
+                from `feature_dims`.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -169,10 +169,10 @@ class ReferenceStatistics:
         return statistics
 
     def save(self, path: PathLike) -> str:
-        """Write ``mu``, ``sigma`` (float64), ``num_samples`` and ``feature_network`` to ``path`` atomically.
+        """Write `mu`, `sigma` (float64), `num_samples` and `feature_network` to `path` atomically.
 
-        The file is written next to ``path`` under a temporary name and renamed, so an interrupted run
-        never leaves a truncated file behind. Readable by :meth:`load`, pytorch-fid and ADM's evaluator.
+        The file is written next to `path` under a temporary name and renamed, so an interrupted run
+        never leaves a truncated file behind. Readable by [`load`], pytorch-fid and ADM's evaluator.
 
         Returns:
             `str`: The path written.
@@ -215,7 +215,7 @@ class ReferenceStatistics:
             )
 
     def frechet_distance(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        """FID between these statistics and ``(mu [D], sigma [D, D])``."""
+        """FID between these statistics and `(mu [D], sigma [D, D])`."""
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
 
@@ -231,7 +231,7 @@ class GenerationMetrics:
         metrics.compute()                               # {"num_images", "gfid", "inception_score", ...}
 
     Args:
-        reference_statistics (`str`, `os.PathLike` or [`ReferenceStatistics`], *optional*):
+        reference_statistics (`str` or `os.PathLike` or [`ReferenceStatistics`], *optional*):
             `.npz` path or statistics; None computes the Inception Score (and the samples' own statistics,
             `statistics`) without gFID. A path is read before the network is built, so a bad file fails fast.
         device (`str` or `torch.device`, *optional*):
@@ -254,7 +254,7 @@ class GenerationMetrics:
             `value_range`, `return_logits`) like [`FIDInceptionFeatureExtractor`].
 
     Raises:
-        FileNotFoundError / ValueError: Unusable reference statistics (see :meth:`ReferenceStatistics.load`).
+        FileNotFoundError / ValueError: Unusable reference statistics (see [`ReferenceStatistics.load`]).
         MissingPretrainedWeightsError: The Inception weights are needed but unavailable.
     """
 
@@ -365,11 +365,11 @@ class GenerationMetrics:
         return self
 
     def sample_statistics(self) -> ReferenceStatistics:
-        """The generated images' own ``(mu, sigma)``, e.g. to save and compare with another run later."""
+        """The generated images' own `(mu, sigma)`, e.g. to save and compare with another run later."""
         return ReferenceStatistics.from_feature_statistics(self.statistics, self.feature_network)
 
     def compute(self) -> dict[str, float]:
-        """Metrics over everything accumulated (this process only unless :meth:`gather` ran).
+        """Metrics over everything accumulated (this process only unless [`gather`] ran).
 
         Returns:
             `dict[str, float]`: `{"num_images"}` plus `"gfid"` (with reference statistics; needs >= 2 images) and

@@ -1,9 +1,9 @@
-"""Metric inputs: image conversions reproducing FlowMo's ``evaluate.py`` bit for bit, and the default device.
+"""Metric inputs: image conversions reproducing FlowMo's `evaluate.py` bit for bit, and the default device.
 
 FlowMo evaluates on tensors in [-1, 1]. Its evaluation code clamps to [-1, 1], maps to
-[0, 1] with ``(x + 1) / 2``, and for PSNR/SSIM quantises with
-``(x * 255).to(torch.uint8)`` (truncation, not rounding) before converting back to
-``float32 / 255``. These helpers perform exactly those float32 operations, in the same
+[0, 1] with `(x + 1) / 2`, and for PSNR/SSIM quantises with
+`(x * 255).to(torch.uint8)` (truncation, not rounding) before converting back to
+`float32 / 255`. These helpers perform exactly those float32 operations, in the same
 order, so the numbers match the paper's code.
 """
 
@@ -19,7 +19,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def check_image_batch(images: torch.Tensor, name: str = "images") -> None:
-    """Raise a ValueError unless ``images`` is a [B, 3, H, W] tensor."""
+    """Raise a ValueError unless `images` is a [B, 3, H, W] tensor."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B, 3, H, W], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
@@ -51,7 +51,7 @@ def images_to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def unit_range_to_uint8_hwc(images_unit_range: torch.Tensor) -> np.ndarray:
-    """Quantise [0, 1] images to uint8 HWC the way FlowMo did: ``(x * 255).to(torch.uint8)``.
+    """Quantise [0, 1] images to uint8 HWC the way FlowMo did: `(x * 255).to(torch.uint8)`.
 
     The cast truncates toward zero (it does not round); that is what the paper's code did.
 
@@ -67,12 +67,12 @@ def unit_range_to_uint8_hwc(images_unit_range: torch.Tensor) -> np.ndarray:
 
 
 def images_to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] images in [-1, 1] -> [B, H, W, 3] uint8 (clamp, ``(x+1)/2``, ``*255``, truncate)."""
+    """[B, 3, H, W] images in [-1, 1] -> [B, H, W, 3] uint8 (clamp, `(x+1)/2`, `*255`, truncate)."""
     return unit_range_to_uint8_hwc(images_to_unit_range(images))
 
 
 def uint8_to_unit_float32(images_uint8_hwc: np.ndarray) -> np.ndarray:
-    """[..., H, W, 3] uint8 -> float32 in [0, 1] (``astype(float32) / 255``), FlowMo's PSNR/SSIM input."""
+    """[..., H, W, 3] uint8 -> float32 in [0, 1] (`astype(float32) / 255`), FlowMo's PSNR/SSIM input."""
     if images_uint8_hwc.dtype != np.uint8:
         raise TypeError(f"expected a uint8 array, got {images_uint8_hwc.dtype}")
     return images_uint8_hwc.astype(np.float32) / 255.0

@@ -1,12 +1,12 @@
-"""What the bundled ``evaluate`` metric scripts share, so that each script states only what differs.
+"""What the bundled `evaluate` metric scripts share, so that each script states only what differs.
 
-The scripts (``evaluate_modules/<name>/<name>.py``) subclass :class:`ImagePairMetric` with their documentation as
-class attributes and a :meth:`~ImagePairMetric.compute_pairs`. Inputs of every bundled metric are images as
-channel-first ``[3, H, W]`` float arrays (numpy arrays, torch tensors or nested lists) in [-1, 1]: ``predictions``
-are the reconstructions, ``references`` the original images.
+The scripts (`evaluate_modules/<name>/<name>.py`) subclass [`ImagePairMetric`] with their documentation as
+class attributes and a [`~ImagePairMetric.compute_pairs`]. Inputs of every bundled metric are images as
+channel-first `[3, H, W]` float arrays (numpy arrays, torch tensors or nested lists) in [-1, 1]: `predictions`
+are the reconstructions, `references` the original images.
 
-This module imports ``evaluate``; only the scripts import it (``flowmo_diffusers.metrics`` itself does not need
-``evaluate`` installed).
+This module imports `evaluate`; only the scripts import it (`flowmo_diffusers.metrics` itself does not need
+`evaluate` installed).
 """
 
 from __future__ import annotations

@@ -1,22 +1,22 @@
 """Inception Score (Salimans et al., 2016) from the FID Inception's class probabilities.
 
-Definition, as in the original TF code (openai/improved-gan ``inception_score/model.py``),
-ADM's evaluator and torch-fidelity: the N samples are cut into ``splits`` consecutive
-parts ``[i N // splits, (i + 1) N // splits)``; on each part
+Definition, as in the original TF code (openai/improved-gan `inception_score/model.py`),
+ADM's evaluator and torch-fidelity: the N samples are cut into `splits` consecutive
+parts `[i N // splits, (i + 1) N // splits)`; on each part
 
     IS_i = exp( mean_x KL( p(y|x) || p_i(y) ) ),     p_i(y) = mean_x p(y|x) over the part,
 
-and the reported values are ``mean_i IS_i`` and ``std_i IS_i`` (population std, ``np.std``).
-``p(y|x)`` is the softmax of the TF Inception's 1008 logits taken without the ``fc``
-bias (see :mod:`.fid_inception`).
+and the reported values are `mean_i IS_i` and `std_i IS_i` (population std, `np.std`).
+`p(y|x)` is the softmax of the TF Inception's 1008 logits taken without the `fc`
+bias (see [`.fid_inception`]).
 
 The split boundaries make the score depend on the order of the samples: a folder whose
 files are sorted by class gives splits that each cover a few classes only, and a lower
-score. ``shuffle_seed`` permutes the samples first with ``np.random.RandomState(seed)``,
-exactly as torch-fidelity does by default (seed 2020); ``None`` keeps the given order
+score. `shuffle_seed` permutes the samples first with `np.random.RandomState(seed)`,
+exactly as torch-fidelity does by default (seed 2020); `None` keeps the given order
 (improved-gan, ADM).
 
-:class:`InceptionScore` accumulates logits batch by batch with each sample's global index,
+[`InceptionScore`] accumulates logits batch by batch with each sample's global index,
 gathers them across processes and restores the global order, so a run over several
 processes gives the number of a single-process run.
 """
@@ -31,7 +31,7 @@ import torch
 from ._optional_dependencies import require
 from .distributed import gather_across_processes
 
-#: torch-fidelity's default ``isc_rng_seed``: its Inception Score shuffles the samples with this seed.
+#: torch-fidelity's default `isc_rng_seed`: its Inception Score shuffles the samples with this seed.
 TORCH_FIDELITY_SHUFFLE_SEED = 2020
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -51,7 +51,7 @@ def _as_float64_matrix(values: ArrayLike, name: str) -> np.ndarray:
 def inception_score(
     probabilities: ArrayLike, splits: int = 10, shuffle_seed: int | None = None
 ) -> tuple[float, float]:
-    """Inception Score of class probabilities ``p(y|x)``.
+    """Inception Score of class probabilities `p(y|x)`.
 
     Args:
         probabilities (`np.ndarray` or `torch.Tensor`):
@@ -108,7 +108,7 @@ def softmax_float64(logits: ArrayLike) -> np.ndarray:
 def inception_score_from_logits(
     logits: ArrayLike, splits: int = 10, shuffle_seed: int | None = None
 ) -> tuple[float, float]:
-    """:func:`inception_score` of ``softmax(logits)``, the softmax taken in float64 (as torch-fidelity does).
+    """[`inception_score`] of `softmax(logits)`, the softmax taken in float64 (as torch-fidelity does).
 
     Args:
         logits (`np.ndarray` or `torch.Tensor`):
@@ -138,7 +138,7 @@ class InceptionScore:
 
     Memory: N x C float32 logits (50,000 x 1008: 200 MB) after gathering, on the CPU.
     Unlike FID's sums, the score is not additive over processes, so the rows themselves are
-    gathered (:func:`~.distributed.gather_across_processes`).
+    gathered ([`~.distributed.gather_across_processes`]).
 
     Args:
         splits (`int`, *optional*, defaults to `10`):
@@ -164,7 +164,7 @@ class InceptionScore:
 
     @property
     def num_samples(self) -> int:
-        """Samples held (this process only unless :meth:`gather` ran)."""
+        """Samples held (this process only unless [`gather`] ran)."""
         return sum(part.shape[0] for part in self._indices)
 
     def update(self, logits: torch.Tensor, sample_indices: torch.Tensor | None = None) -> None:
@@ -241,6 +241,6 @@ class InceptionScore:
         return logits[order]
 
     def compute(self) -> dict[str, float]:
-        """``{"inception_score": mean, "inception_score_std": std}`` over all samples held."""
+        """`{"inception_score": mean, "inception_score_std": std}` over all samples held."""
         mean, std = inception_score_from_logits(self.logits_in_order(), self.splits, self.shuffle_seed)
         return {"inception_score": mean, "inception_score_std": std}

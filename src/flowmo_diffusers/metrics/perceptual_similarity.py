@@ -1,17 +1,17 @@
-"""LPIPS perceptual distance (Zhang et al., 2018) through the ``lpips`` package, loadable offline.
+"""LPIPS perceptual distance (Zhang et al., 2018) through the `lpips` package, loadable offline.
 
-FlowMo reports ``lpips.LPIPS(net="alex")`` (and ``net="vgg"``) on [-1, 1] images. An
+FlowMo reports `lpips.LPIPS(net="alex")` (and `net="vgg"`) on [-1, 1] images. An
 LPIPS network has two parts:
 
-* the calibrated linear heads (``lin0`` ... ``lin4``), shipped inside the ``lpips``
-  package itself (``lpips/weights/v0.1/{alex,vgg}.pth``), so they never need a download;
-* the ImageNet backbone (torchvision AlexNet / VGG16), which ``lpips.LPIPS`` would
+* the calibrated linear heads (`lin0` ... `lin4`), shipped inside the `lpips`
+  package itself (`lpips/weights/v0.1/{alex,vgg}.pth`), so they never need a download;
+* the ImageNet backbone (torchvision AlexNet / VGG16), which `lpips.LPIPS` would
   download through torchvision on first use.
 
-:class:`LPIPSDistance` builds ``lpips.LPIPS(pnet_rand=True, pretrained=True)`` so that
+[`LPIPSDistance`] builds `lpips.LPIPS(pnet_rand=True, pretrained=True)` so that
 lpips itself never downloads anything, and then loads the backbone weights explicitly:
-from ``backbone_weights_path`` or from the torch hub cache / URL that torchvision uses,
-raising :class:`~flowmo_diffusers.metrics.pretrained_weights.MissingPretrainedWeightsError`
+from `backbone_weights_path` or from the torch hub cache / URL that torchvision uses,
+raising [`~flowmo_diffusers.metrics.pretrained_weights.MissingPretrainedWeightsError`]
 if neither is available.
 """
 
@@ -38,11 +38,11 @@ LPIPS_NETS = tuple(LPIPS_BACKBONE_WEIGHTS)  # ("alex", "vgg")
 def load_torchvision_features_into_lpips_trunk(
     trunk: nn.Module, torchvision_state_dict: dict[str, torch.Tensor]
 ) -> None:
-    """Copy ``features.<i>.*`` of a torchvision AlexNet/VGG16 state dict into lpips' sliced trunk.
+    """Copy `features.<i>.*` of a torchvision AlexNet/VGG16 state dict into lpips' sliced trunk.
 
-    lpips splits ``torchvision_model.features`` into ``slice1`` ... ``slice5`` but keeps each
-    layer's original index as its child name, so ``features.<i>.<param>`` maps to
-    ``slice<k>.<i>.<param>``. Loading is strict: every trunk parameter must be found.
+    lpips splits `torchvision_model.features` into `slice1` ... `slice5` but keeps each
+    layer's original index as its child name, so `features.<i>.<param>` maps to
+    `slice<k>.<i>.<param>`. Loading is strict: every trunk parameter must be found.
     """
     remapped: dict[str, torch.Tensor] = {}
     for trunk_key in trunk.state_dict():

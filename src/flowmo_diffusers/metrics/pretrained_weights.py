@@ -2,13 +2,13 @@
 
 Every network is loaded in one of two ways, and nothing ever falls back silently to random weights:
 
-* from a local ``.pth`` file the caller names (offline machines), loaded with ``torch.load(..., weights_only=True)``;
-* from its canonical URL through ``torch.hub.load_state_dict_from_url``, which first looks in the torch hub cache
-  (``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``). Copying the file there beforehand
+* from a local `.pth` file the caller names (offline machines), loaded with `torch.load(..., weights_only=True)`;
+* from its canonical URL through `torch.hub.load_state_dict_from_url`, which first looks in the torch hub cache
+  (`$TORCH_HOME/hub/checkpoints`, by default `~/.cache/torch/hub/checkpoints`). Copying the file there beforehand
   therefore also works offline.
 
-If neither works, :class:`MissingPretrainedWeightsError` says which file is needed, where it comes from and both ways
-of providing it. The entries of this module (:data:`FID_INCEPTION_WEIGHTS`, :data:`LPIPS_BACKBONE_WEIGHTS`) are the
+If neither works, [`MissingPretrainedWeightsError`] says which file is needed, where it comes from and both ways
+of providing it. The entries of this module ([`FID_INCEPTION_WEIGHTS`], [`LPIPS_BACKBONE_WEIGHTS`]) are the
 one place that names the files and their URLs.
 """
 

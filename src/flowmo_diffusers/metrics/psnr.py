@@ -14,8 +14,8 @@ def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np
 
     Each image is clamped to [-1, 1], mapped to [0, 1], quantised to uint8 by truncation
     and brought back to float32 / 255 (FlowMo's conversion), then passed to
-    ``skimage.metrics.peak_signal_noise_ratio(original, reconstruction, data_range=1.0)``.
-    That equals the PSNR of the uint8 images with ``data_range=255``.
+    `skimage.metrics.peak_signal_noise_ratio(original, reconstruction, data_range=1.0)`.
+    That equals the PSNR of the uint8 images with `data_range=255`.
 
     Args:
         originals (`torch.Tensor`):
@@ -42,10 +42,10 @@ def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np
 def psnr_pooled_over_batch(originals: torch.Tensor, reconstructions: torch.Tensor) -> float:
     """PSNR of the whole batch at once (mean squared error pooled over all its images).
 
-    This is what FlowMo's released ``evaluate.py`` reports: its per-image loop calls
-    ``peak_signal_noise_ratio(rgb_gt, rgb_restored)`` on the full [B, H, W, 3] batch, so
+    This is what FlowMo's released `evaluate.py` reports: its per-image loop calls
+    `peak_signal_noise_ratio(rgb_gt, rgb_restored)` on the full [B, H, W, 3] batch, so
     the published PSNR is the mean over batches of this value and depends on the batch
-    size. Use :func:`psnr_per_image` for the usual per-image definition.
+    size. Use [`psnr_per_image`] for the usual per-image definition.
 
     Args:
         originals (`torch.Tensor`):

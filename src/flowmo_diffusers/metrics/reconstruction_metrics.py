@@ -1,14 +1,14 @@
 """rFID, PSNR, SSIM and LPIPS of a tokenizer's reconstructions, accumulated over a dataset.
 
-Reproduces FlowMo's ``evaluate.py`` (``eval_imagenet``) with constant memory:
+Reproduces FlowMo's `evaluate.py` (`eval_imagenet`) with constant memory:
 
-* PSNR and SSIM with scikit-image on uint8-quantised images (see :mod:`.psnr`, :mod:`.ssim`);
-* LPIPS with ``lpips.LPIPS(net="alex")`` (and optionally ``"vgg"``) on [-1, 1] images;
+* PSNR and SSIM with scikit-image on uint8-quantised images (see [`.psnr`], [`.ssim`]);
+* LPIPS with `lpips.LPIPS(net="alex")` (and optionally `"vgg"`) on [-1, 1] images;
 * rFID: Frechet distance between the FID-Inception pool features of the originals and of
-  the reconstructions, with unbiased covariances (``np.cov``).
+  the reconstructions, with unbiased covariances (`np.cov`).
 
 Per-image values are summed (float64) with a count, and Inception features go into two
-:class:`StreamingFeatureStatistics`; nothing grows with the number of images.
+[`StreamingFeatureStatistics`]; nothing grows with the number of images.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class ReconstructionMetrics:
         return self
 
     def compute(self) -> dict[str, float]:
-        """The metrics over everything accumulated (this process only unless :meth:`gather` ran).
+        """The metrics over everything accumulated (this process only unless [`gather`] ran).
 
         Returns:
             `dict[str, float]`: `{"rfid", "psnr", "ssim", "lpips"}` plus `"lpips_<net>"` for every further LPIPS net.

@@ -12,11 +12,10 @@ from .image_conversion import quantised_image_pairs
 def ssim_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np.ndarray:
     """SSIM of every image pair.
 
-    Images go through FlowMo's conversion (clamp to [-1, 1], ``(x+1)/2``, ``*255``,
-    truncate to uint8, ``float32 / 255``) and then
-    ``skimage.metrics.structural_similarity(reconstruction, original, data_range=1.0,
-    channel_axis=-1)`` with scikit-image's defaults otherwise: a 7x7 uniform window,
-    sample covariance, K1=0.01, K2=0.03, and the mean over channels.
+    Images go through FlowMo's conversion (clamp to [-1, 1], `(x+1)/2`, `*255`, truncate to uint8, `float32 / 255`)
+    and then `skimage.metrics.structural_similarity(reconstruction, original, data_range=1.0, channel_axis=-1)` with
+    scikit-image's defaults otherwise: a 7x7 uniform window, sample covariance, K1=0.01, K2=0.03, and the mean over
+    channels.
 
     Args:
         originals (`torch.Tensor`):
