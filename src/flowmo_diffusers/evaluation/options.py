@@ -14,9 +14,10 @@ import dataclasses
 import logging
 import os
 import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import torch
 from transformers.hf_argparser import HfArg, HfArgumentParser
@@ -49,7 +50,7 @@ def _choices(hint: Any) -> tuple | None:
     """The values a `Literal[...]` (or `Literal[...] | None`) field accepts; None for other types."""
     if get_origin(hint) is Literal:
         return get_args(hint)
-    if get_origin(hint) in (Union, types.UnionType):
+    if get_origin(hint) in (typing.Union, types.UnionType):  # `Literal[...] | None` is a typing.Union
         literals = [choice for arg in get_args(hint) for choice in (_choices(arg) or ())]
         if literals:
             return (*literals, None) if type(None) in get_args(hint) else tuple(literals)
@@ -226,7 +227,7 @@ class FeatureNetworkOptions(Options):
                 Seed of the random networks.
             script (`str`):
                 The command whose flags the error for missing weights names.
-            **arguments:
+            arguments (`dict[str, Any]`, *optional*):
                 The metrics' other arguments (`device`, ...).
 
         Returns:

@@ -37,7 +37,7 @@ def load_metric(name: str, **evaluate_load_kwargs: Any):
     Args:
         name (`str`):
             One of `"psnr"`, `"ssim"`, `"lpips"`, `"rfid"`.
-        **evaluate_load_kwargs:
+        evaluate_load_kwargs (`dict[str, Any]`, *optional*):
             Passed to `evaluate.load` (`experiment_id`, `num_process`, `process_id`, `cache_dir`, `keep_in_memory`,
             ...).
 

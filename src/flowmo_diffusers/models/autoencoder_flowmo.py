@@ -121,7 +121,7 @@ def _estimated_parameters(values: dict) -> int:
     return int(total)
 
 
-def bits_per_pixel(config, resolution: Optional[int] = None) -> float:
+def bits_per_pixel(config, resolution: int | None = None) -> float:
     """Bits of the token ids per image pixel: `code_length * context_dim / resolution**2`.
 
     The number of tokens does not depend on the image size, so the rate changes with `resolution` (FlowMo-Lo at its
