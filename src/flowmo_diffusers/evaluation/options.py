@@ -28,6 +28,7 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 InceptionFeatureDims = Literal[64, 192, 768, 2048]
 
 ResultT = TypeVar("ResultT")
+OptionsT = TypeVar("OptionsT", bound="Options")
 
 
 def check_positive(options: Any, *names: str) -> None:
@@ -77,7 +78,7 @@ class Options:
         return HfArgumentParser(cls, description=cls.command_description)
 
     @classmethod
-    def from_command_line(cls, argv: Sequence[str] | None = None):
+    def from_command_line(cls: type[OptionsT], argv: Sequence[str] | None = None) -> OptionsT:
         """Parse `argv` (default `sys.argv[1:]`) into a validated config.
 
         Raises:
