@@ -1,54 +1,63 @@
 """Evaluate generated images: gFID against reference statistics and Inception Score, distributed, with a report.
 
-This is the logic behind ``accelerate launch examples/train_maskgit/evaluate_generation.py``; the script only calls
-:func:`main`. Three modes:
+This is the logic behind `accelerate launch examples/train_maskgit/evaluate_generation.py`; the script only calls
+[`main`]. Three modes:
 
-* ``--samples PATH``: a folder of images (``sample.py``'s output: sorted file names give the sample order) or an
-  ADM-style ``.npz`` (``arr_0``: ``[N, H, W, 3]`` uint8, memory-mapped when stored uncompressed as ``np.savez``
+* `--samples PATH`: a folder of images (`sample.py`'s output: sorted file names give the sample order) or an
+  ADM-style `.npz` (`arr_0`: `[N, H, W, 3]` uint8, memory-mapped when stored uncompressed as `np.savez`
   writes it). Images are evaluated at their own size (Inception resizes to 299x299), never cropped.
-* ``--pretrained_model_name_or_path``: generate on the fly with exactly the images ``sample.py`` would write (same
+* `--pretrained_model_name_or_path`: generate on the fly with exactly the images `sample.py` would write (same
   plan, seeds and uint8 quantisation, same order), without writing them.
-* ``--compute_reference_statistics OUT.npz``: ``mu``/``sigma`` of real images (a ``datasets`` dataset or an image
-  folder, resized and center-cropped to ``--resolution``), saved with the number of images.
+* `--compute_reference_statistics OUT.npz`: `mu`/`sigma` of real images (a `datasets` dataset or an image
+  folder, resized and center-cropped to `--resolution`), saved with the number of images.
 
 The metric networks are built first, so missing Inception weights or unusable reference statistics fail before any
 data or model is loaded. Images are split over processes, every image carries its global index, and the metric
 states are combined once at the end, so the numbers do not depend on the number of processes. The main process
-writes ``results.json`` and ``results.md``.
+writes `results.json` and `results.md`.
 
-ImageNet 256x256: the usual reference is ADM's ``VIRTUAL_imagenet256_labeled.npz`` (statistics of the ImageNet
+ImageNet 256x256: the usual reference is ADM's `VIRTUAL_imagenet256_labeled.npz` (statistics of the ImageNet
 training set, computed with the TF graph of the same Inception weights); figures computed against it with this
 evaluator (pytorch-fid's port and resize) are close to, not bit-identical with, ADM's TF evaluator.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import time
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from transformers.hf_argparser import HfArg
 
+from ..metrics import describe_fid_inception, sum_across_processes
+from ..utils.output_lock import lock_output_dir
+from .options import (
+    FeatureNetworkOptions,
+    ImageDatasetOptions,
+    check_positive,
+    create_accelerator,
+    start_command,
+)
+from .reconstruction import build_evaluation_loader, load_evaluation_dataset
+from .reports import format_number, library_versions, not_comparable_banner, warning_lines, write_json_and_markdown
 from .sampling import (
     SAMPLING_CONFIG_NAME,
-    add_sampling_arguments,
+    SamplingOptions,
     batches_of_process,
     generate_batches,
     load_maskgit_pipeline,
-    parse_class_ids,
     plan_samples,
     resolve_class_ids,
-    validate_sampling_settings,
 )
-from ..utils.output_lock import lock_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +69,7 @@ RANDOM_FEATURE_NETWORK_SEED = 0
 #: Number of images behind published ImageNet gFID / IS figures.
 PUBLISHED_NUM_IMAGES = 50_000
 
-NOT_COMPARABLE_BANNER = (
-    "RANDOMLY INITIALISED INCEPTION: gFID and IS below come from a network with random weights "
-    "(--random_init_feature_networks). They are NOT comparable to published figures or to runs with pretrained "
-    "weights; use them only as a smoke test."
-)
+NOT_COMPARABLE_BANNER = not_comparable_banner("INCEPTION", "gFID and IS below come from a network")
 
 MODES = ("samples", "pipeline", "reference_statistics")
 
@@ -74,64 +79,54 @@ MODES = ("samples", "pipeline", "reference_statistics")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class GenerationEvaluationConfig:
-    """Settings of ``evaluate_generation.py``; field names equal its flags.
+@dataclass(kw_only=True)
+class GenerationEvaluationConfig(FeatureNetworkOptions, ImageDatasetOptions, SamplingOptions):
+    """Settings of `evaluate_generation.py`; each field is the command-line flag of the same name (`--help`).
 
-    Attributes:
-        samples: Folder of generated images or ADM-style ``.npz`` (mode "samples").
-        pretrained_model_name_or_path: :class:`~flowmo_diffusers.FlowMoMaskGiTPipeline` to sample from on the fly
-            (mode "pipeline"), with the sampling settings of ``sample.py`` (class_ids ... decoder_guidance_scale).
-        compute_reference_statistics: Output ``.npz`` of reference statistics (mode "reference_statistics"), from
-            ``dataset_name`` / ``train_data_dir`` (split ``dataset_split``, default train), center-cropped to
-            ``resolution``, at most ``max_samples`` images, resized with ``interpolation``.
-        reference_statistics: ``.npz`` with ``mu``/``sigma`` for gFID (None: Inception Score only).
-        save_sample_statistics: Also save the evaluated images' own ``mu``/``sigma`` to this ``.npz``.
-        inception_weights_path: Local ``pt_inception-2015-12-05-6726825d.pth``.
-        random_init_feature_networks: Random Inception (tests / offline smoke runs only; figures not comparable).
-        inception_feature_dims: 2048 as published; 64/192/768 only for quick tests (no Inception Score then).
-        no_inception_score: Skip the Inception Score.
-        inception_score_splits / inception_score_shuffle_seed: See
-            :class:`~flowmo_diffusers.metrics.InceptionScore` (None: contiguous splits in sample order, as ADM).
-        batch_size / dataloader_num_workers: Images per process and forward pass; decoding workers.
-        output_dir: Where ``results.json`` / ``results.md`` go.
+    Exactly one of `samples` (mode "samples"), `pretrained_model_name_or_path` (mode "pipeline": sample on the fly
+    with `sample.py`'s class and sampler options, [`~flowmo_diffusers.evaluation.sampling.SamplingOptions`]) and
+    `compute_reference_statistics` (mode "reference_statistics": real images from `dataset_name` / `train_data_dir`,
+    center-cropped to `resolution`) says what is evaluated. `inception_score_shuffle_seed` is held as None when
+    negative (contiguous splits in sample order).
     """
 
-    samples: Optional[str] = None
-    pretrained_model_name_or_path: Optional[str] = None
-    compute_reference_statistics: Optional[str] = None
-    revision: Optional[str] = None
-    cache_dir: Optional[str] = None
-    hub_token: Optional[str] = None
-    class_ids: Optional[List[int]] = None
-    num_images_per_class: int = 50
-    seed: int = 0
-    num_inference_steps: int = 16
-    guidance_scale: float = 3.0
-    decoder_num_inference_steps: Optional[int] = None
-    decoder_guidance_scale: Optional[float] = None
-    batch_size: int = 32
-    mixed_precision: Optional[str] = None
-    cpu: bool = False
-    dataset_name: Optional[str] = None
-    dataset_config_name: Optional[str] = None
-    dataset_split: str = "train"
-    streaming: bool = False
-    image_column: Optional[str] = None
-    train_data_dir: Optional[str] = None
-    resolution: Optional[int] = None
-    max_samples: Optional[int] = None
-    interpolation: str = "bicubic"
-    dataloader_num_workers: int = 0
-    reference_statistics: Optional[str] = None
-    save_sample_statistics: Optional[str] = None
-    inception_weights_path: Optional[str] = None
-    random_init_feature_networks: bool = False
-    inception_feature_dims: int = 2048
-    no_inception_score: bool = False
-    inception_score_splits: int = 10
-    inception_score_shuffle_seed: Optional[int] = 2020
-    output_dir: str = "generation-evaluation"
+    command_description = (
+        "gFID and Inception Score of generated images, or reference statistics of real ones "
+        "(run with `accelerate launch`)."
+    )
+
+    samples: str | None = HfArg(default=None, help="Folder of generated images (sample.py) or ADM-style .npz.")
+    pretrained_model_name_or_path: str | None = HfArg(
+        default=None, help="FlowMoMaskGiTPipeline folder or Hub id to sample from on the fly (sample.py's images)."
+    )
+    compute_reference_statistics: str | None = HfArg(
+        default=None,
+        metadata={"metavar": "OUT.npz"},
+        help="Compute mu/sigma of real images (--dataset_name or --train_data_dir) and save them here.",
+    )
+    dataset_split: str = HfArg(default="train", help="Split of the real images (ADM's ImageNet reference: train).")
+    train_data_dir: str | None = HfArg(default=None, help="Folder of real images (imagefolder builder).")
+    resolution: int | None = HfArg(default=None, help="Resize + center-crop size of real images (the samples' size).")
+    interpolation: Literal["bicubic", "bilinear"] = HfArg(
+        default="bicubic", help="Resize filter (antialiased); bicubic is closest to ADM's reference batches."
+    )
+    reference_statistics: str | None = HfArg(default=None, help=".npz with mu/sigma for gFID.")
+    save_sample_statistics: str | None = HfArg(
+        default=None, help="Also save the samples' own mu/sigma to this .npz."
+    )
+    no_inception_score: bool = HfArg(default=False, help="Skip the Inception Score.")
+    inception_score_splits: int = HfArg(default=10, help="Splits of the Inception Score.")
+    inception_score_shuffle_seed: int | None = HfArg(
+        default=2020,
+        help="Shuffle samples with this seed before splitting (torch-fidelity's default); negative: contiguous "
+        "splits in sample order (improved-gan / ADM).",
+    )
+    output_dir: str = HfArg(default="generation-evaluation", help="Where results.json/.md go.")
+
+    def __post_init__(self) -> None:
+        if self.inception_score_shuffle_seed is not None and self.inception_score_shuffle_seed < 0:
+            self.inception_score_shuffle_seed = None
+        super().__post_init__()
 
     @property
     def mode(self) -> str:
@@ -142,6 +137,12 @@ class GenerationEvaluationConfig:
     @property
     def computes_inception_score(self) -> bool:
         return self.mode != "reference_statistics" and not self.no_inception_score
+
+    def image_folder(self) -> str | None:
+        return self.train_data_dir
+
+    def resolved_split(self) -> str:
+        return self.dataset_split
 
     def validate(self) -> None:
         """Raise ValueError for inconsistent settings (cheap checks, before anything is loaded)."""
@@ -159,22 +160,12 @@ class GenerationEvaluationConfig:
                 "give exactly one of --samples (evaluate a folder or .npz), --pretrained_model_name_or_path (sample "
                 f"and evaluate) or --compute_reference_statistics OUT.npz; got {given or 'none'}"
             )
-        validate_sampling_settings(self)
-        if self.random_init_feature_networks and self.inception_weights_path is not None:
-            raise ValueError("--random_init_feature_networks was given together with --inception_weights_path")
-        if self.inception_feature_dims not in (64, 192, 768, 2048):
-            raise ValueError(
-                f"--inception_feature_dims must be 64, 192, 768 or 2048, got {self.inception_feature_dims}"
-            )
         if self.computes_inception_score and self.inception_feature_dims != 2048:
             raise ValueError(
                 "the Inception Score needs --inception_feature_dims 2048 (the classifier sits on the pool features); "
                 "add --no_inception_score to use smaller features"
             )
-        if self.inception_score_splits < 1:
-            raise ValueError(f"--inception_score_splits must be positive, got {self.inception_score_splits}")
-        if self.dataloader_num_workers < 0:
-            raise ValueError(f"--dataloader_num_workers must be non-negative, got {self.dataloader_num_workers}")
+        check_positive(self, "inception_score_splits")
         if self.mode == "reference_statistics":
             if (self.dataset_name is None) == (self.train_data_dir is None):
                 raise ValueError(
@@ -184,97 +175,15 @@ class GenerationEvaluationConfig:
                 raise ValueError("--compute_reference_statistics needs --resolution (the generator's image size)")
             if self.reference_statistics is not None:
                 raise ValueError("--reference_statistics is an input of gFID, not of --compute_reference_statistics")
-            if self.interpolation not in ("bilinear", "bicubic"):
-                raise ValueError(f"--interpolation must be bilinear or bicubic, got {self.interpolation!r}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"--max_samples must be positive, got {self.max_samples}")
-
-    @property
-    def comparable_to_published_results(self) -> bool:
-        return not self.random_init_feature_networks and self.inception_feature_dims == 2048
+        super().validate()
 
     def feature_network(self) -> str:
-        from ..metrics import describe_fid_inception
-
         return describe_fid_inception(self.random_init_feature_networks, self.inception_feature_dims)
 
 
-def build_argument_parser() -> argparse.ArgumentParser:
-    """The command line of ``examples/train_maskgit/evaluate_generation.py``."""
-    parser = argparse.ArgumentParser(
-        description="gFID and Inception Score of generated images, or reference statistics of real ones "
-        "(run with `accelerate launch`).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    inputs = parser.add_argument_group("what to evaluate (exactly one)")
-    inputs.add_argument("--samples", default=None, help="Folder of generated images (sample.py) or ADM-style .npz.")
-    inputs.add_argument(
-        "--compute_reference_statistics",
-        default=None,
-        metavar="OUT.npz",
-        help="Compute mu/sigma of real images (--dataset_name or --train_data_dir) and save them here.",
-    )
-    add_sampling_arguments(parser, model_required=False)  # --pretrained_model_name_or_path: sample on the fly
-
-    data = parser.add_argument_group("real images (--compute_reference_statistics)")
-    data.add_argument("--dataset_name", default=None, help="datasets dataset, e.g. ILSVRC/imagenet-1k.")
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--dataset_split", default="train", help="ADM's ImageNet reference uses the training set.")
-    data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
-    data.add_argument("--image_column", default=None, help="Image column (auto-detected by default).")
-    data.add_argument("--train_data_dir", default=None, help="Folder of images (imagefolder builder).")
-    data.add_argument("--resolution", type=int, default=None, help="Resize + center-crop size (the samples' size).")
-    data.add_argument(
-        "--max_samples", type=int, default=None, help="Use only the first N images (real, samples or generated)."
-    )
-    data.add_argument(
-        "--interpolation",
-        choices=["bicubic", "bilinear"],
-        default="bicubic",
-        help="Resize filter (antialiased); bicubic is closest to ADM's reference batches.",
-    )
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Decoding workers per process.")
-
-    metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--reference_statistics", default=None, help=".npz with mu/sigma for gFID.")
-    metrics.add_argument(
-        "--save_sample_statistics", default=None, help="Also save the samples' own mu/sigma to this .npz."
-    )
-    metrics.add_argument("--inception_weights_path", default=None, help="Local pt_inception-2015-12-05-6726825d.pth.")
-    metrics.add_argument(
-        "--random_init_feature_networks",
-        action="store_true",
-        help="Random Inception weights: for tests and offline smoke runs only; figures are NOT comparable.",
-    )
-    metrics.add_argument(
-        "--inception_feature_dims",
-        type=int,
-        choices=[64, 192, 768, 2048],
-        default=2048,
-        help="Features for FID; only 2048 gives published gFID (smaller: quick tests, with --no_inception_score).",
-    )
-    metrics.add_argument("--no_inception_score", action="store_true", help="Skip the Inception Score.")
-    metrics.add_argument("--inception_score_splits", type=int, default=10)
-    metrics.add_argument(
-        "--inception_score_shuffle_seed",
-        type=int,
-        default=2020,
-        help="Shuffle samples with this seed before splitting (torch-fidelity's default); negative: contiguous "
-        "splits in sample order (improved-gan / ADM).",
-    )
-    parser.add_argument("--output_dir", default="generation-evaluation", help="Where results.json/.md go.")
-    return parser
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> GenerationEvaluationConfig:
-    """Parse and validate the command line."""
-    namespace = vars(build_argument_parser().parse_args(argv))
-    namespace["class_ids"] = parse_class_ids(namespace["class_ids"])
-    if namespace["inception_score_shuffle_seed"] < 0:
-        namespace["inception_score_shuffle_seed"] = None
-    config = GenerationEvaluationConfig(**namespace)
-    config.validate()
-    return config
+#: The command line, one flag per [`GenerationEvaluationConfig`] field, and its parser (into a validated config).
+build_argument_parser = GenerationEvaluationConfig.argument_parser
+parse_args = GenerationEvaluationConfig.from_command_line
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -283,41 +192,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GenerationEvaluationConf
 
 
 def build_generation_metrics(config: GenerationEvaluationConfig, device: torch.device):
-    """The :class:`~flowmo_diffusers.metrics.GenerationMetrics` of ``config`` (reference statistics read first).
+    """The [`~flowmo_diffusers.metrics.GenerationMetrics`] of `config` (reference statistics read first).
 
-    Random networks are drawn from :data:`RANDOM_FEATURE_NETWORK_SEED` (every process and every run the same
-    network, so reference statistics of one run fit the samples of another).
+    Random networks are drawn from [`RANDOM_FEATURE_NETWORK_SEED`] (every process and every run the same network, so
+    reference statistics of one run fit the samples of another).
+
+    Returns:
+        [`~flowmo_diffusers.metrics.GenerationMetrics`]: The metrics, on `device`.
 
     Raises:
-        MissingPretrainedWeightsError: No Inception weights (the message names the command-line flags).
+        MissingPretrainedWeightsError: No Inception weights (the message names the command-line flag).
         FileNotFoundError / ValueError: Unusable reference statistics.
     """
-    from ..metrics import GenerationMetrics, MissingPretrainedWeightsError
+    from ..metrics import GenerationMetrics
 
-    def build():
-        return GenerationMetrics(
-            reference_statistics=config.reference_statistics,
-            device=device,
-            random_init=config.random_init_feature_networks,
-            inception_weights_path=config.inception_weights_path,
-            inception_feature_dims=config.inception_feature_dims,
-            compute_inception_score=config.computes_inception_score,
-            inception_score_splits=config.inception_score_splits,
-            inception_score_shuffle_seed=config.inception_score_shuffle_seed,
-        )
-
-    if config.random_init_feature_networks:
-        with torch.random.fork_rng(devices=[]):  # initialised on the CPU; leave the caller's RNG alone
-            torch.manual_seed(RANDOM_FEATURE_NETWORK_SEED)
-            return build()
-    try:
-        return build()
-    except MissingPretrainedWeightsError as error:
-        raise MissingPretrainedWeightsError(
-            f"{error}\nWith evaluate_generation.py: pass --inception_weights_path /path/to/file, or put the file in "
-            "the torch hub cache. For a smoke test without the pretrained network, pass "
-            "--random_init_feature_networks (the figures are then not comparable to anything)."
-        ) from error
+    return config.build_metric_networks(
+        GenerationMetrics,
+        RANDOM_FEATURE_NETWORK_SEED,
+        "examples/train_maskgit/evaluate_generation.py",
+        reference_statistics=config.reference_statistics,
+        device=device,
+        compute_inception_score=config.computes_inception_score,
+        inception_score_splits=config.inception_score_splits,
+        inception_score_shuffle_seed=config.inception_score_shuffle_seed,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -325,8 +223,8 @@ def build_generation_metrics(config: GenerationEvaluationConfig, device: torch.d
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def list_sample_images(folder: os.PathLike | str) -> List[Path]:
-    """Image files directly inside ``folder`` (hidden/temporary files excluded), sorted by name.
+def list_sample_images(folder: os.PathLike | str) -> list[Path]:
+    """Image files directly inside `folder` (hidden/temporary files excluded), sorted by name.
 
     Raises:
         FileNotFoundError: Not a folder. ValueError: No images in it.
@@ -346,11 +244,11 @@ def list_sample_images(folder: os.PathLike | str) -> List[Path]:
 
 @dataclass(frozen=True)
 class NpzImageArray:
-    """Where ``arr_0`` ([N, H, W, 3] uint8) of an ``.npz`` lies: memory-mappable if stored, else loaded whole."""
+    """Where `arr_0` ([N, H, W, 3] uint8) of an `.npz` lies: memory-mappable if stored, else loaded whole."""
 
     path: str
-    shape: Tuple[int, ...]
-    offset: Optional[int]  # byte offset of the raw array in the file; None for a compressed member
+    shape: tuple[int, ...]
+    offset: int | None  # byte offset of the raw array in the file; None for a compressed member
 
     def open(self) -> np.ndarray:
         if self.offset is not None:
@@ -360,14 +258,14 @@ class NpzImageArray:
 
 
 def locate_npz_images(path: os.PathLike | str) -> NpzImageArray:
-    """Find ``arr_0`` in an ADM-style ``.npz`` without reading it.
+    """Find `arr_0` in an ADM-style `.npz` without reading it.
 
-    ``np.savez`` stores members uncompressed, so the array's bytes lie contiguously in the file and can be
+    `np.savez` stores members uncompressed, so the array's bytes lie contiguously in the file and can be
     memory-mapped (random access for any number of processes and workers, nothing loaded up front). A
-    ``np.savez_compressed`` archive is loaded into memory instead.
+    `np.savez_compressed` archive is loaded into memory instead.
 
     Raises:
-        FileNotFoundError / ValueError: Missing file, no ``arr_0``, or not ``[N, H, W, 3]`` uint8.
+        FileNotFoundError / ValueError: Missing file, no `arr_0`, or not `[N, H, W, 3]` uint8.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -406,25 +304,30 @@ def locate_npz_images(path: os.PathLike | str) -> NpzImageArray:
 
 
 class SampleImages(torch.utils.data.Dataset):
-    """One process' share of a samples folder or ``.npz``: items ``(global index, [3, H, W] uint8 tensor)``.
+    """One process' share of a samples folder or `.npz`: items `(global index, [3, H, W] uint8 tensor)`.
 
     Args:
-        source: Sorted image paths (:func:`list_sample_images`) or an :class:`NpzImageArray`.
-        process_index / num_processes: This process takes the global indices ``i`` with ``i % P == p``.
-        max_samples: Only the first ``max_samples`` images of the whole set.
+        source (`list[Path]` or [`NpzImageArray`]):
+            Sorted image paths ([`list_sample_images`]) or an `.npz`'s images.
+        process_index (`int`, *optional*, defaults to `0`):
+            This process, `p`: it takes the global indices `i` with `i % P == p`.
+        num_processes (`int`, *optional*, defaults to `1`):
+            `P`.
+        max_samples (`int`, *optional*):
+            Only the first `max_samples` images of the whole set.
     """
 
-    def __init__(self, source, process_index: int = 0, num_processes: int = 1, max_samples: Optional[int] = None):
+    def __init__(self, source, process_index: int = 0, num_processes: int = 1, max_samples: int | None = None):
         self.source = source
         total = source.shape[0] if isinstance(source, NpzImageArray) else len(source)
         self.num_total = min(total, max_samples) if max_samples is not None else total
         self.indices = list(range(process_index, self.num_total, num_processes))
-        self._array: Optional[np.ndarray] = None  # opened lazily, in each DataLoader worker
+        self._array: np.ndarray | None = None  # opened lazily, in each DataLoader worker
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> Tuple[int, torch.Tensor]:
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor]:
         from ..utils.images import to_rgb as convert_to_rgb
 
         index = self.indices[position]
@@ -439,7 +342,7 @@ class SampleImages(torch.utils.data.Dataset):
                 pixels = np.array(convert_to_rgb(image), dtype=np.uint8)  # a writable copy, as torch wants
         return index, torch.from_numpy(pixels).permute(2, 0, 1)
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         # Workers started with "spawn" receive the dataset pickled: send the location, not a memory map.
         return dict(self.__dict__, _array=None)
 
@@ -453,7 +356,7 @@ class _CollateSamples:
     def __init__(self, dataset: SampleImages):
         self.dataset = dataset
 
-    def __call__(self, items: List[Tuple[int, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, items: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         indices = torch.tensor([index for index, _ in items], dtype=torch.int64)
         shapes = {tuple(image.shape) for _, image in items}
         if len(shapes) > 1:
@@ -472,9 +375,9 @@ def sample_file_batches(
     process_index: int = 0,
     num_processes: int = 1,
     num_workers: int = 0,
-    max_samples: Optional[int] = None,
-) -> Tuple[torch.utils.data.DataLoader, int]:
-    """Batches ``(global indices [b], images [b, 3, H, W] uint8)`` of this process' share of a folder or ``.npz``.
+    max_samples: int | None = None,
+) -> tuple[torch.utils.data.DataLoader, int]:
+    """Batches `(global indices [b], images [b, 3, H, W] uint8)` of this process' share of a folder or `.npz`.
 
     Returns:
         The loader and the total number of images (all processes).
@@ -490,27 +393,20 @@ def sample_file_batches(
     return loader, dataset.num_total
 
 
-def pipeline_sample_batches(config: GenerationEvaluationConfig, accelerator) -> Tuple[Iterator, int, Dict[str, Any]]:
-    """Generate ``sample.py``'s images of ``config`` (this process' share) as metric batches.
+def pipeline_sample_batches(config: GenerationEvaluationConfig, accelerator) -> tuple[Iterator, int, dict[str, Any]]:
+    """Generate `sample.py`'s images of `config` (this process' share) as metric batches.
 
     Returns:
-        ``(batches of (global indices [b], images [b, 3, H, W] uint8), total number of images, sampling settings)``.
+        `tuple[Iterator, int, dict]`: Batches of `(global indices [b], images [b, 3, H, W] uint8)`, the total number
+        of images, and the sampling settings.
     """
     pipeline = load_maskgit_pipeline(config, accelerator)
     class_ids = resolve_class_ids(config.class_ids, pipeline.transformer.config.num_classes)
     plan = plan_samples(class_ids, config.num_images_per_class)
     if config.max_samples is not None:
         plan = plan[: config.max_samples]
-    generated = generate_batches(
-        pipeline,
-        batches_of_process(plan, config.batch_size, accelerator.process_index, accelerator.num_processes),
-        seed=config.seed,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        decoder_num_inference_steps=config.decoder_num_inference_steps,
-        decoder_guidance_scale=config.decoder_guidance_scale,
-        autocast=accelerator.autocast,
-    )
+    my_batches = batches_of_process(plan, config.batch_size, accelerator.process_index, accelerator.num_processes)
+    generated = generate_batches(pipeline, my_batches, config, autocast=accelerator.autocast)
 
     def to_tensors():
         for specs, images in generated:
@@ -523,10 +419,7 @@ def pipeline_sample_batches(config: GenerationEvaluationConfig, accelerator) -> 
         "num_classes": len(class_ids),
         "num_images_per_class": config.num_images_per_class,
         "seed": config.seed,
-        "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        "decoder_num_inference_steps": config.decoder_num_inference_steps,
-        "decoder_guidance_scale": config.decoder_guidance_scale,
+        **config.pipeline_arguments(),
         "mixed_precision": accelerator.mixed_precision,
     }
     return to_tensors(), len(plan), settings
@@ -542,13 +435,30 @@ def accumulate(
     metrics,
     batches,
     accelerator=None,
-    total: Optional[int] = None,
+    total: int | None = None,
     description: str = "evaluating",
-    value_range: Tuple[float, float] = (0.0, 1.0),
+    value_range: tuple[float, float] = (0.0, 1.0),
 ):
-    """Feed ``(global indices [b], images [b, 3, H, W])`` batches to ``metrics``, then gather over processes.
+    """Feed `(global indices [b], images [b, 3, H, W])` batches to `metrics`, then gather over processes.
 
-    Call on every process. ``images`` are uint8, or floats in ``value_range``.
+    Call on every process.
+
+    Args:
+        metrics ([`~flowmo_diffusers.metrics.GenerationMetrics`]):
+            The metrics to update.
+        batches (`Iterable[tuple[torch.Tensor, torch.Tensor]]`):
+            The batches; `images` are uint8, or floats in `value_range`.
+        accelerator (`accelerate.Accelerator`, *optional*):
+            Gathering and the progress bar (local main process only); None: a single process.
+        total (`int`, *optional*):
+            Images over all processes, for the progress bar.
+        description (`str`, *optional*, defaults to `"evaluating"`):
+            Progress-bar label.
+        value_range (`tuple[float, float]`, *optional*, defaults to `(0.0, 1.0)`):
+            Range of float images.
+
+    Returns:
+        The gathered `metrics`.
     """
     from tqdm.auto import tqdm
 
@@ -564,35 +474,21 @@ def accumulate(
 
 
 def compute_reference_statistics(config: GenerationEvaluationConfig, accelerator=None):
-    """``mu``/``sigma`` of the real images of ``config``, saved to ``config.compute_reference_statistics``.
+    """`mu`/`sigma` of the real images of `config`, saved to `config.compute_reference_statistics`.
 
-    Images are resized (shorter side, antialiased ``config.interpolation``) and center-cropped to
-    ``config.resolution`` by the evaluation data pipeline, split over processes and summed once at the end.
+    Images are resized (shorter side, antialiased `config.interpolation`) and center-cropped to `config.resolution` by
+    the evaluation data pipeline, split over processes and summed once at the end.
 
     Returns:
-        ``(ReferenceStatistics, number of undecodable images skipped)``.
+        `tuple[ReferenceStatistics, int]`: The statistics and the number of undecodable images skipped.
     """
     from torchvision.transforms import InterpolationMode
-
-    from .reconstruction import add_global_image_index, build_evaluation_loader, create_accelerator
-    from ..metrics import sum_across_processes
-    from ..data import load_image_dataset
 
     if accelerator is None:
         accelerator = create_accelerator(config)
     with accelerator.main_process_first():  # one download of the weights / one Arrow preparation
         metrics = build_generation_metrics(config, accelerator.device)
-        dataset = load_image_dataset(
-            dataset_name=config.dataset_name,
-            dataset_config_name=config.dataset_config_name,
-            train_data_dir=config.train_data_dir,
-            split=config.dataset_split,
-            streaming=config.streaming,
-            image_column=config.image_column,
-            cache_dir=config.cache_dir,
-            token=config.hub_token,
-        )
-        dataset = add_global_image_index(dataset, config.max_samples)
+        dataset = load_evaluation_dataset(config)
     loader = build_evaluation_loader(
         dataset,
         config.resolution,
@@ -617,7 +513,7 @@ def compute_reference_statistics(config: GenerationEvaluationConfig, accelerator
     return statistics, num_skipped
 
 
-def report_warnings(config: GenerationEvaluationConfig, num_images: int) -> List[str]:
+def report_warnings(config: GenerationEvaluationConfig, num_images: int) -> list[str]:
     """Reasons the figures cannot be put next to published ones, most serious first."""
     warnings = []
     if config.random_init_feature_networks:
@@ -637,25 +533,29 @@ def report_warnings(config: GenerationEvaluationConfig, num_images: int) -> List
     return warnings
 
 
-def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) -> Dict[str, Any]:
-    """Run the mode of ``config`` and write the report (main process); call on every process.
+def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) -> dict[str, Any]:
+    """Run the mode of `config` and write the report (main process); call on every process.
+
+    Args:
+        config ([`GenerationEvaluationConfig`]):
+            The mode, what it reads and how.
+        accelerator (`accelerate.Accelerator`, *optional*):
+            Made from `config` if not given.
 
     Returns:
-        The report (``results.json``): ``{"mode", "metrics", "source", "reference_statistics", "settings",
-        "warnings", "comparable_to_published_results", "versions"}``; the same on every process.
+        `dict[str, Any]`: The report (`results.json`): `{"mode", "metrics", "source", "reference_statistics",
+        "settings", "warnings", "comparable_to_published_results", "versions"}`; the same on every process.
 
     Raises:
         MissingPretrainedWeightsError, FileNotFoundError, ValueError: Before any data or model is loaded when the
             Inception weights or the reference statistics are unusable.
     """
-    from .reconstruction import create_accelerator, library_versions
-
     config.validate()
     if accelerator is None:
         accelerator = create_accelerator(config)
     lock_output_dir(config.output_dir, accelerator, purpose="generation evaluation", log=logger.warning)
     start = time.perf_counter()
-    source: Dict[str, Any]
+    source: dict[str, Any]
     if config.mode == "reference_statistics":
         statistics, num_skipped = compute_reference_statistics(config, accelerator)
         results = {"num_images": statistics.num_samples, "num_skipped_images": num_skipped}
@@ -734,18 +634,11 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _format(value: Optional[float], digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_markdown_report(report: Dict[str, Any]) -> str:
-    """``results.md``: warnings, then one table row with the figures."""
+def format_markdown_report(report: dict[str, Any]) -> str:
+    """`results.md`: warnings, then one table row with the figures."""
     metrics = report["metrics"]
-    lines = ["# Generation evaluation" if report["mode"] != "reference_statistics" else "# Reference statistics", ""]
-    if not report["comparable_to_published_results"]:
-        lines += [f"> **WARNING — NOT COMPARABLE.** {NOT_COMPARABLE_BANNER}", ""]
-    notes = [warning for warning in report["warnings"] if warning != NOT_COMPARABLE_BANNER]
-    lines += [f"> Note: {warning}" for warning in notes] + ([""] if notes else [])
+    title = "# Generation evaluation" if report["mode"] != "reference_statistics" else "# Reference statistics"
+    lines = [title, "", *warning_lines(report, NOT_COMPARABLE_BANNER)]
     if report["mode"] == "reference_statistics":
         source = ", ".join(f"{key}={value}" for key, value in report["source"].items() if value is not None)
         lines += [
@@ -761,7 +654,7 @@ def format_markdown_report(report: Dict[str, Any]) -> str:
     lines += [
         "| source | images | gFID | IS |",
         "| --- | --- | --- | --- |",
-        f"| {source} | {metrics['num_images']} | {_format(metrics.get('gfid'), 3)} | {is_cell} |",
+        f"| {source} | {metrics['num_images']} | {format_number(metrics.get('gfid'), 3)} | {is_cell} |",
         "",
     ]
     reference = report["reference_statistics"]
@@ -778,21 +671,17 @@ def format_markdown_report(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: Dict[str, Any], output_dir: os.PathLike | str) -> Dict[str, Path]:
-    """Write ``results.json`` and ``results.md``; returns ``{"json": path, "markdown": path}``."""
-    from .reconstruction import json_safe
+def write_report(report: dict[str, Any], output_dir: os.PathLike | str) -> dict[str, Path]:
+    """Write `results.json` and `results.md`.
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(format_markdown_report(report), encoding="utf-8")
-    return paths
+    Returns:
+        `dict[str, Path]`: `{"json": path, "markdown": path}`.
+    """
+    return write_json_and_markdown(report, format_markdown_report(report), output_dir)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point: parse, evaluate, print the markdown on the main process."""
-    from .reconstruction import start_command
     from ..metrics import MissingPretrainedWeightsError
 
     config, accelerator = start_command(parse_args, argv)

@@ -1,72 +1,79 @@
 """Evaluate FlowMo tokenizers: rFID, PSNR, SSIM and LPIPS of reconstructions, distributed, with a report.
 
-This is the logic behind ``accelerate launch examples/evaluate_flowmo/evaluate.py``; the script only calls
-:func:`main`. One run evaluates one or several :class:`~flowmo_diffusers.FlowMoPipeline` s on the same images:
+This is the logic behind `accelerate launch examples/evaluate_flowmo/evaluate.py`; the script only calls
+[`main`]. One run evaluates one or several [`~flowmo_diffusers.FlowMoPipeline`]s on the same images:
 
-1. The metric networks are built first (:class:`~flowmo_diffusers.metrics.ReconstructionMetrics`), so missing
-   pretrained weights fail with :class:`~flowmo_diffusers.metrics.MissingPretrainedWeightsError` before any
+1. The metric networks are built first ([`~flowmo_diffusers.metrics.ReconstructionMetrics`]), so missing
+   pretrained weights fail with [`~flowmo_diffusers.metrics.MissingPretrainedWeightsError`] before any
    dataset or pipeline is loaded.
-2. The dataset (ImageNet val streamed from the Hub, any ``datasets`` dataset, an image folder, or the embedded
+2. The dataset (ImageNet val streamed from the Hub, any `datasets` dataset, an image folder, or the embedded
    default photographs) gets a column with each image's **global index** (its position in the dataset, after
-   ``max_samples``), and is split over the processes without padding or duplicates.
+   `max_samples`), and is split over the processes without padding or duplicates.
 3. Each image is reconstructed with the pipeline from initial noise drawn from a generator seeded by
-   ``(seed, global index)``: the noise of an image, hence every number in the report, does not depend on the
+   `(seed, global index)`: the noise of an image, hence every number in the report, does not depend on the
    number of processes, the batch size or the order in which images arrive.
 4. Metric states (sums and feature statistics) are accumulated per process and summed over processes once at
    the end, so processes may see different numbers of images.
-5. The main process writes ``results.json``, ``results.md`` and, for several models, ``rate_distortion.png``.
+5. The main process writes `results.json`, `results.md` and, for several models, `rate_distortion.png`.
 
 Reported numbers are comparable to the paper only with the pretrained feature networks (the default),
 2048-d Inception features, the 50,000 ImageNet-1K validation images at 256x256 and the paper's sampler
-(25 steps, guidance 1.5). ``random_init_feature_networks`` exists for tests and offline smoke runs; the report
+(25 steps, guidance 1.5). `random_init_feature_networks` exists for tests and offline smoke runs; the report
 then says, in every output, that rFID and LPIPS are not comparable to anything.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.metadata
-import json
 import logging
 import math
 import os
-import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from transformers.hf_argparser import HfArg
 
+from ..metrics.pretrained_weights import LPIPS_BACKBONE_WEIGHTS, PretrainedWeights
+from ..metrics.reconstruction_metrics import PSNR_MODES
+from ..models.autoencoder_flowmo import bits_per_pixel
 from ..utils.output_lock import lock_output_dir
 from ..utils.seeds import seeded_generator
+from .options import (
+    AcceleratorOptions,
+    FeatureNetworkOptions,
+    ImageDatasetOptions,
+    check_non_negative,
+    check_positive,
+    create_accelerator,
+    decoder_sampler_options,
+    start_command,
+)
+from .reports import (
+    format_number,
+    library_versions,
+    not_comparable_banner,
+    warning_lines,
+    write_json_and_markdown,
+)
+
+if TYPE_CHECKING:
+    import datasets
+    from torchvision.transforms import InterpolationMode
+
+    from ..data import ImageBatchLoader
 
 logger = logging.getLogger(__name__)
 
 #: Name of the column added to the dataset that carries each image's position in the evaluated set.
 GLOBAL_IMAGE_INDEX_COLUMN = "global_image_index"
 
-#: Distributions whose versions go into the report (missing ones are reported as ``None``).
-REPORTED_DISTRIBUTIONS = (
-    "flowmo-diffusers",
-    "torch",
-    "torchvision",
-    "diffusers",
-    "accelerate",
-    "datasets",
-    "lpips",
-    "pytorch-fid",
-    "scikit-image",
-    "scipy",
-    "numpy",
-)
-
-NOT_COMPARABLE_BANNER = (
-    "RANDOMLY INITIALISED FEATURE NETWORKS: rFID and LPIPS below come from Inception/LPIPS networks with random "
-    "weights (--random_init_feature_networks). They are NOT comparable to published figures or to runs with "
-    "pretrained weights; use them only as a smoke test."
+NOT_COMPARABLE_BANNER = not_comparable_banner(
+    "FEATURE NETWORKS", "rFID and LPIPS below come from Inception/LPIPS networks"
 )
 
 
@@ -94,80 +101,58 @@ PAPER_RESULTS = (
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EvaluationConfig:
-    """Everything an evaluation run needs; field names equal the command-line flags of ``evaluate.py``.
+@dataclass(kw_only=True)
+class EvaluationConfig(FeatureNetworkOptions, AcceleratorOptions, decoder_sampler_options(), ImageDatasetOptions):
+    """Everything an evaluation run needs; each field is the command-line flag of the same name of `evaluate.py`.
 
-    Attributes:
-        pretrained_model_name_or_path: One or more pipeline folders or Hub ids, evaluated on the same images.
-        model_names: Labels for the report and plot (default: folder basename or Hub id).
-        revision / cache_dir / hub_token: Hub download options for the pipelines (``hub_token`` is also used for
-            gated datasets such as ImageNet).
-        dataset_name / dataset_config_name / dataset_split / streaming / image_column: a ``datasets`` dataset.
-        data_dir: An image folder (``imagefolder`` builder), used when ``dataset_name`` is None. With neither,
-            the embedded scikit-image photographs are used (offline smoke test).
-        resolution: Center-crop size; None uses each model's ``sample_size``.
-        max_samples: Evaluate the first ``max_samples`` images only (None: all).
-        batch_size: Images per process and batch.
-        dataloader_num_workers: Decoding workers per process (at most 1 for streaming data, see
-            :func:`build_evaluation_loader`).
-        seed: Seed of the per-image initial noise (and of the random feature networks if requested).
-        num_inference_steps / guidance_scale: Sampler settings; None (the default) decodes with each decoder's own
-            sampler: the paper's (25 steps, guidance 1.5) for a trained FlowMo, K unguided passes for a distilled
-            student.
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast for the pipeline (None: Accelerate's
-            config). The metric networks always run in float32. FlowMo's own evaluation used bf16.
-        lpips_nets: LPIPS backbones; the first is reported as ``lpips``, others as ``lpips_<net>``.
-        inception_weights_path / lpips_alex_weights / lpips_vgg_weights: Local weight files for offline machines
-            (otherwise the torch hub cache / download is used).
-        random_init_feature_networks: Random Inception and LPIPS backbones (tests, offline smoke runs only).
-        inception_feature_dims: 2048 for rFID as reported; 64/192/768 only for quick tests.
-        psnr_mode: ``"per_image"`` or ``"flowmo_batch"`` (FlowMo's batch-pooled PSNR, depends on the batch size).
-        output_dir: Where the report is written.
-        cpu: Force CPU even if an accelerator is available.
+    The help of every field says what it does (`evaluate.py --help`); the hub, dataset, accelerator, decoder-sampler
+    and feature-network options are shared with the other entry points ([`~flowmo_diffusers.evaluation.options`]).
+    Without `dataset_name` and `data_dir` the embedded scikit-image photographs are evaluated (offline smoke test).
+    FlowMo's own evaluation used `mixed_precision="bf16"`.
     """
 
-    pretrained_model_name_or_path: List[str]
-    model_names: Optional[List[str]] = None
-    revision: Optional[str] = None
-    cache_dir: Optional[str] = None
-    hub_token: Optional[str] = None
-    dataset_name: Optional[str] = None
-    dataset_config_name: Optional[str] = None
-    dataset_split: Optional[str] = None
-    streaming: bool = False
-    image_column: Optional[str] = None
-    data_dir: Optional[str] = None
-    resolution: Optional[int] = None
-    max_samples: Optional[int] = None
-    batch_size: int = 16
-    dataloader_num_workers: int = 0
-    seed: int = 0
-    num_inference_steps: Optional[int] = None
-    guidance_scale: Optional[float] = None
-    mixed_precision: Optional[str] = None
-    lpips_nets: List[str] = field(default_factory=lambda: ["alex"])
-    inception_weights_path: Optional[str] = None
-    lpips_alex_weights: Optional[str] = None
-    lpips_vgg_weights: Optional[str] = None
-    random_init_feature_networks: bool = False
-    inception_feature_dims: int = 2048
-    psnr_mode: str = "per_image"
-    output_dir: str = "flowmo-evaluation"
-    cpu: bool = False
+    command_description = (
+        "rFID, PSNR, SSIM and LPIPS of FlowMo reconstructions (run with `accelerate launch`)."
+    )
+
+    pretrained_model_name_or_path: list[str] = HfArg(
+        help="One or more FlowMoPipeline folders or Hub ids; several models are evaluated on the same images and "
+        "drawn in a rate-distortion plot."
+    )
+    model_names: list[str] | None = HfArg(default=None, help="Labels for the report (one per model).")
+    dataset_split: str | None = HfArg(
+        default=None, help="Split to evaluate (default: validation; train for --data_dir)."
+    )
+    data_dir: str | None = HfArg(default=None, help="Folder of images (imagefolder builder).")
+    resolution: int | None = HfArg(default=None, help="Center-crop size (default: model sample_size).")
+    batch_size: int = HfArg(default=16, help="Images per process and batch.")
+    seed: int = HfArg(default=0, help="Seed of the per-image initial noise (and of random feature networks).")
+    lpips_nets: list[str] = HfArg(
+        default_factory=lambda: ["alex"],
+        help="LPIPS backbones, comma- or space-separated: alex (reported as lpips), vgg (lpips_vgg).",
+    )
+    lpips_alex_weights: str | None = HfArg(
+        default=None, help=f"Local {LPIPS_BACKBONE_WEIGHTS['alex'].file_name} (default: the torch hub cache)."
+    )
+    lpips_vgg_weights: str | None = HfArg(
+        default=None, help=f"Local {LPIPS_BACKBONE_WEIGHTS['vgg'].file_name} (default: the torch hub cache)."
+    )
+    psnr_mode: Literal[PSNR_MODES] = HfArg(
+        default="per_image",
+        help="per_image: mean of per-image PSNR. flowmo_batch: FlowMo's released code (PSNR pooled over each batch, "
+        "averaged over batches; depends on --batch_size, the paper used 5).",
+    )
+    output_dir: str = HfArg(default="flowmo-evaluation", help="Where results.json/.md/.png go.")
 
     def __post_init__(self) -> None:
         if isinstance(self.pretrained_model_name_or_path, str):
             self.pretrained_model_name_or_path = [self.pretrained_model_name_or_path]
         self.pretrained_model_name_or_path = list(self.pretrained_model_name_or_path)
-        if isinstance(self.lpips_nets, str):
-            self.lpips_nets = parse_lpips_nets(self.lpips_nets)
-        self.lpips_nets = list(self.lpips_nets)
+        self.lpips_nets = parse_lpips_nets(self.lpips_nets)
+        super().__post_init__()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for inconsistent settings (cheap checks, before anything is loaded)."""
-        from ..metrics.reconstruction_metrics import PSNR_MODES
-
+        """Raise ValueError for inconsistent settings (cheap checks, before anything is loaded)."""
         if not self.pretrained_model_name_or_path:
             raise ValueError("give at least one --pretrained_model_name_or_path")
         if self.model_names is not None and len(self.model_names) != len(self.pretrained_model_name_or_path):
@@ -175,48 +160,28 @@ class EvaluationConfig:
                 f"--model_names has {len(self.model_names)} entries for "
                 f"{len(self.pretrained_model_name_or_path)} models; give one name per model"
             )
-        if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"--max_samples must be positive, got {self.max_samples}")
-        if self.resolution is not None and self.resolution < 1:
-            raise ValueError(f"--resolution must be positive, got {self.resolution}")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be non-negative, got {self.seed}")
-        if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ValueError(f"--num_inference_steps must be positive, got {self.num_inference_steps}")
-        if self.psnr_mode not in PSNR_MODES:
-            raise ValueError(f"--psnr_mode must be one of {PSNR_MODES}, got {self.psnr_mode!r}")
-        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
-            raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        check_positive(self, "batch_size", "resolution")
+        check_non_negative(self, "seed")
         if self.data_dir is not None and self.dataset_name is not None:
             raise ValueError("give either --dataset_name or --data_dir, not both")
-        if self.random_init_feature_networks:
-            given = [
-                name
-                for name in ("inception_weights_path", "lpips_alex_weights", "lpips_vgg_weights")
-                if getattr(self, name) is not None
-            ]
-            if given:
-                raise ValueError(
-                    f"--random_init_feature_networks was given together with weight files ({', '.join(given)}); "
-                    "pass one or the other"
-                )
+        super().validate()
 
-    @property
-    def comparable_to_published_results(self) -> bool:
-        """Whether the feature networks are the ones every published rFID / LPIPS uses."""
-        return not self.random_init_feature_networks and self.inception_feature_dims == 2048
+    def weights_files(self) -> dict[str, PretrainedWeights]:
+        lpips_weights = {f"lpips_{net}_weights": weights for net, weights in LPIPS_BACKBONE_WEIGHTS.items()}
+        return super().weights_files() | lpips_weights
 
-    def lpips_backbone_weights_paths(self) -> Dict[str, str]:
-        """``{net: local weights file}`` for the evaluated LPIPS nets that were given a file."""
-        paths = {"alex": self.lpips_alex_weights, "vgg": self.lpips_vgg_weights}
+    def lpips_backbone_weights_paths(self) -> dict[str, str]:
+        """`{net: local weights file}` for the evaluated LPIPS nets that were given a file."""
+        paths = {net: getattr(self, f"lpips_{net}_weights") for net in LPIPS_BACKBONE_WEIGHTS}
         for net, path in paths.items():
             if path is not None and net not in self.lpips_nets:
                 logger.warning("--lpips_%s_weights is ignored: %r is not in --lpips_nets %s", net, net, self.lpips_nets)
         return {net: path for net, path in paths.items() if path is not None and net in self.lpips_nets}
 
-    def data_description(self) -> Dict[str, Any]:
+    def image_folder(self) -> str | None:
+        return self.data_dir
+
+    def data_description(self) -> dict[str, Any]:
         """Where the images come from, for the report."""
         if self.dataset_name is not None:
             source = {"dataset_name": self.dataset_name, "dataset_config_name": self.dataset_config_name}
@@ -233,97 +198,15 @@ class EvaluationConfig:
         return "train" if self.dataset_name is None else "validation"
 
 
-def parse_lpips_nets(value: str | Sequence[str]) -> List[str]:
-    """``"alex,vgg"`` or ``["alex", "vgg"]`` or ``["alex,vgg"]`` -> ``["alex", "vgg"]``."""
+def parse_lpips_nets(value: str | Sequence[str]) -> list[str]:
+    """`"alex,vgg"` or `["alex", "vgg"]` or `["alex,vgg"]` -> `["alex", "vgg"]`."""
     items = [value] if isinstance(value, str) else list(value)
     return [net.strip() for item in items for net in item.replace(" ", ",").split(",") if net.strip()]
 
 
-def build_argument_parser() -> argparse.ArgumentParser:
-    """The command line of ``examples/evaluate_flowmo/evaluate.py`` (one flag per :class:`EvaluationConfig` field)."""
-    parser = argparse.ArgumentParser(
-        description="rFID, PSNR, SSIM and LPIPS of FlowMo reconstructions (run with `accelerate launch`).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    models = parser.add_argument_group("models")
-    models.add_argument(
-        "--pretrained_model_name_or_path",
-        nargs="+",
-        required=True,
-        help="One or more FlowMoPipeline folders or Hub ids; several models are evaluated on the same images "
-        "and drawn in a rate-distortion plot.",
-    )
-    models.add_argument("--model_names", nargs="+", default=None, help="Labels for the report (one per model).")
-    models.add_argument("--revision", default=None, help="Hub revision of the pipelines.")
-    models.add_argument("--cache_dir", default=None, help="Hub / datasets cache folder.")
-    models.add_argument(
-        "--hub_token", default=None, help="Hub token (gated datasets such as ImageNet, private models)."
-    )
-
-    data = parser.add_argument_group("data (default: the embedded scikit-image photographs)")
-    data.add_argument("--dataset_name", default=None, help="datasets dataset, e.g. ILSVRC/imagenet-1k.")
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument(
-        "--dataset_split", default=None, help="Split to evaluate (default: validation; train for --data_dir)."
-    )
-    data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
-    data.add_argument("--image_column", default=None, help="Image column (auto-detected by default).")
-    data.add_argument("--data_dir", default=None, help="Folder of images (imagefolder builder).")
-    data.add_argument("--resolution", type=int, default=None, help="Center-crop size (default: model sample_size).")
-    data.add_argument("--max_samples", type=int, default=None, help="Evaluate only the first N images.")
-    data.add_argument("--batch_size", type=int, default=16, help="Images per process and batch.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Decoding workers per process.")
-
-    sampler = parser.add_argument_group("sampler")
-    sampler.add_argument("--seed", type=int, default=0, help="Seed of the per-image initial noise.")
-    sampler.add_argument("--num_inference_steps", type=int, default=None,
-                         help="Decoder steps (default: each decoder's own: 25 for FlowMo, K for a distilled student).")
-    sampler.add_argument("--guidance_scale", type=float, default=None,
-                         help="Guidance (default: each decoder's own: 1.5 for FlowMo, 1 for a distilled student).")
-    sampler.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="Autocast for the pipeline (default: Accelerate config). FlowMo's evaluation used bf16.",
-    )
-    sampler.add_argument("--cpu", action="store_true", help="Run on CPU even if an accelerator is available.")
-
-    metrics = parser.add_argument_group("metrics")
-    metrics.add_argument(
-        "--lpips_nets", default="alex", help="Comma-separated LPIPS backbones: alex (reported as lpips), vgg."
-    )
-    metrics.add_argument("--inception_weights_path", default=None, help="Local pt_inception-2015-12-05-6726825d.pth.")
-    metrics.add_argument("--lpips_alex_weights", default=None, help="Local alexnet-owt-7be5be79.pth.")
-    metrics.add_argument("--lpips_vgg_weights", default=None, help="Local vgg16-397923af.pth.")
-    metrics.add_argument(
-        "--random_init_feature_networks",
-        action="store_true",
-        help="Random Inception/LPIPS weights: for tests and offline smoke runs only; figures are NOT comparable.",
-    )
-    metrics.add_argument(
-        "--inception_feature_dims",
-        type=int,
-        choices=[64, 192, 768, 2048],
-        default=2048,
-        help="Inception features for rFID; only 2048 gives the reported rFID (smaller: quick tests).",
-    )
-    metrics.add_argument(
-        "--psnr_mode",
-        choices=["per_image", "flowmo_batch"],
-        default="per_image",
-        help="per_image: mean of per-image PSNR. flowmo_batch: FlowMo's released code (PSNR pooled over each "
-        "batch, averaged over batches; depends on --batch_size, the paper used 5).",
-    )
-    parser.add_argument("--output_dir", default="flowmo-evaluation", help="Where results.json/.md/.png go.")
-    return parser
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluationConfig:
-    """Parse the command line into an :class:`EvaluationConfig` (validated)."""
-    namespace = build_argument_parser().parse_args(argv)
-    config = EvaluationConfig(**vars(namespace))
-    config.validate()
-    return config
+#: The command line, one flag per [`EvaluationConfig`] field, and its parser (into a validated config).
+build_argument_parser = EvaluationConfig.argument_parser
+parse_args = EvaluationConfig.from_command_line
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -331,14 +214,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluationConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_evaluation_dataset(config: EvaluationConfig):
-    """Load the images named by ``config`` and number them (see :func:`add_global_image_index`)."""
+def load_evaluation_dataset(config: ImageDatasetOptions) -> datasets.Dataset | datasets.IterableDataset:
+    """Load the images named by `config` and number them (see [`add_global_image_index`]).
+
+    Args:
+        config ([`~flowmo_diffusers.evaluation.options.ImageDatasetOptions`]):
+            The dataset options of the tokenizer evaluation or of the reference statistics.
+
+    Returns:
+        `datasets.Dataset` or `datasets.IterableDataset`: The numbered images.
+    """
     from ..data import load_image_dataset
 
     dataset = load_image_dataset(
         dataset_name=config.dataset_name,
         dataset_config_name=config.dataset_config_name,
-        train_data_dir=config.data_dir,
+        train_data_dir=config.image_folder(),
         split=config.resolved_split(),
         streaming=config.streaming,
         image_column=config.image_column,
@@ -348,19 +239,22 @@ def load_evaluation_dataset(config: EvaluationConfig):
     return add_global_image_index(dataset, config.max_samples)
 
 
-def add_global_image_index(dataset, max_samples: Optional[int] = None):
-    """Keep the first ``max_samples`` images and add :data:`GLOBAL_IMAGE_INDEX_COLUMN` (0, 1, 2, ... in order).
+def add_global_image_index(
+    dataset: datasets.Dataset | datasets.IterableDataset, max_samples: int | None = None
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Keep the first `max_samples` images and add [`GLOBAL_IMAGE_INDEX_COLUMN`] (0, 1, 2, ... in order).
 
     The index is attached before the dataset is split over processes, so each image keeps it wherever it is
     evaluated; it seeds the image's initial noise.
 
     Args:
-        dataset: ``datasets.Dataset`` or ``datasets.IterableDataset`` with an ``"image"`` column (as returned by
-            :func:`~flowmo_diffusers.data.load_image_dataset`).
-        max_samples: Number of leading images to keep (None: all).
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            With an `"image"` column (as returned by [`~flowmo_diffusers.data.load_image_dataset`]).
+        max_samples (`int`, *optional*):
+            Number of leading images to keep (None: all).
 
     Returns:
-        The same kind of dataset with columns ``"image"`` (+ ``"label"``) and ``global_image_index`` (int64).
+        The same kind of dataset with columns `"image"` (+ `"label"`) and `global_image_index` (int64).
     """
     import datasets
 
@@ -383,7 +277,7 @@ def add_global_image_index(dataset, max_samples: Optional[int] = None):
 
 
 # Module-level callables rather than lambdas: a DataLoader worker started with "spawn" must pickle them.
-def _global_image_index_of(example: Dict[str, Any], index: int) -> Dict[str, int]:
+def _global_image_index_of(example: dict[str, Any], index: int) -> dict[str, int]:
     return {GLOBAL_IMAGE_INDEX_COLUMN: index}
 
 
@@ -397,36 +291,43 @@ class _IsImageOfProcess:
 
 
 def build_evaluation_loader(
-    dataset,
+    dataset: datasets.Dataset | datasets.IterableDataset,
     resolution: int,
     batch_size: int,
     process_index: int = 0,
     num_processes: int = 1,
     num_workers: int = 0,
-    interpolation=None,
-):
-    """Center-cropped batches of this process' share of ``dataset``, carrying each image's global index.
+    interpolation: InterpolationMode | None = None,
+) -> ImageBatchLoader:
+    """Center-cropped batches of this process' share of `dataset`, carrying each image's global index.
 
-    Map-style data is split by :func:`~flowmo_diffusers.data.build_eval_dataloader` (contiguous chunks,
-    no padding, no duplicates). A stream is different: ``datasets`` splits streams by shard and numbers mapped
+    Map-style data is split by [`~flowmo_diffusers.data.build_eval_dataloader`] (contiguous chunks,
+    no padding, no duplicates). A stream is different: `datasets` splits streams by shard and numbers mapped
     examples per shard, so an index added before the split would restart in every shard. Here every process
-    therefore reads the whole stream, keeps the images whose global index modulo ``num_processes`` equals
-    ``process_index`` (only those are decoded) and uses at most one worker (several workers would again split
-    the stream by shard). Reading is cheap next to decoding, and ``datasets`` does the same whenever the number
+    therefore reads the whole stream, keeps the images whose global index modulo `num_processes` equals
+    `process_index` (only those are decoded) and uses at most one worker (several workers would again split
+    the stream by shard). Reading is cheap next to decoding, and `datasets` does the same whenever the number
     of shards is not a multiple of the number of processes.
 
     Args:
-        dataset: Output of :func:`add_global_image_index`.
-        resolution: Center-crop size ``R``.
-        batch_size: Images per batch.
-        process_index / num_processes: This process and the number of processes.
-        num_workers: DataLoader workers (capped at 1 for streams).
-        interpolation: ``torchvision.transforms.InterpolationMode`` of the resize before the crop; None keeps
-            the data pipeline's default (bilinear, as FlowMo).
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            Output of [`add_global_image_index`].
+        resolution (`int`):
+            Center-crop size `R`.
+        batch_size (`int`):
+            Images per batch.
+        process_index (`int`, *optional*, defaults to `0`):
+            This process.
+        num_processes (`int`, *optional*, defaults to `1`):
+            The number of processes.
+        num_workers (`int`, *optional*, defaults to `0`):
+            DataLoader workers (capped at 1 for streams).
+        interpolation (`torchvision.transforms.InterpolationMode`, *optional*):
+            The resize before the crop; None keeps the data pipeline's default (bilinear, as FlowMo).
 
     Returns:
-        :class:`~flowmo_diffusers.data.ImageBatchLoader` of ``{"pixel_values": [b, 3, R, R] float32 in
-        [-1, 1], "labels": [b] int64 global image indices}``; ``b <= batch_size``.
+        [`~flowmo_diffusers.data.ImageBatchLoader`]: Batches `{"pixel_values": [b, 3, R, R] float32 in [-1, 1],
+        "labels": [b] int64 global image indices}`; `b <= batch_size`.
     """
     import datasets
 
@@ -456,17 +357,20 @@ def build_evaluation_loader(
 
 
 def initial_noise_for_images(global_indices: torch.Tensor, seed: int, image_shape: Sequence[int]) -> torch.Tensor:
-    """The sampler's initial noise for each image, a function of ``(seed, global index)`` only.
+    """The sampler's initial noise for each image, a function of `(seed, global index)` only.
 
     Drawn on the CPU so that every device and process produces the same values.
 
     Args:
-        global_indices: [B] int64 global image indices.
-        seed: Run seed.
-        image_shape: ``(3, H, W)``.
+        global_indices (`torch.Tensor`):
+            [B] int64 global image indices.
+        seed (`int`):
+            Run seed.
+        image_shape (`Sequence[int]`):
+            `(3, H, W)`.
 
     Returns:
-        [B, 3, H, W] float32 CPU tensor of standard normal noise.
+        `torch.Tensor`: [B, 3, H, W] float32 CPU standard normal noise.
     """
     noises = [
         torch.randn(tuple(image_shape), generator=seeded_generator(seed, index))
@@ -481,51 +385,25 @@ def initial_noise_for_images(global_indices: torch.Tensor, seed: int, image_shap
 
 
 def build_reconstruction_metrics(config: EvaluationConfig, device: torch.device):
-    """The metric networks; raises ``MissingPretrainedWeightsError`` (naming the file) if weights are missing.
+    """The metric networks of `config` (random ones drawn from `config.seed`, identical on every process).
 
-    With random initialisation the networks are drawn from a generator seeded by ``config.seed``: every process
-    must hold the *same* random networks, otherwise the summed feature statistics would mix different feature
-    spaces (and two runs with the same seed would differ).
+    Returns:
+        [`~flowmo_diffusers.metrics.ReconstructionMetrics`]: The metrics, on `device`.
+
+    Raises:
+        MissingPretrainedWeightsError: A pretrained network's weights are missing (the message names the flag).
     """
-    from ..metrics import MissingPretrainedWeightsError, ReconstructionMetrics
+    from ..metrics import ReconstructionMetrics
 
-    def build():
-        return ReconstructionMetrics(
-            lpips_nets=config.lpips_nets,
-            device=device,
-            random_init=config.random_init_feature_networks,
-            inception_weights_path=config.inception_weights_path,
-            lpips_backbone_weights_paths=config.lpips_backbone_weights_paths(),
-            inception_feature_dims=config.inception_feature_dims,
-            psnr_mode=config.psnr_mode,
-        )
-
-    if config.random_init_feature_networks:
-        with torch.random.fork_rng(devices=[]):  # initialised on the CPU; leave the caller's RNG alone
-            torch.manual_seed(config.seed)
-            return build()
-    try:
-        return build()
-    except MissingPretrainedWeightsError as error:
-        # The metrics package names its Python options; an evaluate.py user needs the command-line flag.
-        flags = [flag for file_name, flag in _weights_file_flags().items() if file_name in str(error)]
-        hint = f"pass {' / '.join(flags)} /path/to/file" if flags else "pass the weight file options"
-        raise MissingPretrainedWeightsError(
-            f"{error}\nWith examples/evaluate_flowmo/evaluate.py: {hint}, or put the file in the torch hub cache. "
-            "For a smoke test without any pretrained network, pass --random_init_feature_networks (the figures "
-            "are then not comparable to anything)."
-        ) from error
-
-
-def _weights_file_flags() -> Dict[str, str]:
-    """Weight file name -> the evaluate.py flag that provides it."""
-    from ..metrics import FID_INCEPTION_WEIGHTS, LPIPS_BACKBONE_WEIGHTS
-
-    return {
-        FID_INCEPTION_WEIGHTS.file_name: "--inception_weights_path",
-        LPIPS_BACKBONE_WEIGHTS["alex"].file_name: "--lpips_alex_weights",
-        LPIPS_BACKBONE_WEIGHTS["vgg"].file_name: "--lpips_vgg_weights",
-    }
+    return config.build_metric_networks(
+        ReconstructionMetrics,
+        config.seed,
+        "examples/evaluate_flowmo/evaluate.py",
+        lpips_nets=config.lpips_nets,
+        device=device,
+        lpips_backbone_weights_paths=config.lpips_backbone_weights_paths(),
+        psnr_mode=config.psnr_mode,
+    )
 
 
 @torch.no_grad()
@@ -535,29 +413,38 @@ def evaluate_pipeline(
     metrics,
     *,
     seed: int,
-    num_inference_steps: Optional[int] = None,
-    guidance_scale: Optional[float] = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     accelerator=None,
-    progress_description: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Reconstruct every image of ``loader`` with ``pipeline`` and return the metrics over all processes.
+    progress_description: str | None = None,
+) -> dict[str, Any]:
+    """Reconstruct every image of `loader` with `pipeline` and return the metrics over all processes.
 
     Must be called on every process (the metric sums are all-reduced once at the end, which is also why
     processes may see different numbers of batches).
 
     Args:
-        pipeline: A :class:`~flowmo_diffusers.FlowMoPipeline` on the evaluation device.
-        loader: Iterable of ``{"pixel_values": [b, 3, R, R] in [-1, 1], "labels": [b] global image indices}``
-            (:func:`build_evaluation_loader`).
-        metrics: A :class:`~flowmo_diffusers.metrics.ReconstructionMetrics`; it is reset first.
-        seed: Seed of the per-image noise (:func:`initial_noise_for_images`).
-        num_inference_steps / guidance_scale: Sampler settings (None: the decoder's own).
-        accelerator: ``accelerate.Accelerator`` (gathering and autocast); None: single process, no autocast.
-        progress_description: Progress-bar label (shown on the local main process only).
+        pipeline ([`~flowmo_diffusers.FlowMoPipeline`]):
+            The pipeline, on the evaluation device.
+        loader (`Iterable[dict]`):
+            Batches `{"pixel_values": [b, 3, R, R] in [-1, 1], "labels": [b] global image indices}`
+            ([`build_evaluation_loader`]).
+        metrics ([`~flowmo_diffusers.metrics.ReconstructionMetrics`]):
+            The metrics; they are reset first.
+        seed (`int`):
+            Seed of the per-image noise ([`initial_noise_for_images`]).
+        num_inference_steps (`int`, *optional*):
+            Decoder steps (None: the decoder's own).
+        guidance_scale (`float`, *optional*):
+            Guidance (None: the decoder's own).
+        accelerator (`accelerate.Accelerator`, *optional*):
+            Gathering and autocast; None: single process, no autocast.
+        progress_description (`str`, *optional*):
+            Progress-bar label (shown on the local main process only).
 
     Returns:
-        ``{"metrics": {"rfid", "psnr", "ssim", "lpips", ...}, "num_images": int, "num_skipped_images": int,
-        "seconds": float}``.
+        `dict[str, Any]`: `{"metrics": {"rfid", "psnr", "ssim", "lpips", ...}, "num_images": int,
+        "num_skipped_images": int, "seconds": float}`.
     """
     from contextlib import nullcontext
 
@@ -601,94 +488,26 @@ def default_model_name(pretrained_model_name_or_path: str) -> str:
     return os.path.basename(path) if os.path.isdir(path) else str(pretrained_model_name_or_path)
 
 
-def bits_per_pixel(model_config, resolution: int) -> float:
-    """Bits of the token ids per image pixel: ``code_length * context_dim / resolution**2``.
-
-    The number of tokens does not depend on the image size, so this equals the model's ``bits_per_pixel`` at its
-    ``sample_size`` (FlowMo-Lo: 256 x 18 / 256**2 = 0.0703) and changes with ``resolution``.
-    """
-    return model_config.code_length * model_config.context_dim / float(resolution) ** 2
-
-
-def library_versions() -> Dict[str, Optional[str]]:
-    versions: Dict[str, Optional[str]] = {"python": platform.python_version()}
-    for distribution in REPORTED_DISTRIBUTIONS:
-        try:
-            versions[distribution] = importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            versions[distribution] = None
-    return versions
-
-
-def _has_accelerator_device() -> bool:
-    api = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ... alike
-    if api is not None and hasattr(api, "is_available"):
-        return bool(api.is_available())
-    return torch.cuda.is_available()
-
-
-def create_accelerator(config: EvaluationConfig):
-    """An ``accelerate.Accelerator`` that is distributed whenever the launcher started several processes.
-
-    ``accelerate launch --multi_gpu`` and ``torchrun`` set ``WORLD_SIZE``; on a machine without an accelerator
-    device, Accelerate only builds a (gloo) process group when asked for the CPU, and otherwise silently runs
-    every process as an independent single process (each would evaluate the whole dataset). So the CPU is
-    selected automatically in that case, and a mismatch between ``WORLD_SIZE`` and the resulting number of
-    processes is an error rather than a silently duplicated evaluation.
-    """
-    from accelerate import Accelerator
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cpu = config.cpu or (world_size > 1 and not _has_accelerator_device())
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
-    if accelerator.num_processes != world_size:
-        raise RuntimeError(
-            f"The launcher started {world_size} processes (WORLD_SIZE) but Accelerate formed a group of "
-            f"{accelerator.num_processes} ({accelerator.distributed_type}); every process would evaluate the whole "
-            "dataset. Launch with `accelerate launch --multi_gpu --num_processes N ...` (add --cpu to the script "
-            "on machines without GPUs) or `torchrun --nproc_per_node N ...`."
-        )
-    return accelerator
-
-
-def start_command(parse_args, argv: Optional[Sequence[str]] = None):
-    """The common start of the evaluation-style scripts (evaluate, sample, evaluate_generation).
-
-    Logging, the parsed config (a ValueError from `parse_args` becomes a one-line error exit), the Accelerator of
-    [`create_accelerator`], and non-main processes quieted to errors so that every message appears once.
-
-    Returns:
-        `(config, accelerator)`.
-    """
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        config = parse_args(argv)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    accelerator = create_accelerator(config)
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.ERROR)
-    return config, accelerator
-
-
-def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> Dict[str, Any]:
-    """Evaluate every model of ``config`` on the same images and write the report (main process).
+def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> dict[str, Any]:
+    """Evaluate every model of `config` on the same images and write the report (main process).
 
     Call on every process. Order of work: metric networks (fail fast on missing weights), dataset, then per model:
     load, reconstruct, gather.
 
     Args:
-        config: The run's settings.
-        accelerator: An existing ``accelerate.Accelerator``; None creates one (:func:`create_accelerator`).
+        config ([`EvaluationConfig`]):
+            The run's settings.
+        accelerator (`accelerate.Accelerator`, *optional*):
+            An existing accelerator; None creates one ([`~flowmo_diffusers.evaluation.options.create_accelerator`]).
 
     Returns:
-        The report (what ``results.json`` holds): ``{"models": [...], "settings": {...}, "versions": {...},
-        "comparable_to_published_results": bool, "warnings": [...], "paper_results": [...]}``; the same on every
-        process.
+        `dict[str, Any]`: The report (what `results.json` holds): `{"models": [...], "settings": {...},
+        "versions": {...}, "comparable_to_published_results": bool, "warnings": [...], "paper_results": [...]}`;
+        the same on every process.
 
     Raises:
         MissingPretrainedWeightsError: A feature network's pretrained weights are missing (and
-            ``random_init_feature_networks`` is off); raised before any dataset or model is loaded.
+            `random_init_feature_networks` is off); raised before any dataset or model is loaded.
     """
     from ..pipelines import FlowMoPipeline
 
@@ -757,7 +576,7 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> Dict[str,
                     resolution=resolution,
                     num_inference_steps=config.num_inference_steps or model_config.sampling_num_inference_steps,
                     guidance_scale=(
-                        config.guidance_scale if config.guidance_scale is not None else model_config.sampling_guidance_scale
+                        model_config.sampling_guidance_scale if config.guidance_scale is None else config.guidance_scale
                     ),
                     distilled_from=model_config.distilled_from,
                 ),
@@ -787,8 +606,8 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> Dict[str,
     return report
 
 
-def _unique_names(names: List[str]) -> List[str]:
-    counts: Dict[str, int] = {}
+def _unique_names(names: list[str]) -> list[str]:
+    counts: dict[str, int] = {}
     unique = []
     for name in names:
         counts[name] = counts.get(name, 0) + 1
@@ -796,7 +615,7 @@ def _unique_names(names: List[str]) -> List[str]:
     return unique
 
 
-def shared_settings(config: EvaluationConfig, accelerator) -> Dict[str, Any]:
+def shared_settings(config: EvaluationConfig, accelerator) -> dict[str, Any]:
     """The settings every model of the run shares, for the report."""
     return {
         "data": config.data_description(),
@@ -815,7 +634,7 @@ def shared_settings(config: EvaluationConfig, accelerator) -> Dict[str, Any]:
     }
 
 
-def report_warnings(config: EvaluationConfig) -> List[str]:
+def report_warnings(config: EvaluationConfig) -> list[str]:
     """Reasons the numbers of this run cannot be put next to the paper's, most serious first."""
     warnings = []
     if config.random_init_feature_networks:
@@ -848,50 +667,24 @@ def report_warnings(config: EvaluationConfig) -> List[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def json_safe(value: Any) -> Any:
-    """Non-finite floats (PSNR of exact reconstructions is inf) become None: strict JSON has no Infinity."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
-def _format_number(value: Optional[float], digits: int) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return f"{value:.{digits}f}"
-
-
-def format_markdown_report(report: Dict[str, Any]) -> str:
-    """``results.md``: warnings, a table with one row per model, the paper's rows for reference, settings."""
+def format_markdown_report(report: dict[str, Any]) -> str:
+    """`results.md`: warnings, a table with one row per model, the paper's rows for reference, settings."""
     models = report["models"]
     lpips_nets = report["settings"]["lpips_nets"]
     lpips_keys = ["lpips"] + [f"lpips_{net}" for net in lpips_nets[1:]]
     lpips_headers = [f"LPIPS ({net})" for net in lpips_nets]
-    lines = ["# FlowMo reconstruction evaluation", ""]
-    if not report["comparable_to_published_results"]:
-        lines += [f"> **WARNING — NOT COMPARABLE.** {NOT_COMPARABLE_BANNER}", ""]
-    for warning in report["warnings"]:
-        if warning != NOT_COMPARABLE_BANNER:
-            lines.append(f"> Note: {warning}")
-    if report["warnings"]:
-        lines.append("")
+    lines = ["# FlowMo reconstruction evaluation", "", *warning_lines(report, NOT_COMPARABLE_BANNER)]
 
     header = ["model", "bits/pixel", "rFID", "PSNR (dB)", "SSIM", *lpips_headers, "images"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for result in models:
         cells = [
             result["name"],
-            _format_number(result["bits_per_pixel"], 4),
-            _format_number(result["rfid"], 3),
-            _format_number(result["psnr"], 2),
-            _format_number(result["ssim"], 4),
-            *[_format_number(result[key], 4) for key in lpips_keys],
+            format_number(result["bits_per_pixel"], 4),
+            format_number(result["rfid"], 3),
+            format_number(result["psnr"], 2),
+            format_number(result["ssim"], 4),
+            *[format_number(result[key], 4) for key in lpips_keys],
             str(result["num_images"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -938,7 +731,7 @@ def format_markdown_report(report: Dict[str, Any]) -> str:
 
 
 def plot_rate_distortion(
-    model_results: Sequence[Dict[str, Any]],
+    model_results: Sequence[dict[str, Any]],
     path: str | os.PathLike,
     paper_results: Sequence[PaperResult] = PAPER_RESULTS,
     comparable: bool = True,
@@ -946,13 +739,17 @@ def plot_rate_distortion(
     """Two panels, rFID and PSNR against bits per pixel: the evaluated models and the paper's points.
 
     Args:
-        model_results: Entries of ``report["models"]`` (``name``, ``bits_per_pixel``, ``rfid``, ``psnr``).
-        path: Output PNG.
-        paper_results: Reference points, drawn as hollow stars labelled "<name> (paper)".
-        comparable: False adds a red "not comparable" title (random feature networks).
+        model_results (`Sequence[dict]`):
+            Entries of `report["models"]` (`name`, `bits_per_pixel`, `rfid`, `psnr`).
+        path (`str` or `os.PathLike`):
+            Output PNG.
+        paper_results (`Sequence[PaperResult]`, *optional*, defaults to [`PAPER_RESULTS`]):
+            Reference points, drawn as hollow stars labelled "<name> (paper)".
+        comparable (`bool`, *optional*, defaults to `True`):
+            False adds a red "not comparable" title (random feature networks).
 
     Returns:
-        The written path.
+        `Path`: The written path.
     """
     try:
         import matplotlib
@@ -1004,25 +801,21 @@ def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def write_report(report: Dict[str, Any], output_dir: str | os.PathLike) -> Dict[str, Path]:
-    """Write ``results.json`` and ``results.md`` (and ``rate_distortion.png`` for two or more models).
+def write_report(report: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write `results.json` and `results.md` (and `rate_distortion.png` for two or more models).
 
     Returns:
-        ``{"json": path, "markdown": path[, "plot": path]}``.
+        `dict[str, Path]`: `{"json": path, "markdown": path[, "plot": path]}`.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(format_markdown_report(report), encoding="utf-8")
+    paths = write_json_and_markdown(report, format_markdown_report(report), output_dir)
     if len(report["models"]) >= 2:
-        paths["plot"] = plot_rate_distortion(
-            report["models"], output_dir / "rate_distortion.png", comparable=report["comparable_to_published_results"]
-        )
+        plot = Path(output_dir) / "rate_distortion.png"
+        comparable = report["comparable_to_published_results"]
+        paths["plot"] = plot_rate_distortion(report["models"], plot, comparable=comparable)
     return paths
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point: parse, evaluate, print the markdown table on the main process."""
     from ..metrics import MissingPretrainedWeightsError
 
@@ -1043,11 +836,9 @@ __all__ = [
     "EvaluationConfig",
     "PaperResult",
     "add_global_image_index",
-    "bits_per_pixel",
     "build_argument_parser",
     "build_evaluation_loader",
     "build_reconstruction_metrics",
-    "create_accelerator",
     "evaluate_pipeline",
     "evaluate_tokenizers",
     "format_markdown_report",
@@ -1056,6 +847,5 @@ __all__ = [
     "main",
     "parse_args",
     "plot_rate_distortion",
-    "start_command",
     "write_report",
 ]

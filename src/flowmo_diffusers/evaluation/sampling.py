@@ -1,54 +1,66 @@
 """Sample class-conditional images from a FlowMo MaskGiT prior into a folder (for gFID / IS), distributed and resumable.
 
-This is the logic behind ``accelerate launch examples/train_maskgit/sample.py``; the script only calls :func:`main`.
+This is the logic behind `accelerate launch examples/train_maskgit/sample.py`; the script only calls [`main`].
 
-**Which images.** For the selected classes ``C = sorted(class_ids)`` (default: every class of the prior) and
-``n = num_images_per_class``, sample ``j`` of class ``c`` is drawn from generators seeded by ``(seed, c, j)``
-(:func:`sample_seed`; the MaskGiT token draws and then the decoder's noise continue the same per-image generator).
+**Which images.** For the selected classes `C = sorted(class_ids)` (default: every class of the prior) and
+`n = num_images_per_class`, sample `j` of class `c` is drawn from a generator seeded by `(seed, c, j)`
+([`~flowmo_diffusers.utils.seeds.seeded_generator`]; the MaskGiT token draws and then the decoder's noise continue
+the same per-image generator).
 An image is therefore a function of the run's seed, its class and its index within the class: it does not depend
 on the number of processes, on the batch size (up to floating-point differences between batched kernels), on the
-other classes selected or on ``n``, so ``--num_images_per_class`` can be raised later and the existing files stay
+other classes selected or on `n`, so `--num_images_per_class` can be raised later and the existing files stay
 valid.
 
-**Order and file names.** Samples are numbered class-interleaved, global index ``g = j * |C| + position of c``:
+**Order and file names.** Samples are numbered class-interleaved, global index `g = j * |C| + position of c`:
 a batch holds many classes, an interrupted run has a class-balanced prefix, and every 5,000 consecutive images of
-the 50,000 of ImageNet hold 5 of each class (what ADM's evaluator's Inception-Score splits expect of an ``.npz``).
-Files are named ``{j:05d}_class{c:04d}.png``, so sorting the names gives the same order.
+the 50,000 of ImageNet hold 5 of each class (what ADM's evaluator's Inception-Score splits expect of an `.npz`).
+Files are named `{j:05d}_class{c:04d}.png`, so sorting the names gives the same order.
 
-**Sharding and resuming.** The global index range is cut into batches of ``batch_size``; process ``p`` of ``P``
-generates batches ``p, p + P, ...``. A batch whose files all exist is skipped; a batch with a missing file is
+**Sharding and resuming.** The global index range is cut into batches of `batch_size`; process `p` of `P`
+generates batches `p, p + P, ...`. A batch whose files all exist is skipped; a batch with a missing file is
 generated again whole (same composition, hence the same bytes as the first time) and only its missing files are
 written. Every file is written to a temporary name and renamed, so an interrupted run leaves no truncated image.
-``sampling_config.json`` records the settings that determine the images; resuming into a folder made with other
+`sampling_config.json` records the settings that determine the images; resuming into a folder made with other
 settings is an error rather than a silent mix.
 
 **Output.** PNGs (lossless: what is evaluated is exactly what the pipeline produced, quantised to uint8 by
-diffusers' ``numpy_to_pil``), optionally an ADM-style ``.npz`` (``arr_0``: ``[N, H, W, 3]`` uint8 in global
-order, ``arr_1``: ``[N]`` int64 class labels), written in a streaming fashion so 50,000 images at 256x256 (9.8 GB)
+diffusers' `numpy_to_pil`), optionally an ADM-style `.npz` (`arr_0`: `[N, H, W, 3]` uint8 in global
+order, `arr_1`: `[N]` int64 class labels), written in a streaming fashion so 50,000 images at 256x256 (9.8 GB)
 never sit in memory.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import time
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
+from transformers.hf_argparser import HfArg
 
+from ..metrics import sum_across_processes
 from ..utils.files import atomic_write
-from ..utils.seeds import derive_seed
 from ..utils.output_lock import lock_output_dir
+from ..utils.seeds import seeded_generator
+from .options import (
+    AcceleratorOptions,
+    HubOptions,
+    check_non_negative,
+    check_positive,
+    create_accelerator,
+    decoder_sampler_options,
+    start_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +89,13 @@ _TEMPORARY_PREFIX = ".tmp-"
 class SampleSpec:
     """One image to generate.
 
-    Attributes:
-        global_index: Position in the run's order (class-interleaved, see the module docstring).
-        class_id: Class label.
-        index_in_class: ``j``, the image's number within its class.
+    Args:
+        global_index (`int`):
+            Position in the run's order (class-interleaved, see the module docstring).
+        class_id (`int`):
+            Class label.
+        index_in_class (`int`):
+            `j`, the image's number within its class.
     """
 
     global_index: int
@@ -88,15 +103,15 @@ class SampleSpec:
     index_in_class: int
 
     def file_name(self) -> str:
-        """``{j:05d}_class{c:04d}.png``: sorted names follow the global order."""
+        """`{j:05d}_class{c:04d}.png`: sorted names follow the global order."""
         return f"{self.index_in_class:05d}_class{self.class_id:04d}.png"
 
 
-def parse_class_ids(values: Optional[Sequence[str]]) -> Optional[List[int]]:
-    """``["0-9", "15", "20,21"]`` -> ``[0, ..., 9, 15, 20, 21]`` (sorted, unique); None or empty -> None (all).
+def parse_class_ids(values: Sequence[str | int] | None) -> list[int] | None:
+    """`["0-9", "15", "20,21"]` -> `[0, ..., 9, 15, 20, 21]` (sorted, unique); None or empty -> None (all).
 
     Raises:
-        ValueError: Not an integer or a ``start-end`` range with ``start <= end``.
+        ValueError: Not an integer or a `start-end` range with `start <= end`.
     """
     if not values:
         return None
@@ -112,15 +127,17 @@ def parse_class_ids(values: Optional[Sequence[str]]) -> Optional[List[int]]:
     return sorted(class_ids)
 
 
-def plan_samples(class_ids: Sequence[int], num_images_per_class: int) -> List[SampleSpec]:
-    """Every image of the run in global order: ``g = j * len(class_ids) + k`` for class ``sorted(class_ids)[k]``.
+def plan_samples(class_ids: Sequence[int], num_images_per_class: int) -> list[SampleSpec]:
+    """Every image of the run in global order: `g = j * len(class_ids) + k` for class `sorted(class_ids)[k]`.
 
     Args:
-        class_ids: Classes to sample (sorted and de-duplicated here).
-        num_images_per_class: ``n``.
+        class_ids (`Sequence[int]`):
+            Classes to sample (sorted and de-duplicated here).
+        num_images_per_class (`int`):
+            `n`.
 
     Returns:
-        ``len(class_ids) * n`` :class:`SampleSpec`, by increasing global index.
+        `list[SampleSpec]`: `len(class_ids) * n` specs, by increasing global index.
     """
     class_ids = sorted(set(int(class_id) for class_id in class_ids))
     if not class_ids:
@@ -134,17 +151,12 @@ def plan_samples(class_ids: Sequence[int], num_images_per_class: int) -> List[Sa
     ]
 
 
-def sample_seed(seed: int, class_id: int, index_in_class: int) -> int:
-    """Well-mixed 63-bit seed of one image: nearby inputs give unrelated streams."""
-    return derive_seed(seed, class_id, index_in_class)
-
-
 def batches_of_process(
     plan: Sequence[SampleSpec], batch_size: int, process_index: int = 0, num_processes: int = 1
-) -> Iterator[List[SampleSpec]]:
-    """This process' batches: global batches ``[b B, (b + 1) B)`` of the plan for ``b = p, p + P, ...``.
+) -> Iterator[list[SampleSpec]]:
+    """This process' batches: global batches `[b B, (b + 1) B)` of the plan for `b = p, p + P, ...`.
 
-    A batch's composition depends only on ``batch_size``, not on the number of processes.
+    A batch's composition depends only on `batch_size`, not on the number of processes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -158,45 +170,38 @@ def batches_of_process(
 @torch.no_grad()
 def generate_batches(
     pipeline,
-    batches: Iterator[List[SampleSpec]],
+    batches: Iterator[list[SampleSpec]],
+    sampler: SamplingOptions,
     *,
-    seed: int,
-    num_inference_steps: int = 16,
-    guidance_scale: float = 3.0,
-    decoder_num_inference_steps: Optional[int] = None,
-    decoder_guidance_scale: Optional[float] = None,
     autocast: Callable[[], Any] = nullcontext,
-    skip_batch: Optional[Callable[[List[SampleSpec]], bool]] = None,
-) -> Iterator[Tuple[List[SampleSpec], List[PIL.Image.Image]]]:
-    """Generate the given batches with per-image generators (:func:`sample_seed`).
+    skip_batch: Callable[[list[SampleSpec]], bool] | None = None,
+) -> Iterator[tuple[list[SampleSpec], list[PIL.Image.Image]]]:
+    """Generate the given batches, each image from its own generator seeded by `(seed, class, index in class)`.
 
     Args:
-        pipeline: A :class:`~flowmo_diffusers.FlowMoMaskGiTPipeline` on its device.
-        batches: Lists of :class:`SampleSpec` (e.g. :func:`batches_of_process`).
-        seed: The run's seed.
-        num_inference_steps / guidance_scale: MaskGiT sampler.
-        decoder_num_inference_steps / decoder_guidance_scale: FlowMo decoder sampler.
-        autocast: Context manager factory (``accelerator.autocast`` for mixed precision).
-        skip_batch: Batches for which it returns True are not generated (resuming).
+        pipeline ([`~flowmo_diffusers.FlowMoMaskGiTPipeline`]):
+            The pipeline, on its device.
+        batches (`Iterator[list[SampleSpec]]`):
+            The batches to generate (e.g. [`batches_of_process`]).
+        sampler ([`SamplingOptions`]):
+            The run's `seed` and sampler settings ([`SamplingOptions.pipeline_arguments`]).
+        autocast (`Callable`, *optional*, defaults to `contextlib.nullcontext`):
+            Context manager factory (`accelerator.autocast` for mixed precision).
+        skip_batch (`Callable[[list[SampleSpec]], bool]`, *optional*):
+            Batches for which it returns True are not generated (resuming).
 
-    Yields:
-        ``(specs, images)``: the batch and its ``len(specs)`` RGB PIL images (uint8, as diffusers quantises).
+    Returns:
+        `Iterator[tuple[list[SampleSpec], list[PIL.Image.Image]]]`: `(specs, images)`, the batch and its `len(specs)`
+        RGB PIL images (uint8, as diffusers quantises).
     """
     for specs in batches:
         if skip_batch is not None and skip_batch(specs):
             continue
         # CPU generators: the draws are the same on every device (diffusers moves them to the model's device).
-        generators = [torch.Generator().manual_seed(sample_seed(seed, s.class_id, s.index_in_class)) for s in specs]
+        generators = [seeded_generator(sampler.seed, spec.class_id, spec.index_in_class) for spec in specs]
         with autocast():
-            images = pipeline(
-                [spec.class_id for spec in specs],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                output_type="pil",
-                decoder_num_inference_steps=decoder_num_inference_steps,
-                decoder_guidance_scale=decoder_guidance_scale,
-            ).images
+            class_ids = [spec.class_id for spec in specs]
+            images = pipeline(class_ids, generator=generators, output_type="pil", **sampler.pipeline_arguments()).images
         yield specs, images
 
 
@@ -206,9 +211,9 @@ def generate_batches(
 
 
 def save_image_atomically(image: PIL.Image.Image, path: os.PathLike | str) -> None:
-    """Write ``image`` as PNG to ``path`` through a temporary file in the same folder and a rename.
+    """Write `image` as PNG to `path` through a temporary file in the same folder and a rename.
 
-    ``os.replace`` is atomic on POSIX and Windows, so ``path`` either does not exist or is complete.
+    `os.replace` is atomic on POSIX and Windows, so `path` either does not exist or is complete.
     """
     path = Path(path)
     with atomic_write(path, prefix=f"{_TEMPORARY_PREFIX}{path.stem}-") as file:
@@ -228,21 +233,24 @@ def remove_stale_temporary_files(folder: os.PathLike | str) -> int:
 def write_samples_npz(
     image_paths: Sequence[os.PathLike | str],
     npz_path: os.PathLike | str,
-    class_labels: Optional[Sequence[int]] = None,
+    class_labels: Sequence[int] | None = None,
 ) -> Path:
-    """Pack images into an ADM-style ``.npz`` without holding them all in memory.
+    """Pack images into an ADM-style `.npz` without holding them all in memory.
 
-    The archive is written like ``np.savez`` (uncompressed zip, one ``.npy`` per array) but ``arr_0`` is streamed
-    image by image; ``np.load(npz_path)["arr_0"]`` and ADM's evaluator read it as usual. Written to a temporary
+    The archive is written like `np.savez` (uncompressed zip, one `.npy` per array) but `arr_0` is streamed
+    image by image; `np.load(npz_path)["arr_0"]` and ADM's evaluator read it as usual. Written to a temporary
     file and renamed.
 
     Args:
-        image_paths: Images in the desired order; all must have the same size.
-        npz_path: Output file.
-        class_labels: Optional [N] labels, stored as ``arr_1`` (ADM's class-conditional samples do the same).
+        image_paths (`Sequence[str | os.PathLike]`):
+            Images in the desired order; all must have the same size.
+        npz_path (`str` or `os.PathLike`):
+            Output file.
+        class_labels (`Sequence[int]`, *optional*):
+            [N] labels, stored as `arr_1` (ADM's class-conditional samples do the same).
 
     Returns:
-        The written path. ``arr_0`` is ``[N, H, W, 3]`` uint8.
+        `Path`: The written path. `arr_0` is `[N, H, W, 3]` uint8.
     """
     from ..utils.images import to_rgb as convert_to_rgb
 
@@ -279,123 +287,65 @@ def write_samples_npz(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SamplingConfig:
-    """Settings of ``sample.py``; field names equal its flags.
+@dataclass(kw_only=True)
+class SamplingOptions(AcceleratorOptions, decoder_sampler_options("decoder_"), HubOptions):
+    """The class and sampler options of `sample.py`, shared by `evaluate_generation.py` (which samples on the fly).
 
-    Attributes:
-        pretrained_model_name_or_path: :class:`~flowmo_diffusers.FlowMoMaskGiTPipeline` folder or Hub id.
-        revision / cache_dir / hub_token: Hub download options.
-        output_dir: Folder of the PNGs (and ``sampling_config.json``).
-        class_ids: Classes to sample (None: all of the prior's classes).
-        num_images_per_class: Images per class (50: 50,000 for ImageNet's 1,000 classes).
-        seed: Seed of the per-image generators.
-        num_inference_steps / guidance_scale: MaskGiT sampler.
-        decoder_num_inference_steps / decoder_guidance_scale: FlowMo decoder; None: the decoder's own (the paper's
-            25 steps and guidance 1.5, or a distilled student's K passes).
-        batch_size: Images per process and forward pass.
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast (None: Accelerate's config).
-        npz_path: Also pack all samples into this ADM-style ``.npz`` at the end.
-        cpu: Force the CPU.
+    The config that uses them declares `pretrained_model_name_or_path`: required by [`SamplingConfig`], one of the
+    inputs of [`~flowmo_diffusers.evaluation.generation.GenerationEvaluationConfig`]. `class_ids` are given as
+    integers and ranges (`0-99`) and held as the sorted class ids, None for all classes of the prior. The FlowMo
+    decoder's options are `decoder_num_inference_steps` and `decoder_guidance_scale`
+    ([`~flowmo_diffusers.evaluation.options.decoder_sampler_options`]).
     """
 
-    pretrained_model_name_or_path: str
-    output_dir: str
-    revision: Optional[str] = None
-    cache_dir: Optional[str] = None
-    hub_token: Optional[str] = None
-    class_ids: Optional[List[int]] = None
-    num_images_per_class: int = 50
-    seed: int = 0
-    num_inference_steps: int = 16
-    guidance_scale: float = 3.0
-    decoder_num_inference_steps: Optional[int] = None
-    decoder_guidance_scale: Optional[float] = None
-    batch_size: int = 32
-    mixed_precision: Optional[str] = None
-    npz_path: Optional[str] = None
-    cpu: bool = False
-
-    def validate(self) -> None:
-        """Raise ValueError for impossible settings (before anything is loaded)."""
-        validate_sampling_settings(self)
-
-
-def validate_sampling_settings(config: Any) -> None:
-    """Checks shared by ``sample.py`` and ``evaluate_generation.py`` (any object with the sampling fields)."""
-    if config.num_images_per_class < 1:
-        raise ValueError(f"--num_images_per_class must be positive, got {config.num_images_per_class}")
-    if config.batch_size < 1:
-        raise ValueError(f"--batch_size must be positive, got {config.batch_size}")
-    if config.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {config.seed}")
-    for name in ("num_inference_steps", "decoder_num_inference_steps"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise ValueError(f"--{name} must be positive, got {getattr(config, name)}")
-    if config.mixed_precision not in (None, "no", "fp16", "bf16"):
-        raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, model_required: bool) -> None:
-    """The model, class and sampler flags shared by ``sample.py`` and ``evaluate_generation.py``."""
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--pretrained_model_name_or_path",
-        required=model_required,
-        default=None,
-        help="FlowMoMaskGiTPipeline folder or Hub id.",
-    )
-    model.add_argument("--revision", default=None, help="Hub revision of the pipeline.")
-    model.add_argument("--cache_dir", default=None, help="Hub / datasets cache folder.")
-    model.add_argument("--hub_token", default=None, help="Hub token (private models, gated datasets).")
-
-    sampler = parser.add_argument_group("sampling")
-    sampler.add_argument(
-        "--class_ids",
-        nargs="+",
+    class_ids: list[str] | None = HfArg(
         default=None,
         help="Classes to sample: integers and ranges, e.g. `0-99 207 360` (default: all classes of the prior).",
     )
-    sampler.add_argument("--num_images_per_class", type=int, default=50, help="50 x 1000 classes = 50k images.")
-    sampler.add_argument("--seed", type=int, default=0, help="Seed of the per-image generators (seed, class, index).")
-    sampler.add_argument("--num_inference_steps", type=int, default=16, help="MaskGiT unmasking steps.")
-    sampler.add_argument("--guidance_scale", type=float, default=3.0, help="MaskGiT classifier-free guidance.")
-    sampler.add_argument("--decoder_num_inference_steps", type=int, default=None,
-                         help="FlowMo decoder steps (default: the decoder's own, 25; K for a distilled student).")
-    sampler.add_argument("--decoder_guidance_scale", type=float, default=None,
-                         help="FlowMo decoder guidance (default: the decoder's own, 1.5; 1 for a distilled student).")
-    sampler.add_argument("--batch_size", type=int, default=32, help="Images per process and forward pass.")
-    sampler.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="Autocast for the pipeline (default: Accelerate config).",
+    num_images_per_class: int = HfArg(default=50, help="Images per class (50 x 1000 classes = 50k images).")
+    seed: int = HfArg(default=0, help="Seed of the per-image generators (seed, class, index).")
+    num_inference_steps: int = HfArg(default=16, help="MaskGiT unmasking steps.")
+    guidance_scale: float = HfArg(default=3.0, help="MaskGiT classifier-free guidance.")
+    batch_size: int = HfArg(default=32, help="Images per process and forward pass.")
+
+    def __post_init__(self) -> None:
+        self.class_ids = parse_class_ids(self.class_ids)  # strings and ranges from the command line -> sorted ints
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check_positive(self, "num_images_per_class", "batch_size", "num_inference_steps")
+        check_non_negative(self, "seed")
+        super().validate()
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        """The sampler settings as keyword arguments of [`~flowmo_diffusers.FlowMoMaskGiTPipeline`]."""
+        return {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "decoder_num_inference_steps": self.decoder_num_inference_steps,
+            "decoder_guidance_scale": self.decoder_guidance_scale,
+        }
+
+
+@dataclass(kw_only=True)
+class SamplingConfig(SamplingOptions):
+    """Settings of `sample.py`; each field is the command-line flag of the same name (`sample.py --help`)."""
+
+    command_description = (
+        "Sample class-conditional images from a FlowMo MaskGiT prior into a folder of PNGs "
+        "(run with `accelerate launch`; resumable)."
     )
-    sampler.add_argument("--cpu", action="store_true", help="Run on CPU even if an accelerator is available.")
 
-
-def build_argument_parser() -> argparse.ArgumentParser:
-    """The command line of ``examples/train_maskgit/sample.py``."""
-    parser = argparse.ArgumentParser(
-        description="Sample class-conditional images from a FlowMo MaskGiT prior into a folder of PNGs "
-        "(run with `accelerate launch`; resumable).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    pretrained_model_name_or_path: str = HfArg(help="FlowMoMaskGiTPipeline folder or Hub id.")
+    output_dir: str = HfArg(help="Folder of the PNGs (created; existing files are kept).")
+    npz_path: str | None = HfArg(
+        default=None, help="Also pack every sample into this ADM-style .npz (arr_0 images, arr_1 labels)."
     )
-    add_sampling_arguments(parser, model_required=True)
-    parser.add_argument("--output_dir", required=True, help="Folder of the PNGs (created; existing files are kept).")
-    parser.add_argument(
-        "--npz_path", default=None, help="Also pack every sample into this ADM-style .npz (arr_0 images, arr_1 labels)."
-    )
-    return parser
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> SamplingConfig:
-    """Parse and validate the command line."""
-    namespace = vars(build_argument_parser().parse_args(argv))
-    namespace["class_ids"] = parse_class_ids(namespace["class_ids"])
-    config = SamplingConfig(**namespace)
-    config.validate()
-    return config
+#: The command line, one flag per [`SamplingConfig`] field, and its parser (into a validated config).
+build_argument_parser = SamplingConfig.argument_parser
+parse_args = SamplingConfig.from_command_line
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -403,8 +353,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> SamplingConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_maskgit_pipeline(config: Any, accelerator):
-    """The pipeline of ``config.pretrained_model_name_or_path`` on the accelerator's device, progress bars off."""
+def load_maskgit_pipeline(config: SamplingOptions, accelerator):
+    """The pipeline of `config.pretrained_model_name_or_path` on the accelerator's device, progress bars off."""
     from ..pipelines import FlowMoMaskGiTPipeline
 
     with accelerator.main_process_first():  # one download into the Hub cache, not one per process
@@ -419,8 +369,8 @@ def load_maskgit_pipeline(config: Any, accelerator):
     return pipeline
 
 
-def resolve_class_ids(class_ids: Optional[Sequence[int]], num_classes: int) -> List[int]:
-    """The requested classes (default all), checked against the prior's ``num_classes``."""
+def resolve_class_ids(class_ids: Sequence[int] | None, num_classes: int) -> list[int]:
+    """The requested classes (default all), checked against the prior's `num_classes`."""
     if class_ids is None:
         return list(range(num_classes))
     class_ids = sorted(set(int(class_id) for class_id in class_ids))
@@ -436,27 +386,24 @@ def _model_identity(pretrained_model_name_or_path: str) -> str:
     return os.path.abspath(path) if os.path.isdir(path) else path
 
 
-def sampling_record(config: SamplingConfig, accelerator) -> Dict[str, Any]:
-    """What ``sampling_config.json`` holds: the settings that determine the images (``IMAGE_DETERMINING_SETTINGS``)."""
+def sampling_record(config: SamplingConfig, accelerator) -> dict[str, Any]:
+    """What `sampling_config.json` holds: the settings that determine the images ([`IMAGE_DETERMINING_SETTINGS`])."""
     return {
         "pretrained_model_name_or_path": _model_identity(config.pretrained_model_name_or_path),
         "revision": config.revision,
         "seed": config.seed,
-        "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        "decoder_num_inference_steps": config.decoder_num_inference_steps,
-        "decoder_guidance_scale": config.decoder_guidance_scale,
+        **config.pipeline_arguments(),
         "mixed_precision": accelerator.mixed_precision,
     }
 
 
-def check_or_write_sampling_config(output_dir: Path, record: Dict[str, Any], accelerator) -> None:
+def check_or_write_sampling_config(output_dir: Path, record: dict[str, Any], accelerator) -> None:
     """Refuse to resume into a folder sampled with other settings; record them for a new folder.
 
     Call on every process: each reads the existing record before the main process writes it.
 
     Raises:
-        ValueError: ``sampling_config.json`` exists and differs in an image-determining setting.
+        ValueError: `sampling_config.json` exists and differs in an image-determining setting.
     """
     path = output_dir / SAMPLING_CONFIG_NAME
     if path.is_file():
@@ -478,21 +425,25 @@ def check_or_write_sampling_config(output_dir: Path, record: Dict[str, Any], acc
     accelerator.wait_for_everyone()
 
 
-def sample_to_folder(config: SamplingConfig, accelerator=None) -> Dict[str, Any]:
-    """Generate every missing image of ``config`` into ``config.output_dir`` (call on every process).
+def sample_to_folder(config: SamplingConfig, accelerator=None) -> dict[str, Any]:
+    """Generate every missing image of `config` into `config.output_dir` (call on every process).
+
+    Args:
+        config ([`SamplingConfig`]):
+            The prior, the classes, the sampler and the folder.
+        accelerator (`accelerate.Accelerator`, *optional*):
+            The processes to share the work among (default: [`~flowmo_diffusers.evaluation.options.create_accelerator`]
+            of `config`).
 
     Returns:
-        ``{"num_images", "num_generated", "num_existing", "output_dir", "npz_path", "seconds"}`` (totals over all
-        processes).
+        `dict[str, Any]`: `{"num_images", "num_generated", "num_existing", "output_dir", "npz_path", "seconds"}`
+        (totals over all processes).
 
     Raises:
         ValueError: Bad settings, classes outside the prior, or a folder sampled with other settings.
         RuntimeError: Files are still missing at the end (e.g. deleted concurrently).
     """
     from tqdm.auto import tqdm
-
-    from .reconstruction import create_accelerator
-    from ..metrics import sum_across_processes
 
     config.validate()
     if accelerator is None:
@@ -511,7 +462,7 @@ def sample_to_folder(config: SamplingConfig, accelerator=None) -> Dict[str, Any]
     check_or_write_sampling_config(output_dir, sampling_record(config, accelerator), accelerator)
     plan = plan_samples(class_ids, config.num_images_per_class)
 
-    def all_exist(specs: List[SampleSpec]) -> bool:
+    def all_exist(specs: list[SampleSpec]) -> bool:
         return all((output_dir / spec.file_name()).is_file() for spec in specs)
 
     my_batches = batches_of_process(plan, config.batch_size, accelerator.process_index, accelerator.num_processes)
@@ -522,17 +473,7 @@ def sample_to_folder(config: SamplingConfig, accelerator=None) -> Dict[str, Any]
     progress = tqdm(
         total=len(to_generate), desc="sampling", unit="batch", disable=not accelerator.is_local_main_process
     )
-    batches = generate_batches(
-        pipeline,
-        iter(to_generate),
-        seed=config.seed,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        decoder_num_inference_steps=config.decoder_num_inference_steps,
-        decoder_guidance_scale=config.decoder_guidance_scale,
-        autocast=accelerator.autocast,
-    )
-    for specs, images in batches:
+    for specs, images in generate_batches(pipeline, iter(to_generate), config, autocast=accelerator.autocast):
         for spec, image in zip(specs, images):
             path = output_dir / spec.file_name()
             if not path.is_file():  # the batch was regenerated for another missing file: keep the existing ones
@@ -579,10 +520,8 @@ def sample_to_folder(config: SamplingConfig, accelerator=None) -> Dict[str, Any]
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Command-line entry point of ``examples/train_maskgit/sample.py``."""
-    from .reconstruction import start_command
-
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point of `examples/train_maskgit/sample.py`."""
     config, accelerator = start_command(parse_args, argv)
     summary = sample_to_folder(config, accelerator)
     if accelerator.is_main_process:
@@ -594,7 +533,7 @@ __all__ = [
     "IMAGE_DETERMINING_SETTINGS",
     "SampleSpec",
     "SamplingConfig",
-    "add_sampling_arguments",
+    "SamplingOptions",
     "batches_of_process",
     "build_argument_parser",
     "generate_batches",
@@ -605,7 +544,6 @@ __all__ = [
     "plan_samples",
     "remove_stale_temporary_files",
     "resolve_class_ids",
-    "sample_seed",
     "sample_to_folder",
     "save_image_atomically",
     "write_samples_npz",

@@ -1,8 +1,8 @@
 """Lazy imports of the evaluation-only dependencies.
 
-``flowmo_diffusers`` installs without scikit-image, scipy, lpips or pytorch-fid (they
-live in the ``eval`` extra), so the metric modules import them on first use and
-explain how to install them instead of failing at ``import flowmo_diffusers``.
+`flowmo_diffusers` installs without scikit-image, scipy, lpips or pytorch-fid (they
+live in the `eval` extra), so the metric modules import them on first use and
+explain how to install them instead of failing at `import flowmo_diffusers`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _DISTRIBUTION_NAMES = {
 
 
 def require(module_name: str) -> ModuleType:
-    """Import ``module_name`` or raise an ImportError that says how to install it."""
+    """Import `module_name` or raise an ImportError that says how to install it."""
     try:
         return importlib.import_module(module_name)
     except ImportError as error:

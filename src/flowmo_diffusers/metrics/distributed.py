@@ -1,94 +1,93 @@
-"""Summing metric states across processes (Accelerate or plain ``torch.distributed``).
+"""Combining metric states across processes: Accelerate's collectives, or a plain `torch.distributed` group.
 
-Almost all metric states in this package are sums (of per-image values, of features, of
-feature outer products) and counts, so combining processes is one all-reduce with
-``SUM`` per tensor. The one exception is the Inception Score, which needs every sample's
-class probabilities: :func:`gather_rows_across_processes` collects those.
+Almost all metric states in this package are sums (of per-image values, of features, of feature outer products) and
+counts, so combining processes is one all-reduce with `SUM` per tensor (`accelerator.reduce`). The one exception
+is the Inception Score, which needs every sample's class probabilities: [`gather_across_processes`] collects them
+(`accelerate.utils.gather_object`).
+
+Without an accelerator, a process group that the caller initialised with `torch.distributed` is used; accelerate's
+free functions read Accelerate's own state, which such a group does not set up, so that path calls torch directly.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
-def _communication_device(accelerator: Optional[Any]) -> Optional[torch.device]:
+def _num_processes(accelerator: Any | None) -> int:
     if accelerator is not None:
-        return torch.device(accelerator.device)
-    if dist.get_backend() == dist.Backend.NCCL:
-        # NCCL only reduces CUDA tensors.
-        return torch.device("cuda", torch.cuda.current_device())
-    return None
+        return accelerator.num_processes
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
-def sum_across_processes(tensor: torch.Tensor, accelerator: Optional[Any] = None) -> torch.Tensor:
-    """Sum ``tensor`` over all processes; every process receives the total.
+def sum_across_processes(tensor: torch.Tensor, accelerator: Any | None = None) -> torch.Tensor:
+    """Sum `tensor` over all processes; every process receives the total.
 
     Args:
-        tensor: Any tensor (float64 sums and int64 counts in this package). It is not
-            modified; the result is a new tensor on the same device as the input.
-        accelerator: An ``accelerate.Accelerator``. If None, ``torch.distributed`` is used
-            when it is initialised, and a single process returns a copy.
+        tensor (`torch.Tensor`):
+            Any tensor (float64 sums and int64 counts in this package). It is not modified.
+        accelerator (`accelerate.Accelerator`, *optional*):
+            The run's accelerator. Without it, `torch.distributed` is used when it is initialised, and a single
+            process returns a copy.
 
     Returns:
-        Tensor of the same shape, dtype and device as ``tensor``.
+        `torch.Tensor`: A new tensor of the same shape, dtype and device as `tensor`.
     """
-    if accelerator is not None:
-        if accelerator.num_processes == 1:
-            return tensor.clone()
-        reduced = accelerator.reduce(tensor.to(_communication_device(accelerator)), reduction="sum")
-        return reduced.to(tensor.device)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _num_processes(accelerator) == 1:
         return tensor.clone()
-    device = _communication_device(None)
+    if accelerator is not None:
+        # accelerate reduces a tensor where it lies, and NCCL reduces only tensors on the process' GPU.
+        return accelerator.reduce(tensor.to(accelerator.device), reduction="sum").to(tensor.device)
+    # NCCL reduces only CUDA tensors; gloo reduces them where they are.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == dist.Backend.NCCL else None
     reduced = tensor.to(device, copy=True) if device is not None else tensor.clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced.to(tensor.device)
 
 
-def gather_rows_across_processes(rows: torch.Tensor, accelerator: Optional[Any] = None) -> torch.Tensor:
-    """Concatenate every process' rows, in process-rank order; every process receives the result.
+def gather_across_processes(value: Any, accelerator: Any | None = None) -> list[Any]:
+    """Every process' `value`, in process-rank order; every process receives the list.
 
-    Unlike :func:`sum_across_processes` this moves per-sample data; it is meant for the few
-    quantities that are not sums (the Inception Score needs every sample's class
-    probabilities). Processes may hold different numbers of rows: the counts are exchanged
-    first, the rows are padded to the largest count for the all-gather and the padding is
-    dropped again.
+    Unlike [`sum_across_processes`] this moves per-sample data; it is meant for the few quantities that are not sums
+    (the Inception Score needs every sample's class probabilities). Processes may hold values of different sizes.
 
     Args:
-        rows: [N_p, ...] tensor on process p (N_p may be 0; trailing shape and dtype must
-            agree across processes).
-        accelerator: An ``accelerate.Accelerator``. If None, ``torch.distributed`` is used
-            when it is initialised, and a single process returns a copy.
+        value (`Any`):
+            A picklable object, e.g. a tuple of CPU tensors.
+        accelerator (`accelerate.Accelerator`, *optional*):
+            The run's accelerator. Without it, `torch.distributed` is used when it is initialised, and a single
+            process receives `[value]`.
 
     Returns:
-        [sum_p N_p, ...] tensor on the input's device.
+        `list`: One entry per process.
     """
+    if _num_processes(accelerator) == 1:
+        return [value]
     if accelerator is not None:
-        if accelerator.num_processes == 1:
-            return rows.clone()
-        device = _communication_device(accelerator)
+        from accelerate.utils import gather_object
 
-        def all_gather(tensor: torch.Tensor) -> torch.Tensor:
-            return accelerator.gather(tensor)
+        return gather_object([value])
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
-    else:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return rows.clone()
-        device = _communication_device(None)
 
-        def all_gather(tensor: torch.Tensor) -> torch.Tensor:
-            parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, tensor.contiguous())
-            return torch.cat(parts)
+def gather_rows_across_processes(rows: torch.Tensor, accelerator: Any | None = None) -> torch.Tensor:
+    """Concatenate every process' rows, in process-rank order; every process receives the result.
 
-    device = device if device is not None else rows.device
-    counts = all_gather(torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)).tolist()
-    largest = max(counts)
-    padded = torch.zeros((largest, *rows.shape[1:]), dtype=rows.dtype, device=device)
-    padded[: rows.shape[0]] = rows.to(device)
-    gathered = all_gather(padded)
-    parts = [gathered[rank * largest : rank * largest + count] for rank, count in enumerate(counts)]
-    return torch.cat(parts).to(rows.device)
+    Args:
+        rows (`torch.Tensor`):
+            [N_p, ...] rows on process p (N_p may differ between processes and be 0; the trailing shape and the dtype
+            must agree).
+        accelerator (`accelerate.Accelerator`, *optional*):
+            As for [`gather_across_processes`].
+
+    Returns:
+        `torch.Tensor`: [sum_p N_p, ...] rows on the input's device.
+    """
+    return torch.cat(gather_across_processes(rows.cpu(), accelerator)).to(rows.device)

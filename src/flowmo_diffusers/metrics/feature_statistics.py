@@ -1,6 +1,6 @@
 """Streaming mean and covariance of feature vectors, for FID over arbitrarily many images.
 
-Instead of keeping all N feature vectors (O(N * D) memory, then ``np.cov``), the
+Instead of keeping all N feature vectors (O(N * D) memory, then `np.cov`), the
 accumulator keeps the count, the sum of features and the sum of their outer products in
 float64 (O(D^2) memory: 32 MiB for Inception's D = 2048). These sums add up across
 batches and across processes, so distributed evaluation is a single all-reduce, and
@@ -11,7 +11,8 @@ mean / unbiased covariance follow in closed form:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,20 +20,21 @@ import torch
 from .distributed import sum_across_processes
 from .frechet_distance import frechet_distance
 
-StatisticsState = Dict[str, torch.Tensor]
+StatisticsState = dict[str, torch.Tensor]
 
 
 class StreamingFeatureStatistics:
     """Running count / sum / sum of outer products of D-dimensional features (float64).
 
     Args:
-        feature_dims: D, the feature dimension (2048 for FID Inception pool features).
-        device: Where the sums live and the outer products are computed. Defaults to CPU;
-            a CUDA device makes the [D, D] update much faster. MPS has no float64, so it
-            is replaced by CPU.
+        feature_dims (`int`):
+            D, the feature dimension (2048 for FID Inception pool features).
+        device (`str` or `torch.device`, *optional*, defaults to the CPU):
+            Where the sums live and the outer products are computed; a CUDA device makes the [D, D] update much
+            faster. MPS has no float64, so it is replaced by the CPU.
     """
 
-    def __init__(self, feature_dims: int, device: Optional[Union[str, torch.device]] = None) -> None:
+    def __init__(self, feature_dims: int, device: str | torch.device | None = None) -> None:
         if feature_dims < 1:
             raise ValueError(f"feature_dims must be positive, got {feature_dims}")
         device = torch.device("cpu" if device is None else device)
@@ -46,11 +48,12 @@ class StreamingFeatureStatistics:
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
-    def update(self, features: Union[torch.Tensor, np.ndarray]) -> None:
+    def update(self, features: torch.Tensor | np.ndarray) -> None:
         """Add a batch of feature vectors.
 
         Args:
-            features: [N, D] tensor or array (any float dtype; accumulated in float64).
+            features (`torch.Tensor` or `np.ndarray`):
+                [N, D] features (any float dtype; accumulated in float64).
         """
         features = torch.as_tensor(features).detach().to(device=self.device, dtype=torch.float64)
         if features.ndim != 2 or features.shape[1] != self.feature_dims:
@@ -67,7 +70,7 @@ class StreamingFeatureStatistics:
 
     # ------------------------------------------------------------------ state / merging
     def state(self) -> StatisticsState:
-        """Copies of the sums: ``{"num_samples": [], "feature_sum": [D], "outer_product_sum": [D, D]}``."""
+        """Copies of the sums: `{"num_samples": [], "feature_sum": [D], "outer_product_sum": [D, D]}`."""
         return {
             "num_samples": self.num_samples.clone(),
             "feature_sum": self.feature_sum.clone(),
@@ -76,15 +79,15 @@ class StreamingFeatureStatistics:
 
     @classmethod
     def from_state(
-        cls, state: Mapping[str, Any], device: Optional[Union[str, torch.device]] = None
-    ) -> "StreamingFeatureStatistics":
-        """Rebuild an accumulator from :meth:`state` (e.g. after saving it with ``torch.save``)."""
+        cls, state: Mapping[str, Any], device: str | torch.device | None = None
+    ) -> StreamingFeatureStatistics:
+        """Rebuild an accumulator from [`state`] (e.g. after saving it with `torch.save`)."""
         statistics = cls(int(torch.as_tensor(state["feature_sum"]).shape[0]), device=device)
         statistics.merge(state)
         return statistics
 
-    def merge(self, other: Union["StreamingFeatureStatistics", Mapping[str, Any]]) -> "StreamingFeatureStatistics":
-        """Add another accumulator (or its :meth:`state`) into this one, in place; returns self.
+    def merge(self, other: StreamingFeatureStatistics | Mapping[str, Any]) -> StreamingFeatureStatistics:
+        """Add another accumulator (or its [`state`]) into this one, in place; returns self.
 
         Merging the accumulators of disjoint sets of samples gives exactly the sums of
         their union, so merge order does not matter.
@@ -100,12 +103,16 @@ class StreamingFeatureStatistics:
         self.outer_product_sum += torch.as_tensor(state["outer_product_sum"]).to(self.device, torch.float64)
         return self
 
-    def all_reduce_(self, accelerator: Optional[Any] = None) -> "StreamingFeatureStatistics":
+    def all_reduce_(self, accelerator: Any | None = None) -> StreamingFeatureStatistics:
         """Replace the local sums by their sums over all processes (call on every process, once).
 
         Args:
-            accelerator: An ``accelerate.Accelerator``; if None, ``torch.distributed`` is used
-                when initialised (otherwise this is a no-op).
+            accelerator (`accelerate.Accelerator`, *optional*):
+                The run's accelerator; without it `torch.distributed` is used when initialised (otherwise this is a
+                no-op).
+
+        Returns:
+            [`StreamingFeatureStatistics`]: `self`.
         """
         self.num_samples = sum_across_processes(self.num_samples, accelerator)
         self.feature_sum = sum_across_processes(self.feature_sum, accelerator)
@@ -121,7 +128,7 @@ class StreamingFeatureStatistics:
         return self.feature_sum.cpu().numpy() / num_samples
 
     def covariance(self) -> np.ndarray:
-        """[D, D] float64 unbiased covariance (divides by N - 1, like ``np.cov(x, rowvar=False)``)."""
+        """[D, D] float64 unbiased covariance (divides by N - 1, like `np.cov(x, rowvar=False)`)."""
         num_samples = int(self.num_samples)
         if num_samples < 2:
             raise ValueError(f"the covariance needs at least 2 samples, got {num_samples}")
@@ -132,6 +139,6 @@ class StreamingFeatureStatistics:
         # The sum of outer products is symmetric in exact arithmetic; symmetrise away rounding.
         return (covariance + covariance.T) / 2
 
-    def frechet_distance(self, other: "StreamingFeatureStatistics", eps: float = 1e-6) -> float:
-        """Frechet distance between the Gaussians fitted to this and ``other``'s features (FID)."""
+    def frechet_distance(self, other: StreamingFeatureStatistics, eps: float = 1e-6) -> float:
+        """Frechet distance between the Gaussians fitted to this and `other`'s features (FID)."""
         return frechet_distance(self.mean(), self.covariance(), other.mean(), other.covariance(), eps=eps)

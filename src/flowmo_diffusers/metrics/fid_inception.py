@@ -1,22 +1,20 @@
 """The TF-ported InceptionV3 used for FID (pytorch-fid's network), as a feature extractor.
 
-This is pytorch-fid's ``InceptionV3`` (``use_fid_inception=True``): torchvision's
-Inception3 with the ``FIDInceptionA/C/E_1/E_2`` blocks that reproduce TensorFlow's
-pooling quirks, and the weights ``pt_inception-2015-12-05-6726825d.pth`` ported from
+This is pytorch-fid's `InceptionV3` (`use_fid_inception=True`): torchvision's
+Inception3 with the `FIDInceptionA/C/E_1/E_2` blocks that reproduce TensorFlow's
+pooling quirks, and the weights `pt_inception-2015-12-05-6726825d.pth` ported from
 the original TF FID graph. FlowMo computed rFID from its 2048-d final average-pool
 features. The difference from pytorch-fid's own class is only how the weights are
 obtained: from a local file, from the torch hub cache / URL with a clear error, or
 explicitly left random for tests.
 
 The same forward pass can also return the network's 1008-way logits for the Inception
-Score (``return_logits=True``), computed the way the original TF Inception Score code
-(openai/improved-gan), ADM's evaluator and torch-fidelity's ``logits_unbiased`` do:
-``pool_features @ fc.weight.T``, without the bias of the ``fc`` layer.
+Score (`return_logits=True`), computed the way the original TF Inception Score code
+(openai/improved-gan), ADM's evaluator and torch-fidelity's `logits_unbiased` do:
+`pool_features @ fc.weight.T`, without the bias of the `fc` layer.
 """
 
 from __future__ import annotations
-
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +22,7 @@ from torch import nn
 
 from ._optional_dependencies import require
 from .image_conversion import check_image_batch
-from .pretrained_weights import PathLike, PretrainedWeights, load_pretrained_state_dict
-
-FID_INCEPTION_WEIGHTS = PretrainedWeights(
-    description="FID Inception (pytorch-fid TF-ported InceptionV3)",
-    url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-    path_option="weights_path",
-    # pytorch-fid downloads this file without hash checking; do the same.
-    check_hash=False,
-    aggregator_path_option="inception_weights_path=...",
-)
+from .pretrained_weights import FID_INCEPTION_WEIGHTS, PathLike, load_pretrained_state_dict
 
 FID_INCEPTION_INPUT_SIZE = 299
 
@@ -47,7 +36,7 @@ FID_INCEPTION_NUM_LOGITS = 1008
 def build_fid_inception_v3() -> nn.Module:
     """Randomly initialised FID InceptionV3 with the layout of the pretrained weights file.
 
-    Mirrors ``pytorch_fid.inception.fid_inception_v3`` minus the download.
+    Mirrors `pytorch_fid.inception.fid_inception_v3` minus the download.
     """
     require("pytorch_fid")
     from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
@@ -74,24 +63,27 @@ class FIDInceptionFeatureExtractor(nn.Module):
     """FID Inception features of a batch of images, as pytorch-fid computes them.
 
     Images are brought to [0, 1], resized to 299x299 with bilinear interpolation
-    (``align_corners=False``), scaled to [-1, 1] and run through the network up to the
-    block that yields ``feature_dims`` channels, then spatially averaged.
+    (`align_corners=False`), scaled to [-1, 1] and run through the network up to the
+    block that yields `feature_dims` channels, then spatially averaged.
 
     Args:
-        weights_path: Local ``pt_inception-2015-12-05-6726825d.pth``. Without it the
-            weights come from the torch hub cache, downloading them if possible.
-        random_init: Explicit test option: keep random weights and read nothing.
-        feature_dims: 2048 (final average pool; what FID/rFID uses), or 64, 192, 768
-            (earlier blocks, as pytorch-fid's ``--dims``; cheaper, for tests and tiny sets).
-            Only 2048 keeps the classifier layer, so only 2048 can return logits.
+        weights_path (`str` or `os.PathLike`, *optional*):
+            Local `pt_inception-2015-12-05-6726825d.pth`. Without it the weights come from the torch hub cache,
+            downloading them if possible.
+        random_init (`bool`, *optional*, defaults to `False`):
+            Explicit test option: keep random weights and read nothing.
+        feature_dims (`int`, *optional*, defaults to `2048`):
+            2048 (final average pool; what FID/rFID uses), or 64, 192, 768 (earlier blocks, as pytorch-fid's
+            `--dims`; cheaper, for tests and tiny sets). Only 2048 keeps the classifier layer, so only 2048 can return
+            logits.
 
     Raises:
-        MissingPretrainedWeightsError: ``random_init`` is False and the weights cannot be found.
+        MissingPretrainedWeightsError: `random_init` is False and the weights cannot be found.
     """
 
     def __init__(
         self,
-        weights_path: Optional[PathLike] = None,
+        weights_path: PathLike | None = None,
         random_init: bool = False,
         feature_dims: int = 2048,
     ) -> None:
@@ -145,33 +137,34 @@ class FIDInceptionFeatureExtractor(nn.Module):
 
     @property
     def has_logits(self) -> bool:
-        """Whether :meth:`forward` can return logits (only with ``feature_dims=2048``)."""
+        """Whether [`forward`] can return logits (only with `feature_dims=2048`)."""
         return self.fc is not None
 
     @torch.no_grad()
     def forward(
         self,
         images: torch.Tensor,
-        value_range: Tuple[float, float] = (-1.0, 1.0),
+        value_range: tuple[float, float] = (-1.0, 1.0),
         return_logits: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Inception features, and optionally the classifier logits of the same pass.
 
         Args:
-            images: [B, 3, H, W] tensor, any H and W (resized to 299x299).
-            value_range: ``(-1, 1)`` (the default, FlowMo's convention) or ``(0, 1)``.
-                [-1, 1] input is clamped and mapped with ``(x + 1) / 2`` first, as FlowMo
-                did before calling pytorch-fid's network (which expects [0, 1]).
-            return_logits: Also return the [B, 1008] logits ``features @ fc.weight.T``
-                (no bias: the Inception Score's definition, see the module docstring).
-                Needs ``feature_dims=2048``.
+            images (`torch.Tensor`):
+                [B, 3, H, W] images, any H and W (resized to 299x299).
+            value_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+                `(-1, 1)` (FlowMo's convention) or `(0, 1)`. [-1, 1] input is clamped and mapped with `(x + 1) / 2`
+                first, as FlowMo did before calling pytorch-fid's network (which expects [0, 1]).
+            return_logits (`bool`, *optional*, defaults to `False`):
+                Also return the [B, 1008] logits `features @ fc.weight.T` (no bias: the Inception Score's definition,
+                see the module docstring). Needs `feature_dims=2048`.
 
         Returns:
-            [B, feature_dims] float32 features on the network's device, or, with
-            ``return_logits``, the tuple ``(features [B, 2048], logits [B, 1008])``.
+            `torch.Tensor` or `tuple[torch.Tensor, torch.Tensor]`: [B, feature_dims] float32 features on the
+            network's device, or, with `return_logits`, the tuple `(features [B, 2048], logits [B, 1008])`.
 
         Raises:
-            ValueError: ``return_logits`` with ``feature_dims`` other than 2048.
+            ValueError: `return_logits` with `feature_dims` other than 2048.
         """
         if return_logits and not self.has_logits:
             raise ValueError(
@@ -199,3 +192,36 @@ class FIDInceptionFeatureExtractor(nn.Module):
         if not return_logits:
             return features
         return features, features @ self.fc.weight.T
+
+
+def feature_extractor_on(
+    device: torch.device,
+    feature_extractor: nn.Module | None = None,
+    weights_path: PathLike | None = None,
+    random_init: bool = False,
+    feature_dims: int = 2048,
+) -> nn.Module:
+    """The metrics' feature network on `device`, in eval mode: `feature_extractor` or the FID Inception.
+
+    Args:
+        device (`torch.device`):
+            Where the network runs.
+        feature_extractor (`torch.nn.Module`, *optional*):
+            A replacement for the FID Inception, with a `feature_dims` attribute (its output dimension D).
+        weights_path (`str` or `os.PathLike`, *optional*):
+            The FID Inception's weights file (see [`FIDInceptionFeatureExtractor`]); unused with `feature_extractor`.
+        random_init (`bool`, *optional*, defaults to `False`):
+            Keep the FID Inception random; unused with `feature_extractor`.
+        feature_dims (`int`, *optional*, defaults to `2048`):
+            The FID Inception's feature dimension; unused with `feature_extractor`.
+
+    Returns:
+        `torch.nn.Module`: The network.
+    """
+    if feature_extractor is None:
+        feature_extractor = FIDInceptionFeatureExtractor(
+            weights_path=weights_path, random_init=random_init, feature_dims=feature_dims
+        )
+    elif not hasattr(feature_extractor, "feature_dims"):
+        raise ValueError("a custom feature_extractor needs a `feature_dims` attribute (its output dimension D)")
+    return feature_extractor.to(device).eval()

@@ -9,23 +9,31 @@ import numpy as np
 from ._optional_dependencies import require
 
 
+# By hand: pytorch-fid's version calls sqrtm(disp=False) (gone in SciPy 1.18), prints, asserts, keeps the dtype.
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:
-    """Frechet distance ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))``.
+    """Frechet distance `||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))`.
 
-    Same algorithm as pytorch-fid's ``calculate_frechet_distance`` (Dougal Sutherland's
-    stable version) used by FlowMo: ``scipy.linalg.sqrtm`` of ``sigma1 @ sigma2``; if the
-    result is not finite (nearly singular product), ``eps`` is added to both diagonals;
+    Same algorithm as pytorch-fid's `calculate_frechet_distance` (Dougal Sutherland's
+    stable version) used by FlowMo: `scipy.linalg.sqrtm` of `sigma1 @ sigma2`; if the
+    result is not finite (nearly singular product), `eps` is added to both diagonals;
     a small imaginary part from numerical error is dropped, a large one is an error.
 
     Args:
-        mu1, mu2: [D] means.
-        sigma1, sigma2: [D, D] covariances.
-        eps: Diagonal offset used only when the plain square root is not finite.
+        mu1 (`np.ndarray`):
+            [D] mean of the first Gaussian.
+        sigma1 (`np.ndarray`):
+            [D, D] covariance of the first Gaussian.
+        mu2 (`np.ndarray`):
+            [D] mean of the second Gaussian.
+        sigma2 (`np.ndarray`):
+            [D, D] covariance of the second Gaussian.
+        eps (`float`, *optional*, defaults to `1e-6`):
+            Diagonal offset used only when the plain square root is not finite.
 
     Returns:
-        The squared Frechet distance (what is reported as FID).
+        `float`: The squared Frechet distance (what is reported as FID), computed in float64.
 
     Raises:
         ValueError: Shapes differ, or the square root has a significant imaginary part.

@@ -1,19 +1,19 @@
 """Generation metrics of a class-conditional image generator: gFID against reference statistics, Inception Score.
 
 * **gFID**: Frechet distance between a Gaussian fitted to the FID-Inception pool features of the
-  generated images (streamed, :class:`StreamingFeatureStatistics`) and the reference Gaussian
-  ``(mu, sigma)`` of real images, read from an ``.npz`` (:class:`ReferenceStatistics`). The format is
-  pytorch-fid's (``mu``, ``sigma``) and also reads ADM's reference batches (guided-diffusion, e.g.
-  ``VIRTUAL_imagenet256_labeled.npz``, which hold ``mu``/``sigma`` next to the images ``arr_0``; only
+  generated images (streamed, [`StreamingFeatureStatistics`]) and the reference Gaussian
+  `(mu, sigma)` of real images, read from an `.npz` ([`ReferenceStatistics`]). The format is
+  pytorch-fid's (`mu`, `sigma`) and also reads ADM's reference batches (guided-diffusion, e.g.
+  `VIRTUAL_imagenet256_labeled.npz`, which hold `mu`/`sigma` next to the images `arr_0`; only
   the statistics are loaded).
-* **Inception Score** from the 1008-way logits of the same forward pass (:mod:`.inception_score`).
+* **Inception Score** from the 1008-way logits of the same forward pass ([`.inception_score`]).
 
 ADM's numbers come from the TF graph of the same Inception weights, with TF's image resize; this
 package uses pytorch-fid's port and resize, which agree to within small differences (pytorch-fid
 documents them), so compare figures of the two evaluators with that in mind.
 
 Networks are never randomly initialised silently: pretrained Inception weights come from a local file
-or the torch hub cache, and ``random_init=True`` is an explicit test option whose statistics are marked
+or the torch hub cache, and `random_init=True` is an explicit test option whose statistics are marked
 as such, so they cannot be compared with statistics of the real network by mistake.
 """
 
@@ -22,22 +22,23 @@ from __future__ import annotations
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .distributed import sum_across_processes
 from .feature_statistics import StreamingFeatureStatistics
-from .fid_inception import FID_INCEPTION_WEIGHTS, FIDInceptionFeatureExtractor
+from .fid_inception import feature_extractor_on
 from .frechet_distance import frechet_distance
-from .image_conversion import check_image_batch
+from .image_conversion import check_image_batch, resolve_device
 from .inception_score import TORCH_FIDELITY_SHUFFLE_SEED, InceptionScore
+from .pretrained_weights import FID_INCEPTION_WEIGHTS, PathLike
 from ..utils.files import atomic_write
-from .pretrained_weights import PathLike
 
-#: ADM's (guided-diffusion) ImageNet 256x256 reference batch: ``mu``/``sigma`` of the 2048-d pool features of
-#: the ImageNet training set, plus 10,000 images (``arr_0``) that this package does not need.
+#: ADM's (guided-diffusion) ImageNet 256x256 reference batch: `mu`/`sigma` of the 2048-d pool features of
+#: the ImageNet training set, plus 10,000 images (`arr_0`) that this package does not need.
 ADM_IMAGENET256_REFERENCE_URL = (
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
     "VIRTUAL_imagenet256_labeled.npz"
@@ -52,7 +53,7 @@ REFERENCE_STATISTICS_HINT = (
 
 
 def describe_fid_inception(random_init: bool, feature_dims: int) -> str:
-    """The ``feature_network`` label stored with statistics, so that incompatible ones are not compared."""
+    """The `feature_network` label stored with statistics, so that incompatible ones are not compared."""
     if random_init:
         return f"RANDOM-INIT FID InceptionV3 (tests only), {feature_dims}-d"
     return f"FID InceptionV3 ({FID_INCEPTION_WEIGHTS.file_name}), {feature_dims}-d"
@@ -62,21 +63,26 @@ def describe_fid_inception(random_init: bool, feature_dims: int) -> str:
 class ReferenceStatistics:
     """A Gaussian fitted to Inception features: what gFID compares generated images against.
 
-    Attributes:
-        mu: [D] float64 mean.
-        sigma: [D, D] float64 covariance.
-        num_samples: Images the statistics were computed from (None when the file does not say, as in
-            pytorch-fid's and ADM's files).
-        feature_network: Label of the network that produced the features (:func:`describe_fid_inception`);
-            None for files from other tools (taken to be the pretrained FID Inception).
-        path: File they were loaded from, if any.
+    Args:
+        mu (`np.ndarray`):
+            [D] float64 mean.
+        sigma (`np.ndarray`):
+            [D, D] float64 covariance.
+        num_samples (`int`, *optional*):
+            Images the statistics were computed from (None when the file does not say, as in pytorch-fid's and
+            ADM's files).
+        feature_network (`str`, *optional*):
+            Label of the network that produced the features ([`describe_fid_inception`]); None for files from other
+            tools (taken to be the pretrained FID Inception).
+        path (`str`, *optional*):
+            File they were loaded from, if any.
     """
 
     mu: np.ndarray
     sigma: np.ndarray
-    num_samples: Optional[int] = None
-    feature_network: Optional[str] = None
-    path: Optional[str] = None
+    num_samples: int | None = None
+    feature_network: str | None = None
+    path: str | None = None
 
     def __post_init__(self) -> None:
         self.mu = np.asarray(self.mu, dtype=np.float64)
@@ -100,8 +106,8 @@ class ReferenceStatistics:
 
     @classmethod
     def from_feature_statistics(
-        cls, statistics: StreamingFeatureStatistics, feature_network: Optional[str] = None
-    ) -> "ReferenceStatistics":
+        cls, statistics: StreamingFeatureStatistics, feature_network: str | None = None
+    ) -> ReferenceStatistics:
         """Mean and unbiased covariance of accumulated features (at least 2 samples)."""
         return cls(
             mu=statistics.mean(),
@@ -111,20 +117,25 @@ class ReferenceStatistics:
         )
 
     @classmethod
-    def load(cls, path: PathLike, feature_dims: Optional[int] = None) -> "ReferenceStatistics":
-        """Read ``mu`` and ``sigma`` (and ``num_samples`` / ``feature_network`` if present) from an ``.npz``.
+    def load(cls, path: PathLike, feature_dims: int | None = None) -> ReferenceStatistics:
+        """Read `mu` and `sigma` (and `num_samples` / `feature_network` if present) from an `.npz`.
 
-        Only these entries are read, so ADM's reference batches (several GB of images in ``arr_0``) load
+        Only these entries are read, so ADM's reference batches (several GB of images in `arr_0`) load
         in a moment.
 
         Args:
-            path: The ``.npz`` file.
-            feature_dims: Expected D (e.g. the evaluating network's); None accepts any.
+            path (`str` or `os.PathLike`):
+                The `.npz` file.
+            feature_dims (`int`, *optional*):
+                Expected D (e.g. the evaluating network's); None accepts any.
+
+        Returns:
+            [`ReferenceStatistics`]: The statistics, with `path` set.
 
         Raises:
             FileNotFoundError: No such file.
-            ValueError: Not an ``.npz``, no ``mu``/``sigma``, wrong shapes, non-finite values, or D differs
-                from ``feature_dims``.
+            ValueError: Not an `.npz`, no `mu`/`sigma`, wrong shapes, non-finite values, or D differs
+                from `feature_dims`.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -153,24 +164,21 @@ class ReferenceStatistics:
             num_samples = int(archive["num_samples"]) if "num_samples" in keys else None
             feature_network = str(archive["feature_network"]) if "feature_network" in keys else None
             statistics = cls(archive["mu"], archive["sigma"], num_samples, feature_network, path)
-        if feature_dims is not None and statistics.feature_dims != feature_dims:
-            raise ValueError(
-                f"reference statistics {path!r} are of {statistics.feature_dims}-d features, but the evaluating "
-                f"network gives {feature_dims}-d features; they must come from the same layer (FID: 2048)"
-            )
+        if feature_dims is not None:
+            statistics.check_feature_dims(feature_dims)
         return statistics
 
     def save(self, path: PathLike) -> str:
-        """Write ``mu``, ``sigma`` (float64), ``num_samples`` and ``feature_network`` to ``path`` atomically.
+        """Write `mu`, `sigma` (float64), `num_samples` and `feature_network` to `path` atomically.
 
-        The file is written next to ``path`` under a temporary name and renamed, so an interrupted run
-        never leaves a truncated file behind. Readable by :meth:`load`, pytorch-fid and ADM's evaluator.
+        The file is written next to `path` under a temporary name and renamed, so an interrupted run
+        never leaves a truncated file behind. Readable by [`load`], pytorch-fid and ADM's evaluator.
 
         Returns:
-            The path written.
+            `str`: The path written.
         """
         path = os.fspath(path)
-        entries: Dict[str, Any] = {"mu": self.mu, "sigma": self.sigma}
+        entries: dict[str, Any] = {"mu": self.mu, "sigma": self.sigma}
         if self.num_samples is not None:
             entries["num_samples"] = np.int64(self.num_samples)
         if self.feature_network is not None:
@@ -179,6 +187,14 @@ class ReferenceStatistics:
         with atomic_write(path, prefix=".reference-statistics-") as file:
             np.savez(file, **entries)
         return path
+
+    def check_feature_dims(self, feature_dims: int) -> None:
+        """Raise ValueError unless these statistics are of `feature_dims`-d features (the evaluating network's)."""
+        if self.feature_dims != feature_dims:
+            raise ValueError(
+                f"reference statistics {self.path or ''} are of {self.feature_dims}-d features, but the evaluating "
+                f"network gives {feature_dims}-d features; they must come from the same layer (FID: 2048)"
+            )
 
     def check_compatible(self, feature_network: str) -> None:
         """Raise ValueError if these statistics were computed by a different kind of network.
@@ -199,7 +215,7 @@ class ReferenceStatistics:
             )
 
     def frechet_distance(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        """FID between these statistics and ``(mu [D], sigma [D, D])``."""
+        """FID between these statistics and `(mu [D], sigma [D, D])`."""
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
 
@@ -215,35 +231,44 @@ class GenerationMetrics:
         metrics.compute()                               # {"num_images", "gfid", "inception_score", ...}
 
     Args:
-        reference_statistics: ``.npz`` path or :class:`ReferenceStatistics`; None computes the Inception
-            Score (and the samples' own statistics, :attr:`statistics`) without gFID. A path is read before
-            the network is built, so a bad file fails fast.
-        device: Device of the network and feature sums (default CUDA if available, else CPU).
-        random_init: Explicit test-only switch: random Inception weights, nothing read or downloaded.
-        inception_weights_path: Local ``pt_inception-2015-12-05-6726825d.pth`` (else the torch hub cache).
-        inception_feature_dims: 2048 for gFID as published; 64/192/768 only for quick tests, and only with
-            ``compute_inception_score=False`` (the score needs the 2048-d pool features' classifier).
-        compute_inception_score: Whether to keep logits for the Inception Score.
-        inception_score_splits / inception_score_shuffle_seed: See :class:`InceptionScore`.
-        feature_extractor: Replaces the FID Inception: a module with a ``feature_dims`` attribute mapping
-            ([B, 3, H, W] images, ``value_range``, ``return_logits``) like :class:`FIDInceptionFeatureExtractor`.
+        reference_statistics (`str` or `os.PathLike` or [`ReferenceStatistics`], *optional*):
+            `.npz` path or statistics; None computes the Inception Score (and the samples' own statistics,
+            `statistics`) without gFID. A path is read before the network is built, so a bad file fails fast.
+        device (`str` or `torch.device`, *optional*):
+            Device of the network and feature sums (default CUDA if available, else CPU).
+        random_init (`bool`, *optional*, defaults to `False`):
+            Explicit test-only switch: random Inception weights, nothing read or downloaded.
+        inception_weights_path (`str` or `os.PathLike`, *optional*):
+            Local `pt_inception-2015-12-05-6726825d.pth` (else the torch hub cache).
+        inception_feature_dims (`int`, *optional*, defaults to `2048`):
+            2048 for gFID as published; 64/192/768 only for quick tests, and only with
+            `compute_inception_score=False` (the score needs the 2048-d pool features' classifier).
+        compute_inception_score (`bool`, *optional*, defaults to `True`):
+            Whether to keep logits for the Inception Score.
+        inception_score_splits (`int`, *optional*, defaults to `10`):
+            See [`InceptionScore`].
+        inception_score_shuffle_seed (`int`, *optional*, defaults to `2020`):
+            See [`InceptionScore`].
+        feature_extractor (`torch.nn.Module`, *optional*):
+            Replaces the FID Inception: a module with a `feature_dims` attribute mapping ([B, 3, H, W] images,
+            `value_range`, `return_logits`) like [`FIDInceptionFeatureExtractor`].
 
     Raises:
-        FileNotFoundError / ValueError: Unusable reference statistics (see :meth:`ReferenceStatistics.load`).
+        FileNotFoundError / ValueError: Unusable reference statistics (see [`ReferenceStatistics.load`]).
         MissingPretrainedWeightsError: The Inception weights are needed but unavailable.
     """
 
     def __init__(
         self,
-        reference_statistics: Optional[Union[PathLike, ReferenceStatistics]] = None,
-        device: Optional[Union[str, torch.device]] = None,
+        reference_statistics: PathLike | ReferenceStatistics | None = None,
+        device: str | torch.device | None = None,
         random_init: bool = False,
-        inception_weights_path: Optional[PathLike] = None,
+        inception_weights_path: PathLike | None = None,
         inception_feature_dims: int = 2048,
         compute_inception_score: bool = True,
         inception_score_splits: int = 10,
-        inception_score_shuffle_seed: Optional[int] = TORCH_FIDELITY_SHUFFLE_SEED,
-        feature_extractor: Optional[nn.Module] = None,
+        inception_score_shuffle_seed: int | None = TORCH_FIDELITY_SHUFFLE_SEED,
+        feature_extractor: nn.Module | None = None,
     ) -> None:
         if compute_inception_score and feature_extractor is None and inception_feature_dims != 2048:
             raise ValueError(
@@ -252,27 +277,18 @@ class GenerationMetrics:
             )
         if reference_statistics is not None and not isinstance(reference_statistics, ReferenceStatistics):
             reference_statistics = ReferenceStatistics.load(reference_statistics)
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
+        self.feature_extractor = feature_extractor_on(
+            self.device, feature_extractor, inception_weights_path, random_init, inception_feature_dims
+        )
+        feature_dims = int(self.feature_extractor.feature_dims)
         if feature_extractor is None:
-            feature_extractor = FIDInceptionFeatureExtractor(
-                weights_path=inception_weights_path, random_init=random_init, feature_dims=inception_feature_dims
-            )
             self.feature_network = describe_fid_inception(random_init, inception_feature_dims)
         else:
-            if not hasattr(feature_extractor, "feature_dims"):
-                raise ValueError("a custom feature_extractor needs a `feature_dims` attribute (its output dimension D)")
-            self.feature_network = f"custom {type(feature_extractor).__name__}, {feature_extractor.feature_dims}-d"
-            if random_init:
-                self.feature_network = "RANDOM-INIT " + self.feature_network
-        self.feature_extractor = feature_extractor.to(self.device).eval()
-        feature_dims = int(self.feature_extractor.feature_dims)
+            prefix = "RANDOM-INIT " if random_init else ""
+            self.feature_network = f"{prefix}custom {type(feature_extractor).__name__}, {feature_dims}-d"
         if reference_statistics is not None:
-            if reference_statistics.feature_dims != feature_dims:
-                raise ValueError(
-                    f"reference statistics {reference_statistics.path or ''} are of {reference_statistics.feature_dims}"
-                    f"-d features, but the evaluating network gives {feature_dims}-d features; they must come from "
-                    "the same layer (FID: 2048)"
-                )
+            reference_statistics.check_feature_dims(feature_dims)
             reference_statistics.check_compatible(self.feature_network)
         self.reference_statistics = reference_statistics
         self.statistics = StreamingFeatureStatistics(feature_dims, device=self.device)
@@ -293,17 +309,20 @@ class GenerationMetrics:
     def update(
         self,
         images: torch.Tensor,
-        value_range: Tuple[float, float] = (0.0, 1.0),
-        sample_indices: Optional[torch.Tensor] = None,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        sample_indices: torch.Tensor | None = None,
     ) -> None:
         """Accumulate a batch of generated images.
 
         Args:
-            images: [B, 3, H, W]: uint8 in [0, 255] (``value_range`` is then ignored), or float in
-                ``value_range``. Any H, W (Inception resizes to 299x299).
-            value_range: ``(0, 1)`` (default: what the pipelines return with ``output_type="pt"``) or ``(-1, 1)``.
-            sample_indices: [B] int64 global positions of the images: the order of the Inception Score's
-                splits (see :class:`InceptionScore`). Pass them when several processes evaluate.
+            images (`torch.Tensor`):
+                [B, 3, H, W]: uint8 in [0, 255] (`value_range` is then ignored), or float in `value_range`. Any H, W
+                (Inception resizes to 299x299).
+            value_range (`tuple[float, float]`, *optional*, defaults to `(0.0, 1.0)`):
+                `(0, 1)` (what the pipelines return with `output_type="pt"`) or `(-1, 1)`.
+            sample_indices (`torch.Tensor`, *optional*):
+                [B] int64 global positions of the images: the order of the Inception Score's splits (see
+                [`InceptionScore`]). Pass them when several processes evaluate.
         """
         if self._gathered:
             raise RuntimeError("update() after gather(): the sums already include other processes; call reset() first")
@@ -326,12 +345,18 @@ class GenerationMetrics:
         self.statistics.update(features)
         self.num_images += images.shape[0]
 
-    def gather(self, accelerator: Optional[Any] = None) -> "GenerationMetrics":
-        """Combine all processes' images, in place (call once, on every process)."""
+    def gather(self, accelerator: Any | None = None) -> GenerationMetrics:
+        """Combine all processes' images, in place (call once, on every process).
+
+        Args:
+            accelerator (`accelerate.Accelerator`, *optional*):
+                The run's accelerator; without it `torch.distributed` is used when initialised.
+
+        Returns:
+            [`GenerationMetrics`]: `self`.
+        """
         if self._gathered:
             raise RuntimeError("gather() was already called; a second call would count other processes twice")
-        from .distributed import sum_across_processes
-
         self.num_images = sum_across_processes(self.num_images, accelerator)
         self.statistics.all_reduce_(accelerator)
         if self.inception_score is not None:
@@ -340,20 +365,20 @@ class GenerationMetrics:
         return self
 
     def sample_statistics(self) -> ReferenceStatistics:
-        """The generated images' own ``(mu, sigma)``, e.g. to save and compare with another run later."""
+        """The generated images' own `(mu, sigma)`, e.g. to save and compare with another run later."""
         return ReferenceStatistics.from_feature_statistics(self.statistics, self.feature_network)
 
-    def compute(self) -> Dict[str, float]:
-        """Metrics over everything accumulated (this process only unless :meth:`gather` ran).
+    def compute(self) -> dict[str, float]:
+        """Metrics over everything accumulated (this process only unless [`gather`] ran).
 
         Returns:
-            ``{"num_images"}`` plus ``"gfid"`` (with reference statistics; needs >= 2 images) and
-            ``"inception_score"``, ``"inception_score_std"`` (with the score; needs >= splits images).
+            `dict[str, float]`: `{"num_images"}` plus `"gfid"` (with reference statistics; needs >= 2 images) and
+            `"inception_score"`, `"inception_score_std"` (with the score; needs >= splits images).
         """
         num_images = int(self.num_images)
         if num_images == 0:
             raise ValueError("no images accumulated")
-        results: Dict[str, float] = {"num_images": num_images}
+        results: dict[str, float] = {"num_images": num_images}
         if self.reference_statistics is not None:
             results["gfid"] = self.reference_statistics.frechet_distance(
                 self.statistics.mean(), self.statistics.covariance()

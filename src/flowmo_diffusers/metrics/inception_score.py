@@ -1,40 +1,40 @@
 """Inception Score (Salimans et al., 2016) from the FID Inception's class probabilities.
 
-Definition, as in the original TF code (openai/improved-gan ``inception_score/model.py``),
-ADM's evaluator and torch-fidelity: the N samples are cut into ``splits`` consecutive
-parts ``[i N // splits, (i + 1) N // splits)``; on each part
+Definition, as in the original TF code (openai/improved-gan `inception_score/model.py`),
+ADM's evaluator and torch-fidelity: the N samples are cut into `splits` consecutive
+parts `[i N // splits, (i + 1) N // splits)`; on each part
 
     IS_i = exp( mean_x KL( p(y|x) || p_i(y) ) ),     p_i(y) = mean_x p(y|x) over the part,
 
-and the reported values are ``mean_i IS_i`` and ``std_i IS_i`` (population std, ``np.std``).
-``p(y|x)`` is the softmax of the TF Inception's 1008 logits taken without the ``fc``
-bias (see :mod:`.fid_inception`).
+and the reported values are `mean_i IS_i` and `std_i IS_i` (population std, `np.std`).
+`p(y|x)` is the softmax of the TF Inception's 1008 logits taken without the `fc`
+bias (see [`.fid_inception`]).
 
 The split boundaries make the score depend on the order of the samples: a folder whose
 files are sorted by class gives splits that each cover a few classes only, and a lower
-score. ``shuffle_seed`` permutes the samples first with ``np.random.RandomState(seed)``,
-exactly as torch-fidelity does by default (seed 2020); ``None`` keeps the given order
+score. `shuffle_seed` permutes the samples first with `np.random.RandomState(seed)`,
+exactly as torch-fidelity does by default (seed 2020); `None` keeps the given order
 (improved-gan, ADM).
 
-:class:`InceptionScore` accumulates logits batch by batch with each sample's global index,
+[`InceptionScore`] accumulates logits batch by batch with each sample's global index,
 gathers them across processes and restores the global order, so a run over several
 processes gives the number of a single-process run.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from ._optional_dependencies import require
-from .distributed import gather_rows_across_processes
+from .distributed import gather_across_processes
 
-#: torch-fidelity's default ``isc_rng_seed``: its Inception Score shuffles the samples with this seed.
+#: torch-fidelity's default `isc_rng_seed`: its Inception Score shuffles the samples with this seed.
 TORCH_FIDELITY_SHUFFLE_SEED = 2020
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 
 def _as_float64_matrix(values: ArrayLike, name: str) -> np.ndarray:
@@ -49,19 +49,22 @@ def _as_float64_matrix(values: ArrayLike, name: str) -> np.ndarray:
 
 
 def inception_score(
-    probabilities: ArrayLike, splits: int = 10, shuffle_seed: Optional[int] = None
-) -> Tuple[float, float]:
-    """Inception Score of class probabilities ``p(y|x)``.
+    probabilities: ArrayLike, splits: int = 10, shuffle_seed: int | None = None
+) -> tuple[float, float]:
+    """Inception Score of class probabilities `p(y|x)`.
 
     Args:
-        probabilities: [N, C] rows of class probabilities (non-negative, each summing to 1),
-            in sample order; any float dtype (computed in float64).
-        splits: Number of consecutive parts (10 in every published ImageNet figure); N >= splits.
-        shuffle_seed: Permute the rows with ``np.random.RandomState(shuffle_seed).permutation(N)``
-            before splitting (torch-fidelity: 2020); None keeps the order.
+        probabilities (`np.ndarray` or `torch.Tensor`):
+            [N, C] rows of class probabilities (non-negative, each summing to 1), in sample order; any float dtype
+            (computed in float64).
+        splits (`int`, *optional*, defaults to `10`):
+            Number of consecutive parts (10 in every published ImageNet figure); N >= splits.
+        shuffle_seed (`int`, *optional*):
+            Permute the rows with `np.random.RandomState(shuffle_seed).permutation(N)` before splitting
+            (torch-fidelity: 2020); None keeps the order.
 
     Returns:
-        ``(mean, std)`` of the per-split scores, each in ``[1, C]``.
+        `tuple[float, float]`: `(mean, std)` of the per-split scores, each in `[1, C]`.
 
     Raises:
         ValueError: Wrong shape, non-finite or negative values, rows not summing to 1, or
@@ -103,13 +106,20 @@ def softmax_float64(logits: ArrayLike) -> np.ndarray:
 
 
 def inception_score_from_logits(
-    logits: ArrayLike, splits: int = 10, shuffle_seed: Optional[int] = None
-) -> Tuple[float, float]:
-    """:func:`inception_score` of ``softmax(logits)``, the softmax taken in float64 (as torch-fidelity does).
+    logits: ArrayLike, splits: int = 10, shuffle_seed: int | None = None
+) -> tuple[float, float]:
+    """[`inception_score`] of `softmax(logits)`, the softmax taken in float64 (as torch-fidelity does).
 
     Args:
-        logits: [N, C] classifier logits in sample order (the FID Inception's ``return_logits``).
-        splits / shuffle_seed: See :func:`inception_score`.
+        logits (`np.ndarray` or `torch.Tensor`):
+            [N, C] classifier logits in sample order (the FID Inception's `return_logits`).
+        splits (`int`, *optional*, defaults to `10`):
+            See [`inception_score`].
+        shuffle_seed (`int`, *optional*):
+            See [`inception_score`].
+
+    Returns:
+        `tuple[float, float]`: `(mean, std)` of the per-split scores.
     """
     return inception_score(softmax_float64(logits), splits=splits, shuffle_seed=shuffle_seed)
 
@@ -128,15 +138,17 @@ class InceptionScore:
 
     Memory: N x C float32 logits (50,000 x 1008: 200 MB) after gathering, on the CPU.
     Unlike FID's sums, the score is not additive over processes, so the rows themselves are
-    gathered (:func:`~.distributed.gather_rows_across_processes`).
+    gathered ([`~.distributed.gather_across_processes`]).
 
     Args:
-        splits: Number of splits (10).
-        shuffle_seed: See :func:`inception_score`; default torch-fidelity's 2020, so that
-            class-sorted sample folders do not lower the score. None: the index order as is.
+        splits (`int`, *optional*, defaults to `10`):
+            Number of splits.
+        shuffle_seed (`int`, *optional*, defaults to `2020`):
+            See [`inception_score`]; torch-fidelity's default, so that class-sorted sample folders do not lower the
+            score. None: the index order as is.
     """
 
-    def __init__(self, splits: int = 10, shuffle_seed: Optional[int] = TORCH_FIDELITY_SHUFFLE_SEED) -> None:
+    def __init__(self, splits: int = 10, shuffle_seed: int | None = TORCH_FIDELITY_SHUFFLE_SEED) -> None:
         if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
             raise ValueError(f"splits must be a positive integer, got {splits!r}")
         self.splits = splits
@@ -152,17 +164,19 @@ class InceptionScore:
 
     @property
     def num_samples(self) -> int:
-        """Samples held (this process only unless :meth:`gather` ran)."""
+        """Samples held (this process only unless [`gather`] ran)."""
         return sum(part.shape[0] for part in self._indices)
 
-    def update(self, logits: torch.Tensor, sample_indices: Optional[torch.Tensor] = None) -> None:
+    def update(self, logits: torch.Tensor, sample_indices: torch.Tensor | None = None) -> None:
         """Add a batch.
 
         Args:
-            logits: [B, C] classifier logits.
-            sample_indices: [B] int64 global positions of the samples; they define the order
-                the splits are cut in. Without them the arrival order on this process is used,
-                and across processes the rank order, which then depends on the process count.
+            logits (`torch.Tensor`):
+                [B, C] classifier logits.
+            sample_indices (`torch.Tensor`, *optional*):
+                [B] int64 global positions of the samples; they define the order the splits are cut in. Without them
+                the arrival order on this process is used, and across processes the rank order, which then depends on
+                the process count.
         """
         if self._gathered:
             raise RuntimeError("update() after gather(): call reset() first")
@@ -180,30 +194,33 @@ class InceptionScore:
         self._logits.append(logits.detach().to("cpu", torch.float32))
         self._indices.append(sample_indices)
 
-    def _stacked(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._logits:
             return torch.zeros((0, 0), dtype=torch.float32), torch.zeros(0, dtype=torch.int64)
         return torch.cat(self._logits), torch.cat(self._indices)
 
-    def gather(self, accelerator: Optional[Any] = None) -> "InceptionScore":
+    def gather(self, accelerator: Any | None = None) -> InceptionScore:
         """Collect every process' samples on every process (call once, on every process).
 
+        Args:
+            accelerator (`accelerate.Accelerator`, *optional*):
+                Gathers the logits; without it a `torch.distributed` group is used if there is one.
+
+        Returns:
+            [`InceptionScore`]: `self`, holding every process' samples.
+
         Raises:
-            ValueError: The same global index was seen twice (a sample evaluated twice).
+            ValueError: Processes hold logits with different numbers of classes.
         """
         if self._gathered:
             raise RuntimeError("gather() was already called")
-        logits, indices = self._stacked()
-        num_classes = logits.shape[1] if logits.shape[0] else 0
-        # A process without samples still has to take part with the common row width.
-        widths = gather_rows_across_processes(torch.tensor([num_classes], dtype=torch.int64), accelerator)
-        width = int(widths.max()) if widths.numel() else 0
-        if logits.shape[0] == 0:
-            logits = torch.zeros((0, width), dtype=torch.float32)
-        elif num_classes != width:
-            raise ValueError(f"processes hold logits with different numbers of classes: {sorted(set(widths.tolist()))}")
-        self._logits = [gather_rows_across_processes(logits, accelerator)]
-        self._indices = [gather_rows_across_processes(indices, accelerator)]
+        # Processes without samples contribute nothing (their empty logits have no class dimension).
+        parts = [part for part in gather_across_processes(self._stacked(), accelerator) if part[0].shape[0]]
+        widths = sorted({logits.shape[1] for logits, _ in parts})
+        if len(widths) > 1:
+            raise ValueError(f"processes hold logits with different numbers of classes: {widths}")
+        self._logits = [logits for logits, _ in parts]
+        self._indices = [indices for _, indices in parts]
         self._gathered = True
         return self
 
@@ -223,7 +240,7 @@ class InceptionScore:
             raise ValueError(f"sample indices are repeated (e.g. {repeated}): some samples were evaluated twice")
         return logits[order]
 
-    def compute(self) -> Dict[str, float]:
-        """``{"inception_score": mean, "inception_score_std": std}`` over all samples held."""
+    def compute(self) -> dict[str, float]:
+        """`{"inception_score": mean, "inception_score_std": std}` over all samples held."""
         mean, std = inception_score_from_logits(self.logits_in_order(), self.splits, self.shuffle_seed)
         return {"inception_score": mean, "inception_score_std": std}

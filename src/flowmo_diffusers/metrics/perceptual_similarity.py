@@ -1,17 +1,17 @@
-"""LPIPS perceptual distance (Zhang et al., 2018) through the ``lpips`` package, loadable offline.
+"""LPIPS perceptual distance (Zhang et al., 2018) through the `lpips` package, loadable offline.
 
-FlowMo reports ``lpips.LPIPS(net="alex")`` (and ``net="vgg"``) on [-1, 1] images. An
+FlowMo reports `lpips.LPIPS(net="alex")` (and `net="vgg"`) on [-1, 1] images. An
 LPIPS network has two parts:
 
-* the calibrated linear heads (``lin0`` ... ``lin4``), shipped inside the ``lpips``
-  package itself (``lpips/weights/v0.1/{alex,vgg}.pth``), so they never need a download;
-* the ImageNet backbone (torchvision AlexNet / VGG16), which ``lpips.LPIPS`` would
+* the calibrated linear heads (`lin0` ... `lin4`), shipped inside the `lpips`
+  package itself (`lpips/weights/v0.1/{alex,vgg}.pth`), so they never need a download;
+* the ImageNet backbone (torchvision AlexNet / VGG16), which `lpips.LPIPS` would
   download through torchvision on first use.
 
-:class:`LPIPSDistance` builds ``lpips.LPIPS(pnet_rand=True, pretrained=True)`` so that
+[`LPIPSDistance`] builds `lpips.LPIPS(pnet_rand=True, pretrained=True)` so that
 lpips itself never downloads anything, and then loads the backbone weights explicitly:
-from ``backbone_weights_path`` or from the torch hub cache / URL that torchvision uses,
-raising :class:`~flowmo_diffusers.metrics.pretrained_weights.MissingPretrainedWeightsError`
+from `backbone_weights_path` or from the torch hub cache / URL that torchvision uses,
+raising [`~flowmo_diffusers.metrics.pretrained_weights.MissingPretrainedWeightsError`]
 if neither is available.
 """
 
@@ -19,47 +19,32 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from ._optional_dependencies import require
 from .image_conversion import check_image_batch
-from .pretrained_weights import MissingPretrainedWeightsError, PathLike, PretrainedWeights, load_pretrained_state_dict
+from .pretrained_weights import (
+    LPIPS_BACKBONE_WEIGHTS,
+    MissingPretrainedWeightsError,
+    PathLike,
+    load_pretrained_state_dict,
+)
 
-LPIPS_NETS = ("alex", "vgg")
-
-# The torchvision ImageNet weights that lpips' `pnet_rand=False` would download
-# (torchvision's AlexNet_Weights.IMAGENET1K_V1 and VGG16_Weights.IMAGENET1K_V1).
-LPIPS_BACKBONE_WEIGHTS: Dict[str, PretrainedWeights] = {
-    "alex": PretrainedWeights(
-        description="LPIPS AlexNet backbone (torchvision AlexNet_Weights.IMAGENET1K_V1)",
-        url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-        path_option="backbone_weights_path",
-        check_hash=True,
-        aggregator_path_option='lpips_backbone_weights_paths={"alex": ...}',
-    ),
-    "vgg": PretrainedWeights(
-        description="LPIPS VGG16 backbone (torchvision VGG16_Weights.IMAGENET1K_V1)",
-        url="https://download.pytorch.org/models/vgg16-397923af.pth",
-        path_option="backbone_weights_path",
-        check_hash=True,
-        aggregator_path_option='lpips_backbone_weights_paths={"vgg": ...}',
-    ),
-}
+LPIPS_NETS = tuple(LPIPS_BACKBONE_WEIGHTS)  # ("alex", "vgg")
 
 
 def load_torchvision_features_into_lpips_trunk(
-    trunk: nn.Module, torchvision_state_dict: Dict[str, torch.Tensor]
+    trunk: nn.Module, torchvision_state_dict: dict[str, torch.Tensor]
 ) -> None:
-    """Copy ``features.<i>.*`` of a torchvision AlexNet/VGG16 state dict into lpips' sliced trunk.
+    """Copy `features.<i>.*` of a torchvision AlexNet/VGG16 state dict into lpips' sliced trunk.
 
-    lpips splits ``torchvision_model.features`` into ``slice1`` ... ``slice5`` but keeps each
-    layer's original index as its child name, so ``features.<i>.<param>`` maps to
-    ``slice<k>.<i>.<param>``. Loading is strict: every trunk parameter must be found.
+    lpips splits `torchvision_model.features` into `slice1` ... `slice5` but keeps each
+    layer's original index as its child name, so `features.<i>.<param>` maps to
+    `slice<k>.<i>.<param>`. Loading is strict: every trunk parameter must be found.
     """
-    remapped: Dict[str, torch.Tensor] = {}
+    remapped: dict[str, torch.Tensor] = {}
     for trunk_key in trunk.state_dict():
         _slice_name, layer_index, parameter_name = trunk_key.split(".", 2)
         source_key = f"features.{layer_index}.{parameter_name}"
@@ -76,16 +61,18 @@ class LPIPSDistance(nn.Module):
     """Per-image LPIPS distance between two batches of [-1, 1] images.
 
     Args:
-        net: ``"alex"`` (FlowMo's headline LPIPS) or ``"vgg"``.
-        pretrained: ``True`` loads the ImageNet backbone (required for meaningful numbers).
-            ``False`` is the explicit test option: the backbone stays randomly initialised
-            and no file is read or downloaded for it. The linear heads are loaded from the
-            lpips package in both cases (they are installed with it), so distances stay
-            non-negative and are 0 for identical images.
-        backbone_weights_path: Local torchvision ``alexnet-owt-7be5be79.pth`` /
-            ``vgg16-397923af.pth`` (a full torchvision model state dict). Without it the
-            weights come from the torch hub cache, downloading them if possible.
-        linear_weights_path: Optional replacement for lpips' packaged ``v0.1/<net>.pth``.
+        net (`str`, *optional*, defaults to `"alex"`):
+            `"alex"` (FlowMo's headline LPIPS) or `"vgg"`.
+        pretrained (`bool`, *optional*, defaults to `True`):
+            Load the ImageNet backbone (required for meaningful numbers). `False` is the explicit test option: the
+            backbone stays randomly initialised and no file is read or downloaded for it. The linear heads are loaded
+            from the lpips package in both cases (they are installed with it), so distances stay non-negative and are
+            0 for identical images.
+        backbone_weights_path (`str` or `os.PathLike`, *optional*):
+            Local torchvision `alexnet-owt-7be5be79.pth` / `vgg16-397923af.pth` (a full torchvision model state dict).
+            Without it the weights come from the torch hub cache, downloading them if possible.
+        linear_weights_path (`str` or `os.PathLike`, *optional*):
+            Replacement for lpips' packaged `v0.1/<net>.pth`.
 
     Raises:
         MissingPretrainedWeightsError: The backbone or linear weights cannot be found.
@@ -95,8 +82,8 @@ class LPIPSDistance(nn.Module):
         self,
         net: str = "alex",
         pretrained: bool = True,
-        backbone_weights_path: Optional[PathLike] = None,
-        linear_weights_path: Optional[PathLike] = None,
+        backbone_weights_path: PathLike | None = None,
+        linear_weights_path: PathLike | None = None,
     ) -> None:
         super().__init__()
         lpips = require("lpips")
@@ -138,11 +125,13 @@ class LPIPSDistance(nn.Module):
         """LPIPS distance of every image pair.
 
         Args:
-            originals: [B, 3, H, W] tensor in [-1, 1] (clamped to it, as FlowMo does).
-            reconstructions: [B, 3, H, W] tensor in [-1, 1].
+            originals (`torch.Tensor`):
+                [B, 3, H, W] images in [-1, 1] (clamped to it, as FlowMo does).
+            reconstructions (`torch.Tensor`):
+                [B, 3, H, W] images in [-1, 1].
 
         Returns:
-            [B] float32 tensor on the network's device.
+            `torch.Tensor`: [B] float32 distances on the network's device.
         """
         check_image_batch(originals, "originals")
         check_image_batch(reconstructions, "reconstructions")

@@ -6,20 +6,7 @@ import numpy as np
 import torch
 
 from ._optional_dependencies import require
-from .image_conversion import check_image_batch, images_to_uint8_hwc, uint8_to_unit_float32
-
-
-def _quantised_float_pairs(originals: torch.Tensor, reconstructions: torch.Tensor):
-    check_image_batch(originals, "originals")
-    check_image_batch(reconstructions, "reconstructions")
-    if originals.shape != reconstructions.shape:
-        raise ValueError(
-            f"shape mismatch: originals {tuple(originals.shape)} vs reconstructions {tuple(reconstructions.shape)}"
-        )
-    return (
-        uint8_to_unit_float32(images_to_uint8_hwc(originals)),
-        uint8_to_unit_float32(images_to_uint8_hwc(reconstructions)),
-    )
+from .image_conversion import quantised_image_pairs
 
 
 def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np.ndarray:
@@ -27,18 +14,20 @@ def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np
 
     Each image is clamped to [-1, 1], mapped to [0, 1], quantised to uint8 by truncation
     and brought back to float32 / 255 (FlowMo's conversion), then passed to
-    ``skimage.metrics.peak_signal_noise_ratio(original, reconstruction, data_range=1.0)``.
-    That equals the PSNR of the uint8 images with ``data_range=255``.
+    `skimage.metrics.peak_signal_noise_ratio(original, reconstruction, data_range=1.0)`.
+    That equals the PSNR of the uint8 images with `data_range=255`.
 
     Args:
-        originals: [B, 3, H, W] tensor in [-1, 1].
-        reconstructions: [B, 3, H, W] tensor in [-1, 1].
+        originals (`torch.Tensor`):
+            [B, 3, H, W] images in [-1, 1].
+        reconstructions (`torch.Tensor`):
+            [B, 3, H, W] images in [-1, 1].
 
     Returns:
-        [B] float64 array. Identical images give ``inf`` (as scikit-image does).
+        `np.ndarray`: [B] float64 PSNRs. Identical images give `inf` (as scikit-image does).
     """
     skimage_metrics = require("skimage.metrics")
-    originals_hwc, reconstructions_hwc = _quantised_float_pairs(originals, reconstructions)
+    originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
     # Identical images have zero error: PSNR is inf by definition, not worth a warning.
     with np.errstate(divide="ignore"):
         return np.array(
@@ -53,19 +42,21 @@ def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np
 def psnr_pooled_over_batch(originals: torch.Tensor, reconstructions: torch.Tensor) -> float:
     """PSNR of the whole batch at once (mean squared error pooled over all its images).
 
-    This is what FlowMo's released ``evaluate.py`` reports: its per-image loop calls
-    ``peak_signal_noise_ratio(rgb_gt, rgb_restored)`` on the full [B, H, W, 3] batch, so
+    This is what FlowMo's released `evaluate.py` reports: its per-image loop calls
+    `peak_signal_noise_ratio(rgb_gt, rgb_restored)` on the full [B, H, W, 3] batch, so
     the published PSNR is the mean over batches of this value and depends on the batch
-    size. Use :func:`psnr_per_image` for the usual per-image definition.
+    size. Use [`psnr_per_image`] for the usual per-image definition.
 
     Args:
-        originals: [B, 3, H, W] tensor in [-1, 1].
-        reconstructions: [B, 3, H, W] tensor in [-1, 1].
+        originals (`torch.Tensor`):
+            The batch, [B, 3, H, W] in [-1, 1].
+        reconstructions (`torch.Tensor`):
+            Its reconstruction, the same shape.
 
     Returns:
-        The batch PSNR in dB.
+        `float`: The batch PSNR in dB.
     """
     skimage_metrics = require("skimage.metrics")
-    originals_hwc, reconstructions_hwc = _quantised_float_pairs(originals, reconstructions)
+    originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
     with np.errstate(divide="ignore"):
         return float(skimage_metrics.peak_signal_noise_ratio(originals_hwc, reconstructions_hwc, data_range=1.0))

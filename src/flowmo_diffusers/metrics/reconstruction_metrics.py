@@ -1,27 +1,28 @@
 """rFID, PSNR, SSIM and LPIPS of a tokenizer's reconstructions, accumulated over a dataset.
 
-Reproduces FlowMo's ``evaluate.py`` (``eval_imagenet``) with constant memory:
+Reproduces FlowMo's `evaluate.py` (`eval_imagenet`) with constant memory:
 
-* PSNR and SSIM with scikit-image on uint8-quantised images (see :mod:`.psnr`, :mod:`.ssim`);
-* LPIPS with ``lpips.LPIPS(net="alex")`` (and optionally ``"vgg"``) on [-1, 1] images;
+* PSNR and SSIM with scikit-image on uint8-quantised images (see [`.psnr`], [`.ssim`]);
+* LPIPS with `lpips.LPIPS(net="alex")` (and optionally `"vgg"`) on [-1, 1] images;
 * rFID: Frechet distance between the FID-Inception pool features of the originals and of
-  the reconstructions, with unbiased covariances (``np.cov``).
+  the reconstructions, with unbiased covariances (`np.cov`).
 
 Per-image values are summed (float64) with a count, and Inception features go into two
-:class:`StreamingFeatureStatistics`; nothing grows with the number of images.
+[`StreamingFeatureStatistics`]; nothing grows with the number of images.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .distributed import sum_across_processes
 from .feature_statistics import StreamingFeatureStatistics
-from .fid_inception import FIDInceptionFeatureExtractor
-from .image_conversion import check_image_batch
+from .fid_inception import feature_extractor_on
+from .image_conversion import check_image_pair, resolve_device
 from .perceptual_similarity import LPIPS_NETS, LPIPSDistance
 from .pretrained_weights import PathLike
 from .psnr import psnr_per_image, psnr_pooled_over_batch
@@ -42,23 +43,26 @@ class ReconstructionMetrics:
         results = metrics.compute()                   # {"rfid", "psnr", "ssim", "lpips"}
 
     Args:
-        lpips_nets: LPIPS backbones to evaluate. The first is reported as ``"lpips"``, the
-            others as ``"lpips_<net>"``; FlowMo reports ``("alex", "vgg")`` ->
-            ``"lpips"`` (AlexNet) and ``"lpips_vgg"``.
-        device: Device for LPIPS, Inception and the feature statistics. Defaults to CUDA
-            if available, else CPU.
-        random_init: Explicit test-only switch: LPIPS backbones and Inception keep random
-            weights and nothing is read or downloaded. Never use it for reported numbers.
-        inception_weights_path: Local ``pt_inception-2015-12-05-6726825d.pth``.
-        lpips_backbone_weights_paths: ``{"alex": ".../alexnet-owt-7be5be79.pth",
-            "vgg": ".../vgg16-397923af.pth"}``, for offline machines.
-        inception_feature_dims: 2048 for rFID as reported; 64/192/768 only for tests.
-        feature_extractor: Replaces the FID Inception network: a module mapping
-            [B, 3, H, W] images in [-1, 1] to [B, D] features, with a ``feature_dims``
-            attribute giving D.
-        psnr_mode: ``"per_image"`` (default): mean of per-image PSNR. ``"flowmo_batch"``:
-            mean over ``update`` calls of the batch-pooled PSNR, which is what FlowMo's
-            released code computed (it depends on the batch size per process).
+        lpips_nets (`Sequence[str]`, *optional*, defaults to `("alex",)`):
+            LPIPS backbones to evaluate. The first is reported as `"lpips"`, the others as `"lpips_<net>"`; FlowMo
+            reports `("alex", "vgg")` -> `"lpips"` (AlexNet) and `"lpips_vgg"`.
+        device (`str` or `torch.device`, *optional*):
+            Device for LPIPS, Inception and the feature statistics. Defaults to CUDA if available, else CPU.
+        random_init (`bool`, *optional*, defaults to `False`):
+            Explicit test-only switch: LPIPS backbones and Inception keep random weights and nothing is read or
+            downloaded. Never use it for reported numbers.
+        inception_weights_path (`str` or `os.PathLike`, *optional*):
+            Local `pt_inception-2015-12-05-6726825d.pth`.
+        lpips_backbone_weights_paths (`Mapping[str, str | os.PathLike]`, *optional*):
+            `{"alex": ".../alexnet-owt-7be5be79.pth", "vgg": ".../vgg16-397923af.pth"}`, for offline machines.
+        inception_feature_dims (`int`, *optional*, defaults to `2048`):
+            2048 for rFID as reported; 64/192/768 only for tests.
+        feature_extractor (`torch.nn.Module`, *optional*):
+            Replaces the FID Inception network: a module mapping [B, 3, H, W] images in [-1, 1] to [B, D] features,
+            with a `feature_dims` attribute giving D.
+        psnr_mode (`str`, *optional*, defaults to `"per_image"`):
+            `"per_image"`: mean of per-image PSNR. `"flowmo_batch"`: mean over `update` calls of the batch-pooled
+            PSNR, which is what FlowMo's released code computed (it depends on the batch size per process).
 
     Raises:
         MissingPretrainedWeightsError: Pretrained weights are needed but unavailable.
@@ -67,12 +71,12 @@ class ReconstructionMetrics:
     def __init__(
         self,
         lpips_nets: Sequence[str] = ("alex",),
-        device: Optional[Union[str, torch.device]] = None,
+        device: str | torch.device | None = None,
         random_init: bool = False,
-        inception_weights_path: Optional[PathLike] = None,
-        lpips_backbone_weights_paths: Optional[Mapping[str, PathLike]] = None,
+        inception_weights_path: PathLike | None = None,
+        lpips_backbone_weights_paths: Mapping[str, PathLike] | None = None,
         inception_feature_dims: int = 2048,
-        feature_extractor: Optional[nn.Module] = None,
+        feature_extractor: nn.Module | None = None,
         psnr_mode: str = "per_image",
     ) -> None:
         if psnr_mode not in PSNR_MODES:
@@ -87,7 +91,7 @@ class ReconstructionMetrics:
                 f"lpips_backbone_weights_paths has nets not in lpips_nets: {sorted(lpips_backbone_weights_paths)}"
             )
 
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.psnr_mode = psnr_mode
         self.lpips_nets = lpips_nets
         self.lpips_models = nn.ModuleDict(
@@ -100,13 +104,9 @@ class ReconstructionMetrics:
                 for net in lpips_nets
             }
         ).to(self.device)
-        if feature_extractor is None:
-            feature_extractor = FIDInceptionFeatureExtractor(
-                weights_path=inception_weights_path, random_init=random_init, feature_dims=inception_feature_dims
-            )
-        elif not hasattr(feature_extractor, "feature_dims"):
-            raise ValueError("a custom feature_extractor needs a `feature_dims` attribute (its output dimension D)")
-        self.feature_extractor = feature_extractor.to(self.device).eval()
+        self.feature_extractor = feature_extractor_on(
+            self.device, feature_extractor, inception_weights_path, random_init, inception_feature_dims
+        )
         feature_dims = int(self.feature_extractor.feature_dims)
         self.original_statistics = StreamingFeatureStatistics(feature_dims, device=self.device)
         self.reconstruction_statistics = StreamingFeatureStatistics(feature_dims, device=self.device)
@@ -129,17 +129,14 @@ class ReconstructionMetrics:
         """Accumulate one batch.
 
         Args:
-            originals: [B, 3, H, W] ground-truth images in [-1, 1].
-            reconstructions: [B, 3, H, W] reconstructions in [-1, 1] (clamped to it, as in FlowMo).
+            originals (`torch.Tensor`):
+                [B, 3, H, W] ground-truth images in [-1, 1].
+            reconstructions (`torch.Tensor`):
+                [B, 3, H, W] reconstructions in [-1, 1] (clamped to it, as in FlowMo).
         """
         if self._gathered:
             raise RuntimeError("update() after gather(): the sums already include other processes; call reset() first")
-        check_image_batch(originals, "originals")
-        check_image_batch(reconstructions, "reconstructions")
-        if originals.shape != reconstructions.shape:
-            raise ValueError(
-                f"shape mismatch: originals {tuple(originals.shape)} vs reconstructions {tuple(reconstructions.shape)}"
-            )
+        check_image_pair(originals, reconstructions)
         originals = originals.detach()
         reconstructions = reconstructions.detach()
 
@@ -154,12 +151,16 @@ class ReconstructionMetrics:
         self.original_statistics.update(self.feature_extractor(originals.to(self.device)))
         self.reconstruction_statistics.update(self.feature_extractor(reconstructions.to(self.device)))
 
-    def gather(self, accelerator: Optional[Any] = None) -> "ReconstructionMetrics":
+    def gather(self, accelerator: Any | None = None) -> ReconstructionMetrics:
         """Sum the accumulated values over all processes, in place (call once, on every process).
 
         Args:
-            accelerator: An ``accelerate.Accelerator``; if None, ``torch.distributed`` is used
-                when initialised, otherwise nothing changes.
+            accelerator (`accelerate.Accelerator`, *optional*):
+                The run's accelerator; without it `torch.distributed` is used when initialised, otherwise nothing
+                changes.
+
+        Returns:
+            [`ReconstructionMetrics`]: `self`.
         """
         if self._gathered:
             raise RuntimeError("gather() was already called; a second call would count other processes twice")
@@ -170,12 +171,12 @@ class ReconstructionMetrics:
         self._gathered = True
         return self
 
-    def compute(self) -> Dict[str, float]:
-        """The metrics over everything accumulated (this process only unless :meth:`gather` ran).
+    def compute(self) -> dict[str, float]:
+        """The metrics over everything accumulated (this process only unless [`gather`] ran).
 
         Returns:
-            ``{"rfid", "psnr", "ssim", "lpips"}`` plus ``"lpips_<net>"`` for every further
-            LPIPS net. PSNR is in dB and is ``inf`` if every reconstruction is exact.
+            `dict[str, float]`: `{"rfid", "psnr", "ssim", "lpips"}` plus `"lpips_<net>"` for every further LPIPS net.
+            PSNR is in dB and is `inf` if every reconstruction is exact.
         """
         num_images = int(self.num_images)
         if num_images == 0:

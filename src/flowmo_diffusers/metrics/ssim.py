@@ -6,34 +6,28 @@ import numpy as np
 import torch
 
 from ._optional_dependencies import require
-from .image_conversion import check_image_batch, images_to_uint8_hwc, uint8_to_unit_float32
+from .image_conversion import quantised_image_pairs
 
 
 def ssim_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np.ndarray:
     """SSIM of every image pair.
 
-    Images go through FlowMo's conversion (clamp to [-1, 1], ``(x+1)/2``, ``*255``,
-    truncate to uint8, ``float32 / 255``) and then
-    ``skimage.metrics.structural_similarity(reconstruction, original, data_range=1.0,
-    channel_axis=-1)`` with scikit-image's defaults otherwise: a 7x7 uniform window,
-    sample covariance, K1=0.01, K2=0.03, and the mean over channels.
+    Images go through FlowMo's conversion (clamp to [-1, 1], `(x+1)/2`, `*255`, truncate to uint8, `float32 / 255`)
+    and then `skimage.metrics.structural_similarity(reconstruction, original, data_range=1.0, channel_axis=-1)` with
+    scikit-image's defaults otherwise: a 7x7 uniform window, sample covariance, K1=0.01, K2=0.03, and the mean over
+    channels.
 
     Args:
-        originals: [B, 3, H, W] tensor in [-1, 1], H and W at least 7.
-        reconstructions: [B, 3, H, W] tensor in [-1, 1].
+        originals (`torch.Tensor`):
+            [B, 3, H, W] images in [-1, 1], H and W at least 7.
+        reconstructions (`torch.Tensor`):
+            [B, 3, H, W] images in [-1, 1].
 
     Returns:
-        [B] float64 array of SSIM values in [-1, 1].
+        `np.ndarray`: [B] float64 SSIM values in [-1, 1].
     """
     skimage_metrics = require("skimage.metrics")
-    check_image_batch(originals, "originals")
-    check_image_batch(reconstructions, "reconstructions")
-    if originals.shape != reconstructions.shape:
-        raise ValueError(
-            f"shape mismatch: originals {tuple(originals.shape)} vs reconstructions {tuple(reconstructions.shape)}"
-        )
-    originals_hwc = uint8_to_unit_float32(images_to_uint8_hwc(originals))
-    reconstructions_hwc = uint8_to_unit_float32(images_to_uint8_hwc(reconstructions))
+    originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
     # Argument order (reconstruction, original) follows the paper's code; SSIM is symmetric.
     return np.array(
         [

@@ -121,6 +121,25 @@ def _estimated_parameters(values: dict) -> int:
     return int(total)
 
 
+def bits_per_pixel(config, resolution: int | None = None) -> float:
+    """Bits of the token ids per image pixel: `code_length * context_dim / resolution**2`.
+
+    The number of tokens does not depend on the image size, so the rate changes with `resolution` (FlowMo-Lo at its
+    `sample_size` 256: 256 x 18 / 256**2 = 0.0703).
+
+    Args:
+        config (`FrozenDict` or any object with `code_length`, `context_dim` and `sample_size`):
+            A [`FlowMoModel`] config.
+        resolution (`int`, *optional*, defaults to `config.sample_size`):
+            Image size the rate is counted at.
+
+    Returns:
+        `float`: Bits per pixel.
+    """
+    resolution = config.sample_size if resolution is None else resolution
+    return config.code_length * config.context_dim / resolution**2
+
+
 class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModelMixin):
     r"""
     FlowMo (Sargent et al., 2025, "Flow to the Mode"): a transformer-only diffusion autoencoder. The encoder turns an
@@ -281,8 +300,8 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
 
     @property
     def bits_per_pixel(self) -> float:
-        """Bits of the code per pixel at `sample_size`."""
-        return self.config.code_length * self.config.context_dim / self.config.sample_size**2
+        """Bits of the code per pixel at `sample_size` ([`bits_per_pixel`])."""
+        return bits_per_pixel(self.config)
 
     # ----------------------------------------------------------------------------------------------------------
     # Input checks: a clear error here beats a shape error deep inside attention. They read shapes and dtypes only,
