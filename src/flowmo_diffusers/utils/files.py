@@ -4,9 +4,9 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike
 
 
 @contextlib.contextmanager
