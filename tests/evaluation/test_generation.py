@@ -57,11 +57,9 @@ from flowmo_diffusers.metrics import (  # noqa: E402
     inception_score_from_logits,
 )
 
-from testing_utils import REPO as REPO_ROOT  # noqa: E402
-from testing_utils import tiny_flowmo_model
+from testing_utils import EXAMPLES, tiny_flowmo_model  # noqa: E402
 
-SAMPLE_SCRIPT = REPO_ROOT / "examples" / "train_maskgit" / "sample.py"
-EVALUATE_SCRIPT = REPO_ROOT / "examples" / "train_maskgit" / "evaluate_generation.py"
+SAMPLE_SCRIPT, EVALUATE_SCRIPT = EXAMPLES / "train_maskgit" / "sample.py", EXAMPLES / "train_maskgit" / "evaluate_generation.py"
 CLASS_IDS, IMAGES_PER_CLASS = [1, 4, 7, 9, 2], 2  # 10 images; deliberately unsorted
 SAMPLER_FLAGS = ["--num_inference_steps", "4", "--decoder_num_inference_steps", "2"]
 

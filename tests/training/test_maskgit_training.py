@@ -22,10 +22,9 @@ from flowmo_diffusers.training.pretokenize import (
     pretokenize,
 )
 
-from testing_utils import REPO, launch, tiny_flowmo_model
+from testing_utils import EXAMPLES, launch, tiny_flowmo_model
 
-PRETOKENIZE = REPO / "examples" / "train_maskgit" / "pretokenize.py"
-TRAIN = REPO / "examples" / "train_maskgit" / "train.py"
+PRETOKENIZE, TRAIN = EXAMPLES / "train_maskgit" / "pretokenize.py", EXAMPLES / "train_maskgit" / "train.py"
 TINY_TRAIN = [
     "--model_config", "maskgit-tiny", "--train_batch_size", "4", "--lr_warmup_steps", "2", "--learning_rate", "1e-3",
     "--dataloader_num_workers", "0", "--validation_inference_steps", "4", "--validation_decoder_inference_steps", "2",
