@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..utils.safe_loading import load_torch_file
+
 PathLike = str | os.PathLike
 
 
@@ -94,6 +96,14 @@ LPIPS_BACKBONE_WEIGHTS: dict[str, PretrainedWeights] = {
 }
 
 
+#: torchvision's ResNet50_Weights.IMAGENET1K_V1: the classifier of the original FlowMo's stage-1B `PerceptualLoss`.
+RESNET50_WEIGHTS = PretrainedWeights(
+    description="ResNet-50 ImageNet classifier (torchvision ResNet50_Weights.IMAGENET1K_V1)",
+    url="https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    path_option="weights_path",
+    check_hash=True,
+)
+
 def load_pretrained_state_dict(
     weights: PretrainedWeights, local_path: PathLike | None = None
 ) -> dict[str, torch.Tensor]:
@@ -119,7 +129,7 @@ def load_pretrained_state_dict(
                 f"{weights.description} weights not found at {local_path!r} "
                 f"(given as `{weights.path_option}`). {weights.how_to_provide()}"
             )
-        return torch.load(local_path, map_location="cpu", weights_only=True)
+        return load_torch_file(local_path)
 
     try:
         # Looked up on torch.hub at call time (not imported by name) so that the cache directory and the loader are

@@ -13,6 +13,7 @@ to their *inputs*; their own parameters are frozen (``requires_grad=False``, eva
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 
 from ..metrics.perceptual_similarity import load_torchvision_features_into_lpips_trunk
 from ..metrics.pretrained_weights import (
+    LPIPS_BACKBONE_WEIGHTS,
+    RESNET50_WEIGHTS,
     MissingPretrainedWeightsError,
     PathLike,
     PretrainedWeights,
@@ -34,21 +37,14 @@ _HOW_TO_SKIP = (
     "initialised network (not a perceptual loss) pass `--perceptual_random_init` (Python: `pretrained=False`)."
 )
 
-#: torchvision's VGG16_Weights.IMAGENET1K_V1, the backbone `lpips.LPIPS(net="vgg")` downloads.
-LPIPS_VGG_BACKBONE_WEIGHTS = PretrainedWeights(
+# The metrics' entries, named by this package's training flag in error messages.
+LPIPS_VGG_BACKBONE_WEIGHTS = dataclasses.replace(
+    LPIPS_BACKBONE_WEIGHTS["vgg"],
     description="LPIPS-VGG backbone (torchvision VGG16_Weights.IMAGENET1K_V1)",
-    url="https://download.pytorch.org/models/vgg16-397923af.pth",
     path_option="--perceptual_weights_path",
-    check_hash=True,
+    aggregator_path_option="",
 )
-
-#: torchvision's ResNet50_Weights.IMAGENET1K_V1, the classifier of the original's `PerceptualLoss`.
-RESNET50_WEIGHTS = PretrainedWeights(
-    description="ResNet-50 ImageNet classifier (torchvision ResNet50_Weights.IMAGENET1K_V1)",
-    url="https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    path_option="--perceptual_weights_path",
-    check_hash=True,
-)
+RESNET50_WEIGHTS = dataclasses.replace(RESNET50_WEIGHTS, path_option="--perceptual_weights_path")
 
 
 def _load_weights(weights: PretrainedWeights, weights_path: PathLike | None):
