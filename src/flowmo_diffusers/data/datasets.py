@@ -42,10 +42,6 @@ DEFAULT_IMAGE_FILES: tuple[tuple[str, str], ...] = (
 #: The one split of an image folder (``train_data_dir``): every image under it, whatever the names.
 FOLDER_SPLIT = "train"
 
-# Internal batch keys: removed by ImageBatchLoader before a batch reaches the user.
-
-# ----------------------------------------------------------------------------------------------------------------------
-
 
 def load_default_image_dataset() -> datasets.Dataset:
     """Embedded smoke-test dataset: the RGB photographs bundled with scikit-image, fully offline.
@@ -215,10 +211,6 @@ def load_image_dataset(
     return dataset
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Decoding and transforms
-
-
 def prepare_columns(
     dataset: AnyDataset, image_column: str | None, label_column: str | None
 ) -> tuple[AnyDataset, str, str | None]:
@@ -231,7 +223,6 @@ def prepare_columns(
         # Same Arrow storage (struct<bytes, path>) as decode=True, so this is a metadata-only cast.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return dataset, image_column, label_column
-
 
 
 __all__ = [

@@ -25,9 +25,6 @@ logger = logging.getLogger(__name__)
 # with many broken files does not flood the training log (the counter still counts all of them).
 _MAX_SKIP_WARNINGS_PER_WORKER = 10
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-
 # datasets' own decoder: handles {"bytes", "path"} dicts, local and remote (hf://, https://) paths, calls
 # image.load() (so truncated files fail here, not later) and applies the EXIF orientation like datasets does.
 _DATASETS_IMAGE_DECODER = datasets.Image()
@@ -127,11 +124,6 @@ class ImageTransform:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Batch producers (run inside DataLoader workers)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 class ImageDecoder:
     """Decode + transform one example, counting failures instead of raising (one instance per worker copy)."""
 
@@ -150,7 +142,6 @@ class ImageDecoder:
             log("Skipping undecodable image %s", description)
             return None, description
         return self.transform(image, generator=generator), ""
-
 
 
 __all__ = ["ImageDecoder", "ImageTransform", "convert_to_rgb", "decode_image"]
