@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,8 @@ from torchvision.transforms import InterpolationMode
 from ..utils.seeds import derive_seed, seeded_generator
 from .datasets import AnyDataset, prepare_columns
 from .transforms import ImageDecoder, ImageTransform
+
+logger = logging.getLogger(__name__)
 
 # Internal batch keys: removed by ImageBatchLoader before a batch reaches the user.
 _SKIPPED_COUNT_KEY = "_num_skipped_images"
@@ -482,6 +485,14 @@ class ImageBatchLoader:
         # position in a stream is to read up to it. Those batches and their skipped images belong to the run that used
         # them, so they are neither yielded nor counted again.
         replay = 0 if resumed else self._batches_consumed_in_epoch
+        if replay:
+            logger.warning(
+                "Reading the first %d batches of epoch %d of the stream of process %d again to resume after them "
+                "(no saved DataLoader state: resume with load_state_dict to continue at once)",
+                replay,
+                epoch,
+                self._decoding.process_index,
+            )
         self._stream_loader = dataloader
         num_batches = 0
         for batch in dataloader:
