@@ -47,13 +47,24 @@ def assert_same_batches(expected, actual):
 
 def interrupted_run(build, num_batches, cut, resumed_build=None):
     """`cut` batches from one loader, the rest from a new one restored from the first one's state (through JSON)."""
-    first_loader = build()
-    first = take(first_loader, cut)
-    state = json.loads(json.dumps(first_loader.state_dict()))  # what a checkpoint holds
-    resumed_loader = (resumed_build or build)()
-    resumed_loader.load_state_dict(state)
-    rest = take(resumed_loader, num_batches - cut)
-    return first + rest, first_loader.skipped_images.count + resumed_loader.skipped_images.count, resumed_loader
+    return interrupted_runs([build, resumed_build or build], [cut, num_batches - cut])
+
+
+def interrupted_runs(builds, lengths):
+    """`lengths[i]` batches from loader `builds[i]()`, each restored from the state of the one before (through JSON).
+
+    Returns:
+        The batches, the skipped images counted by all the loaders, and the last loader.
+    """
+    batches, skipped, state = [], 0, None
+    for build, length in zip(builds, lengths):
+        loader = build()
+        if state is not None:
+            loader.load_state_dict(state)
+        batches += take(loader, length)
+        skipped += loader.skipped_images.count
+        state = json.loads(json.dumps(loader.state_dict()))  # what a checkpoint holds
+    return batches, skipped, loader
 
 
 @pytest.mark.parametrize("cut", [2, 4])  # mid-epoch 0; mid-epoch 1, after the epoch boundary
@@ -98,6 +109,19 @@ def test_streaming_resume_is_exact(num_workers, cut):
     assert skipped == reference_loader.skipped_images.count > 0
     epoch = [label for batch in take(build(), 7) for label in batch["labels"].tolist()]
     assert epoch != sorted(epoch)  # shuffled
+
+
+def test_streaming_resume_survives_repeated_interruptions():
+    """Saved again soon after a resume, a state holds workers that have not produced a batch since: their restored
+    positions must be kept, not replaced by the start of the stream."""
+    stream = make_dataset(16).to_iterable_dataset(num_shards=4)
+
+    def build():
+        return build_train_dataloader(stream, RESOLUTION, 2, seed=1, shuffle_buffer=4, num_workers=3)
+
+    reference = take(build(), 12)
+    batches, _, _ = interrupted_runs([build] * 5, [3, 1, 1, 2, 5])
+    assert_same_batches(reference, batches)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

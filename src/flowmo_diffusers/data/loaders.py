@@ -237,7 +237,9 @@ class _DecodedStream(torch.utils.data.IterableDataset):
         self._loaded_state: dict | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        if self.rows_read == 0 and self._loaded_state is not None:  # restored but not iterated yet
+        # Restored but no row read since: the stream has no state of its own yet (a worker that has not produced a
+        # batch since the resume is saved with this one).
+        if self._loaded_state is not None:
             return self._loaded_state
         return {"stream": self.stream.state_dict(), "rows_read": self.rows_read}
 
