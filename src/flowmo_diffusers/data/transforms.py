@@ -38,8 +38,12 @@ def decode_image(value: Any) -> PIL.Image.Image:
     """Decode one raw image value to an RGB PIL image (raises on undecodable data; callers catch).
 
     Args:
-        value: ``{"bytes": ..., "path": ...}`` (a ``datasets.Image(decode=False)`` value), raw ``bytes``, a file
-            path/URL ``str``, or an already decoded ``PIL.Image.Image``.
+        value (`dict`, `bytes`, `str` or `PIL.Image.Image`):
+            ``{"bytes": ..., "path": ...}`` (a ``datasets.Image(decode=False)`` value), raw ``bytes``, a file path/URL
+            ``str``, or an already decoded ``PIL.Image.Image``.
+
+    Returns:
+        `PIL.Image.Image`: the image in RGB mode.
     """
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = {"bytes": bytes(value), "path": None}
@@ -68,10 +72,14 @@ class ImageTransform:
     ``interpolation=InterpolationMode.BICUBIC`` for bicubic.
 
     Args:
-        resolution: output side length ``R``.
-        random_crop: random ``R x R`` crop (training) instead of the center crop (evaluation).
-        random_flip: horizontal flip with probability 1/2.
-        interpolation: resampling filter for the resize.
+        resolution (`int`):
+            Output side length ``R``.
+        random_crop (`bool`):
+            Random ``R x R`` crop (training) instead of the center crop (evaluation).
+        random_flip (`bool`, *optional*, defaults to `False`):
+            Horizontal flip with probability 1/2.
+        interpolation (`InterpolationMode`, *optional*, defaults to `InterpolationMode.BILINEAR`):
+            Resampling filter for the resize.
     """
 
     def __init__(
@@ -97,11 +105,13 @@ class ImageTransform:
         """Transform one image.
 
         Args:
-            image: PIL image (converted to RGB here if needed).
-            generator: source of the crop offsets and flip decision; ``None`` uses torch's global RNG.
+            image (`PIL.Image.Image`):
+                The image (converted to RGB here if needed).
+            generator (`torch.Generator`, *optional*):
+                Source of the crop offsets and flip decision; ``None`` uses torch's global RNG.
 
         Returns:
-            ``[3, R, R]`` float32 tensor in ``[-1, 1]``.
+            `torch.Tensor`: ``[3, R, R]`` float32 in ``[-1, 1]``.
         """
         image = convert_to_rgb(image)
         resolution = self.resolution

@@ -25,18 +25,19 @@ import glob
 import json
 import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
+from typing import Any
 
 import datasets
 import pyarrow.parquet as pq
 import torch
 from datasets.distributed import split_dataset_by_node
 
+from ..data import AnyDataset, build_eval_dataloader, prepare_columns, resolve_image_columns
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..utils.files import atomic_write
-from ..data import AnyDataset, build_eval_dataloader, prepare_columns, resolve_image_columns
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,22 @@ class TokenizationInfo:
     """What a pre-tokenized dataset holds; saved as `tokenization.json` next to it and checked by the MaskGiT trainer.
 
     Attributes:
-        tokenizer: the FlowMoPipeline folder or Hub id that encoded the images.
-        num_indices, codebook_size: ids per image and their range `[0, codebook_size)`.
-        resolution: side of the center crop that was encoded.
-        flip: whether `indices_flipped` exists.
-        num_classes: number of classes (from the dataset's `ClassLabel`, else max label + 1; 0 when unlabeled).
-        streaming: whether the source was streamed (its `index` column is then `process + num_processes * position`).
-        num_processes: processes of the run that wrote the chunks (fixed for streaming sources).
+        tokenizer (`str`):
+            The FlowMoPipeline folder or Hub id that encoded the images.
+        num_indices (`int`) and codebook_size (`int`):
+            Ids per image and their range `[0, codebook_size)`.
+        resolution (`int`):
+            Side of the center crop that was encoded.
+        flip (`bool`):
+            Whether `indices_flipped` exists.
+        num_classes (`int`):
+            Number of classes (from the dataset's `ClassLabel`, else max label + 1; 0 when unlabeled).
+        streaming (`bool`):
+            Whether the source was streamed (its `index` column is then `process + num_processes * position`).
+        num_processes (`int`):
+            Processes of the run that wrote the chunks (fixed for streaming sources).
+        class_names (`list[str]`, *optional*):
+            The class names of the source's `ClassLabel`, if it has one.
     """
 
     tokenizer: str
@@ -68,18 +78,18 @@ class TokenizationInfo:
     num_classes: int
     streaming: bool
     num_processes: int
-    class_names: Optional[List[str]] = None
+    class_names: list[str] | None = None
 
     def save(self, path: str) -> None:
         _write_json_atomically(path, asdict(self))
 
     @classmethod
-    def load(cls, path: str) -> "TokenizationInfo":
+    def load(cls, path: str) -> TokenizationInfo:
         with open(path) as f:
             return cls(**json.load(f))
 
 
-def _write_json_atomically(path: str, payload: Dict[str, Any]) -> None:
+def _write_json_atomically(path: str, payload: dict[str, Any]) -> None:
     with atomic_write(path) as file:
         file.write(json.dumps(payload, indent=2).encode())
 
@@ -99,7 +109,9 @@ def chunk_path(output_dir: str, chunk_name: str, suffix: str = "parquet") -> str
 
 
 @torch.no_grad()
-def encode_batch(autoencoder: FlowMoModel, pixels: torch.Tensor, flip: bool, autocast: Callable[[], ContextManager]):
+def encode_batch(
+    autoencoder: FlowMoModel, pixels: torch.Tensor, flip: bool, autocast: Callable[[], AbstractContextManager]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids of a batch `[b, 3, R, R]` in [-1, 1] (and of its mirror image when `flip`): `[b, num_indices]` each."""
     pixels = pixels.to(device=autoencoder.device, dtype=autoencoder.dtype)
     with autocast():
@@ -140,36 +152,55 @@ def pretokenize(
     dataset: AnyDataset,
     output_dir: str,
     *,
-    resolution: Optional[int] = None,
+    resolution: int | None = None,
     batch_size: int = 64,
     chunk_size: int = 10_000,
     flip: bool = False,
     process_index: int = 0,
     num_processes: int = 1,
     num_workers: int = 0,
-    autocast: Callable[[], ContextManager] = nullcontext,
-    max_samples: Optional[int] = None,
-    image_column: Optional[str] = None,
-    label_column: Optional[str] = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    max_samples: int | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
     show_progress: bool = True,
-) -> Dict[str, int]:
+) -> dict[str, int]:
     """
     Encode this process's share of `dataset` into chunk files under `output_dir/chunks/` (see the module docstring).
 
+    Images are read by the data package's evaluation loader ([`~flowmo_diffusers.data.build_eval_dataloader`]):
+    center crops, and undecodable images logged, counted and left out.
+
     Args:
-        autoencoder: the FlowMo tokenizer (eval mode, on the device to encode on).
-        dataset: a `datasets.Dataset` or `IterableDataset` with an image column (and optionally labels).
-        output_dir: where `chunks/` goes; existing chunks are kept (resume).
-        resolution: crop side (default: the model's `sample_size`); shorter side resized, then center crop.
-        batch_size: images per encoder call; chunk_size: source rows per chunk file.
-        flip: also encode the horizontally flipped crop (`indices_flipped`).
-        process_index, num_processes: this process and the number of processes sharing the work.
-        num_workers: DataLoader workers decoding images (map-style data; a stream is decoded in the main process, in order).
-        autocast: context manager factory for the encoder calls (e.g. `accelerator.autocast`).
-        max_samples: only the first `max_samples` rows of the dataset (map-style) / of each process's stream.
+        autoencoder (`FlowMoModel`):
+            The FlowMo tokenizer (eval mode, on the device to encode on).
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            Images with an image column (and optionally labels).
+        output_dir (`str`):
+            Where `chunks/` goes; existing chunks are kept (resume).
+        resolution (`int`, *optional*):
+            Crop side (default: the model's `sample_size`); shorter side resized, then center crop.
+        batch_size (`int`, *optional*, defaults to `64`):
+            Images per encoder call.
+        chunk_size (`int`, *optional*, defaults to `10000`):
+            Source rows per chunk file.
+        flip (`bool`, *optional*, defaults to `False`):
+            Also encode the horizontally flipped crop (`indices_flipped`).
+        process_index (`int`, *optional*, defaults to `0`) and num_processes (`int`, *optional*, defaults to `1`):
+            This process and the number of processes sharing the work.
+        num_workers (`int`, *optional*, defaults to `0`):
+            DataLoader workers decoding images (map-style data; a stream is decoded in the main process, in order).
+        autocast (`Callable[[], AbstractContextManager]`, *optional*, defaults to `nullcontext`):
+            Context manager factory for the encoder calls (e.g. `accelerator.autocast`).
+        max_samples (`int`, *optional*):
+            Only the first `max_samples` rows of the dataset (map-style) / of each process's stream.
+        image_column (`str`, *optional*) and label_column (`str`, *optional*):
+            Column names; auto-detected when `None`.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar.
 
     Returns:
-        `{"chunks_written", "chunks_skipped", "images", "skipped_images"}` for this process.
+        `dict[str, int]`: `{"chunks_written", "chunks_skipped", "images", "skipped_images"}` for this process.
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}")
@@ -256,7 +287,7 @@ def pretokenize(
     return summary
 
 
-def check_manifest(output_dir: str, settings: Dict[str, Any]) -> None:
+def check_manifest(output_dir: str, settings: dict[str, Any]) -> None:
     """Record the run's settings in `chunks/manifest.json`, or check that a resumed run uses the same ones.
 
     Raises:
@@ -279,7 +310,7 @@ def check_manifest(output_dir: str, settings: Dict[str, Any]) -> None:
     _write_json_atomically(path, settings)
 
 
-def chunk_statistics(output_dir: str) -> Dict[str, int]:
+def chunk_statistics(output_dir: str) -> dict[str, int]:
     """Totals over the chunks' statistics files: images, skipped images, rows read."""
     totals = {"num_images": 0, "num_skipped": 0, "num_rows_read": 0}
     for path in glob.glob(os.path.join(output_dir, CHUNKS_FOLDER, "*.json")):
@@ -313,7 +344,7 @@ def assemble_token_dataset(output_dir: str, info: TokenizationInfo) -> datasets.
     return datasets.load_from_disk(target)
 
 
-def dataset_num_classes(dataset: AnyDataset, label_column: Optional[str] = None) -> Tuple[int, Optional[List[str]]]:
+def dataset_num_classes(dataset: AnyDataset, label_column: str | None = None) -> tuple[int, list[str] | None]:
     """(number of classes, class names) from a `ClassLabel` column; (0, None) when it cannot be told up front."""
     label_column = resolve_image_columns(dataset, None, label_column)[1]
     features = dataset.features or {}
@@ -323,7 +354,9 @@ def dataset_num_classes(dataset: AnyDataset, label_column: Optional[str] = None)
     return 0, None
 
 
-def load_token_dataset(path_or_repo_id: str, split: str = "train", **kwargs) -> Tuple[datasets.Dataset, Optional[TokenizationInfo]]:
+def load_token_dataset(
+    path_or_repo_id: str, split: str = "train", **kwargs
+) -> tuple[datasets.Dataset, TokenizationInfo | None]:
     """A pre-tokenized dataset from `pretokenize.py`'s output folder (or its `dataset/` folder) or a Hub dataset id.
 
     Returns:
