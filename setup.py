@@ -21,6 +21,9 @@ TRANSFORMERS = "transformers>=5.0.0"  # the MaskGiT prior's BERT encoder stack
 # its test skips below them.
 ACCELERATE = "accelerate>=1.3.0"
 DATASETS = "datasets>=3.0.0"
+# torchdata: its StatefulDataLoader (new in 0.8) saves every DataLoader worker's stream position, which makes
+# streaming resumption exact; 0.8.0 is tested with torch 2.5.1 (it declares only torch >= 2).
+TORCHDATA = "torchdata>=0.8.0"
 LPIPS = "lpips>=0.1.4"
 SCIKIT_IMAGE = "scikit-image>=0.24.0"  # 0.22 and 0.23 are built against numpy 1 and fail to import with numpy 2
 EVALUATE = "evaluate>=0.4.0"
@@ -52,6 +55,7 @@ setup(
         "train": [
             ACCELERATE,
             DATASETS,
+            TORCHDATA,
             TORCHVISION,
             LPIPS,
             "tensorboard",
@@ -66,12 +70,14 @@ setup(
             TORCHVISION,
             ACCELERATE,
             DATASETS,
+            TORCHDATA,
             "matplotlib",
         ],
         "test": [
             "pytest>=7.0.0",
             ACCELERATE,
             DATASETS,
+            TORCHDATA,
             EVALUATE,
             PYTORCH_FID,
             TORCHVISION,

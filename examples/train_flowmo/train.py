@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import copy
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -28,7 +27,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler
@@ -114,7 +119,8 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, default=None, help="Training resolution (default: the model's).")
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    parser.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer for --streaming.")
+    parser.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                        help="--streaming: rows are shuffled within windows of this many rows.")
     # Optimization
     parser.add_argument("--output_dir", type=str, default="outputs/train_flowmo")
     parser.add_argument("--seed", type=int, default=0)
@@ -249,6 +255,38 @@ def weights_checksum(parameters) -> str:
     return digest.hexdigest()
 
 
+class StreamPositions:
+    """The streaming training loader's state of every process, saved with each checkpoint (`--streaming`).
+
+    A stream's position is each process' own (its shards, its DataLoader workers), while only the main process writes
+    the training states: `state_dict` gathers them all (a collective, which `save_checkpoint` calls on every process)
+    and `load_state_dict` keeps this process' share for the loader built after the checkpoint is loaded.
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.loader = None
+        self.restored = None
+
+    def attach(self, loader) -> None:
+        """Use `loader` from now on; it continues from the restored state, if a checkpoint was loaded."""
+        self.loader = loader
+        if self.restored is not None:
+            loader.load_state_dict(self.restored)
+
+    def state_dict(self) -> dict:
+        return {"processes": gather_object([self.loader.state_dict()])}
+
+    def load_state_dict(self, state: dict) -> None:
+        processes = state["processes"]
+        if len(processes) != self.accelerator.num_processes:
+            raise ValueError(
+                f"the checkpoint holds the stream positions of {len(processes)} processes and this run has "
+                f"{self.accelerator.num_processes}: a stream resumes exactly only with the processes it was saved with"
+            )
+        self.restored = processes[self.accelerator.process_index]
+
+
 def main(argv=None):
     args = parse_args(argv)
     command = "accelerate launch " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
@@ -370,9 +408,14 @@ def main(argv=None):
         ema.to(accelerator.device)
         states["ema"] = EMACheckpoint(ema)
 
+    stream_positions = None
+    if args.streaming:
+        stream_positions = StreamPositions(accelerator)
+        states["train_loader"] = stream_positions
+
     if resume:
         logger.info(f"Resuming from {resume[1]}")
-        load_checkpoint(accelerator, resume[1], states, flags={"ema": "--use_ema"})
+        load_checkpoint(accelerator, resume[1], states, flags={"ema": "--use_ema", "train_loader": "--streaming"})
         if ema is not None:
             ema.to(accelerator.device)
         if progress.global_step != start_step:
@@ -392,18 +435,17 @@ def main(argv=None):
         shuffle_buffer=args.shuffle_buffer_size, random_flip=args.random_flip, infinite=True,
         skip_batches=progress.batches_consumed, pin_memory=accelerator.device.type == "cuda",
     )
-    # Starting a DataLoader iterator draws a seed from the global torch RNG. Keep that out of the training stream
-    # (noise, times, masks), so that a resumed run draws exactly what the uninterrupted run drew.
+    if stream_positions is not None:
+        stream_positions.attach(train_loader)
+    # The loaders draw nothing from the global RNGs (their DataLoaders have generators of their own), so the training
+    # stream (noise, times, masks) of a resumed run is exactly that of the uninterrupted run.
     batches = iter(train_loader)
-    with torch.random.fork_rng(devices=[]):
-        batches = itertools.chain([next(batches)], batches)
     validation_images = None
     if accelerator.is_main_process or sharded:
         split = args.validation_split or args.train_split
         validation_dataset = train_dataset if args.validation_split is None else load_image_dataset(split=split, **dataset_kwargs)
         validation_loader = build_eval_dataloader(validation_dataset, resolution, args.num_validation_images)
-        with torch.random.fork_rng(devices=[]):
-            validation_images = take_images(validation_loader, args.num_validation_images)["pixel_values"].to(accelerator.device)
+        validation_images = take_images(validation_loader, args.num_validation_images)["pixel_values"].to(accelerator.device)
         logger.info(f"Validation batch: {len(validation_images)} images of split {split!r}"
                     + ("" if args.validation_split else " (training images, not held out)"))
 

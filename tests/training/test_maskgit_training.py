@@ -6,6 +6,7 @@ import os
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -94,6 +95,29 @@ def test_pretokenize_streaming_skips_corrupt_images(tiny_model, tmp_path):
     (tmp_path / "chunks" / "stream-00000-00000001.parquet").unlink()
     summary = pretokenize(tiny_model, stream, str(tmp_path), batch_size=4, chunk_size=5, show_progress=False)
     assert summary == {"chunks_written": 1, "chunks_skipped": 1, "images": 4, "skipped_images": 0}
+
+
+@pytest.mark.parametrize("corrupt", [(3, 4, 5, 8), (1, 6, 7, 8)])  # a whole chunk in the middle; at the end
+def test_pretokenize_streaming_writes_chunks_whose_rows_are_all_undecodable(tiny_model, tmp_path, corrupt):
+    photos = load_default_image_dataset().cast_column("image", datasets.Image(decode=False))
+    rows = photos.to_list()
+    for row in corrupt:
+        rows[row]["image"] = {"bytes": b"not an image", "path": f"broken-{row}.png"}
+    broken = datasets.Dataset.from_list(rows, features=photos.features).cast_column("image", datasets.Image())
+    summary = pretokenize(tiny_model, broken.to_iterable_dataset(num_shards=3), str(tmp_path), batch_size=2,
+                          chunk_size=3, show_progress=False)
+    assert summary == {"chunks_written": 3, "chunks_skipped": 0, "images": 9 - len(corrupt),
+                       "skipped_images": len(corrupt)}
+    for chunk in range(3):  # chunk c holds stream positions 3c, 3c + 1, 3c + 2
+        statistics = json.loads((tmp_path / "chunks" / f"stream-00000-{chunk:08d}.json").read_text())
+        skipped = sum(3 * chunk <= row < 3 * chunk + 3 for row in corrupt)
+        assert statistics == {"num_images": 3 - skipped, "num_skipped": skipped, "num_rows_read": 3}
+        chunk_tokens = pq.read_table(tmp_path / "chunks" / f"stream-00000-{chunk:08d}.parquet").to_pydict()
+        assert chunk_tokens["index"] == [row for row in range(3 * chunk, 3 * chunk + 3) if row not in corrupt]
+    info = TokenizationInfo(tokenizer="tiny", num_indices=24, codebook_size=16, resolution=32, flip=False,
+                            num_classes=9, streaming=True, num_processes=1)
+    tokens = assemble_token_dataset(str(tmp_path), info)  # empty chunks included
+    assert tokens["index"] == [row for row in range(9) if row not in corrupt]
 
 
 def test_manifest_refuses_other_settings(tmp_path):

@@ -548,6 +548,27 @@ def test_fsdp2_equals_ddp_and_resumes_exactly(two_process_run, tmp_path):
     FlowMoPipeline.from_pretrained(tmp_path / "resumed")
 
 
+# A stream, 2 processes of 2 DataLoader workers each: 9 one-image shards, 4 or 5 per process and so epochs of 4 or 5
+# batches of 1; the checkpoint at step 2 is mid-epoch, the run ends in epoch 1.
+STREAMING_RUN = TINY_RUN + ["--train_batch_size", "1", "--streaming", "--dataloader_num_workers", "2",
+                            "--shuffle_buffer_size", "3", "--random_flip", "--perceptual_weight", "0",
+                            "--checkpointing_steps", "2", "--validation_steps", "100"]
+
+
+def test_streaming_run_resumes_exactly_from_the_saved_stream_positions(tmp_path):
+    launch(STREAMING_RUN + ["--max_train_steps", "6", "--output_dir", str(tmp_path / "full")], num_processes=2)
+    launch(STREAMING_RUN + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "resumed")], num_processes=2)
+    states = json.loads((tmp_path / "resumed" / "checkpoint-2" / "training_states.json").read_text())["states"]
+    assert sorted(states) == ["norm_fixer", "progress", "train_loader"]
+    positions = states["train_loader"]["processes"]  # every process' own, each with its workers' positions
+    assert [position["batches_consumed"] for position in positions] == [2, 2]
+    assert all(position["num_workers"] == 2 and position["dataloader"] for position in positions)
+    log = launch(STREAMING_RUN + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest",
+                                  "--output_dir", str(tmp_path / "resumed")], num_processes=2)
+    assert "Resuming from" in log and "again to resume" not in log  # continued at the positions, nothing read again
+    assert checksums(tmp_path / "resumed", 0) == checksums(tmp_path / "resumed", 1) == checksums(tmp_path / "full", 0)
+
+
 def test_push_to_hub_uploads_pipeline_and_model_card(pretrained_run, tmp_path):
     from hub_stub import LocalHub
 

@@ -42,16 +42,12 @@ DEFAULT_IMAGE_FILES: tuple[tuple[str, str], ...] = (
 #: The one split of an image folder (``train_data_dir``): every image under it, whatever the names.
 FOLDER_SPLIT = "train"
 
-# Internal batch keys: removed by ImageBatchLoader before a batch reaches the user.
-
-# ----------------------------------------------------------------------------------------------------------------------
-
 
 def load_default_image_dataset() -> datasets.Dataset:
     """Embedded smoke-test dataset: the RGB photographs bundled with scikit-image, fully offline.
 
     Returns:
-        An in-memory ``datasets.Dataset`` with ``len(DEFAULT_IMAGE_FILES)`` rows, an ``"image"`` column
+        `datasets.Dataset`: in memory, with ``len(DEFAULT_IMAGE_FILES)`` rows, an ``"image"`` column
         (``datasets.Image``; the original PNG/JPEG bytes, so nothing is re-encoded) and a ``"label"`` column
         (``datasets.ClassLabel``, one distinct class per photograph).
     """
@@ -85,7 +81,7 @@ def resolve_image_columns(
     features of a streaming dataset are unknown).
 
     Returns:
-        ``(image_column, label_column)``; ``label_column`` is ``None`` for unlabeled data.
+        `tuple[str, str | None]`: ``(image_column, label_column)``; ``label_column`` is ``None`` for unlabeled data.
 
     Raises:
         ValueError: the image column (or a given label column) is missing; the message lists the columns.
@@ -148,24 +144,30 @@ def load_image_dataset(
     """Load an image dataset with ``datasets`` and normalize its columns to ``"image"`` (+ ``"label"``).
 
     Args:
-        dataset_name: Hub id (e.g. the gated ``"ILSVRC/imagenet-1k"``, use ``token`` and ideally
-            ``streaming=True``) or a local dataset path understood by ``datasets.load_dataset``.
-        dataset_config_name: dataset configuration (``name=`` of ``load_dataset``).
-        train_data_dir: folder of images loaded with the ``imagefolder`` builder as one split, ``"train"``, of
-            every image under it (sub-folders included, hidden files excluded) whatever the names: no split is
-            inferred from names such as ``test_*`` or ``eval/``. Labels come from the sub-folder names when every
-            image sits in a class sub-folder. Ignored if ``dataset_name`` is given.
-        split: split to load (``"train"``, ``"validation"``, slicing such as ``"train[:1000]"`` for map-style).
-            A folder has only ``"train"``. The embedded default dataset returns the same photographs for every
-            split.
-        streaming: return a ``datasets.IterableDataset`` (no full download).
-        image_column / label_column: column names; auto-detected when ``None`` (see
-            :func:`resolve_image_columns`).
-        cache_dir: ``datasets`` cache folder.
-        token: Hub token for gated/private datasets.
+        dataset_name (`str`, *optional*):
+            Hub id (e.g. the gated ``"ILSVRC/imagenet-1k"``, use ``token`` and ideally ``streaming=True``) or a local
+            dataset path understood by ``datasets.load_dataset``.
+        dataset_config_name (`str`, *optional*):
+            Dataset configuration (``name=`` of ``load_dataset``).
+        train_data_dir (`str`, *optional*):
+            Folder of images loaded with the ``imagefolder`` builder as one split, ``"train"``, of every image under it
+            (sub-folders included, hidden files excluded) whatever the names: no split is inferred from names such as
+            ``test_*`` or ``eval/``. Labels come from the sub-folder names when every image sits in a class
+            sub-folder. Ignored if ``dataset_name`` is given.
+        split (`str`, *optional*, defaults to `"train"`):
+            Split to load (``"train"``, ``"validation"``, slicing such as ``"train[:1000]"`` for map-style). A folder
+            has only ``"train"``. The embedded default dataset returns the same photographs for every split.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Return a ``datasets.IterableDataset`` (no full download).
+        image_column (`str`, *optional*) and label_column (`str`, *optional*):
+            Column names; auto-detected when ``None`` (see :func:`resolve_image_columns`).
+        cache_dir (`str`, *optional*):
+            ``datasets`` cache folder.
+        token (`str` or `bool`, *optional*):
+            Hub token for gated/private datasets.
 
     Returns:
-        A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) with only the ``"image"`` column and,
+        `datasets.Dataset` or `datasets.IterableDataset` (when ``streaming``): with only the ``"image"`` column and,
         when labels exist, the ``"label"`` column. With neither ``dataset_name`` nor ``train_data_dir``: the
         embedded scikit-image photographs (:func:`load_default_image_dataset`).
 
@@ -215,10 +217,6 @@ def load_image_dataset(
     return dataset
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Decoding and transforms
-
-
 def prepare_columns(
     dataset: AnyDataset, image_column: str | None, label_column: str | None
 ) -> tuple[AnyDataset, str, str | None]:
@@ -231,7 +229,6 @@ def prepare_columns(
         # Same Arrow storage (struct<bytes, path>) as decode=True, so this is a metadata-only cast.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return dataset, image_column, label_column
-
 
 
 __all__ = [

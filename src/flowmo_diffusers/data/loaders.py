@@ -1,36 +1,29 @@
 """Batches of images for training and evaluation: sharding, skipped-image accounting and exact resumption.
 
-Everything goes through Hugging Face ``datasets``:
+:func:`build_train_dataloader` / :func:`build_eval_dataloader` return an :class:`ImageBatchLoader`, an iterable of
+``{"pixel_values": [B, 3, R, R] float32, "labels": [B] int64}`` batches over map-style (``datasets.Dataset``) or
+streaming (``datasets.IterableDataset``) data. The libraries do the work:
 
-* :func:`load_image_dataset` loads a Hub/local dataset (``dataset_name``, optionally streaming), an image
-  folder (``train_data_dir``, ``imagefolder`` builder, labels from sub-folder names) or, with neither, a
-  small embedded dataset of real photographs shipped inside scikit-image (works offline). The result always
-  has an ``"image"`` column and, when labels exist, a ``"label"`` column.
-* :class:`ImageTransform` turns a PIL image into a float32 tensor ``[3, R, R]`` in ``[-1, 1]`` the way the
-  original FlowMo did (resize the shorter side, then random or center crop).
-* :func:`build_train_dataloader` / :func:`build_eval_dataloader` return an :class:`ImageBatchLoader`, an
-  iterable of ``{"pixel_values": [B, 3, R, R] float32, "labels": [B] int64}`` batches that works for
-  map-style (``datasets.Dataset``) and streaming (``datasets.IterableDataset``) data, shards across processes
-  with :func:`datasets.distributed.split_dataset_by_node`, skips (and counts) undecodable images, and can
-  resume from a number of consumed batches.
+* sharding across processes: :func:`datasets.distributed.split_dataset_by_node`;
+* map-style order and resumption: a ``torch.utils.data.BatchSampler`` over Accelerate's ``SeedableRandomSampler``
+  (one permutation per epoch, ``set_epoch``), and Accelerate's ``SkipBatchSampler`` to resume mid-epoch;
+* streaming resumption: ``datasets.IterableDataset.state_dict()`` of every DataLoader worker, collected by torchdata's
+  ``StatefulDataLoader`` (its ``state_dict``/``load_state_dict``), so a resumed stream continues exactly, with any
+  number of workers; streams are shuffled by a batched ``datasets`` map over windows of rows, which that state resumes
+  exactly (``IterableDataset.shuffle``'s buffer is lost on resume);
+* decoding: ``datasets.Image`` (see :mod:`~flowmo_diffusers.data.transforms`), inside a ``try`` so that a corrupt file
+  is skipped and counted instead of raising in the middle of a run.
 
-Images are decoded here rather than by ``datasets``: the image column is cast to
-``datasets.Image(decode=False)`` so that the raw bytes/path reach our code, and decoding happens inside a
-``try`` block. ``datasets`` decodes lazily on access, so without this a single corrupt file would raise in the
-middle of training instead of being skipped.
-
-Randomness never touches the global RNGs: the epoch permutation and every random crop/flip come from
-``torch.Generator`` objects seeded from ``(seed, process_index, epoch, batch, slot)``. A batch is therefore a
-pure function of its position, independent of ``num_workers`` for map-style data, which is what makes
-``skip_batches`` resume exact.
+Randomness never touches the global RNGs: every random crop/flip comes from a ``torch.Generator`` seeded from ``(seed,
+process, epoch, row)`` (streams: ``(seed, process, epoch, worker, position)``), and every DataLoader has a generator of
+its own. A map-style batch is therefore a pure function of its position, whatever ``num_workers``.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import functools
+import json
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +31,9 @@ from typing import Any
 import datasets
 import torch
 import torch.utils.data
+from accelerate.data_loader import SeedableRandomSampler, SkipBatchSampler
 from datasets.distributed import split_dataset_by_node
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode
 
 from ..utils.seeds import derive_seed, seeded_generator
@@ -47,9 +42,16 @@ from .transforms import ImageDecoder, ImageTransform
 
 logger = logging.getLogger(__name__)
 
+# Internal batch keys: removed by ImageBatchLoader before a batch reaches the user.
 _SKIPPED_COUNT_KEY = "_num_skipped_images"
 _SKIPPED_ERROR_KEY = "_last_skip_error"
-_POSITION_KEY = "_stream_position"  # streaming only: global batch position, see _in_stream_order
+
+# Last component of a seed: which random stream it feeds, so that no two uses share one. (numpy's SeedSequence
+# ignores trailing zeros, so every stream names its purpose explicitly rather than by the length of its key.)
+_CROP_STREAM, _REPLACEMENT_STREAM, _WINDOW_STREAM = 1, 2, 3
+
+# Random rows tried in place of an undecodable training image before the data are declared mostly corrupt.
+_MAX_REPLACEMENT_ATTEMPTS = 100
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Skipped-image accounting
@@ -60,10 +62,10 @@ _POSITION_KEY = "_stream_position"  # streaming only: global batch position, see
 class SkippedImageCounter:
     """Number of images that could not be decoded and were skipped by one :class:`ImageBatchLoader`.
 
-    Counts are per process: they include the images skipped by all DataLoader workers of this process (workers
-    report their counts inside the batches they produce, so nothing is lost with ``num_workers > 0``). To log a
-    global number, reduce ``count`` across processes (e.g. ``accelerator.reduce(torch.tensor(count), "sum")``).
-    A corrupt image is counted every time it is met, i.e. once per epoch in training.
+    Counts are per process and per run: they include the images skipped by all DataLoader workers of this process
+    (workers report their counts inside the batches they produce, so nothing is lost with ``num_workers > 0``). To log
+    a global number, reduce ``count`` across processes (:func:`total_skipped_images`). A corrupt image is counted every
+    time it is met, i.e. once per epoch in training.
     """
 
     count: int = 0
@@ -76,279 +78,196 @@ class SkippedImageCounter:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading
+# Rows: what the DataLoader workers produce, one dict per source row
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def _collate(
-    pixel_values: list[torch.Tensor], labels: list[Any] | None, num_skipped: int, last_error: str | None
-) -> dict[str, Any]:
-    """Stack examples into a batch dict; a batch without images only carries the skipped count."""
-    batch: dict[str, Any] = {_SKIPPED_COUNT_KEY: num_skipped, _SKIPPED_ERROR_KEY: last_error}
-    if pixel_values:
-        batch["pixel_values"] = torch.stack(pixel_values)
-        if labels is not None:
+@dataclass
+class _RowDecoding:
+    """How one source row becomes a row dict for :func:`_collate_rows`: its columns, the transform, the crop seeds.
+
+    The decoder is ``datasets.Image``'s, inside a ``try`` (:class:`ImageDecoder`): ``datasets`` itself decodes lazily
+    and raises on a corrupt file, which would stop a run instead of skipping and counting the image.
+    """
+
+    image_column: str
+    label_column: str | None
+    transform: ImageTransform
+    seed: int
+    process_index: int
+
+    def __post_init__(self):
+        self.decoder = ImageDecoder(self.transform)
+
+    def generator(self, *key: int) -> torch.Generator:
+        """A generator seeded by ``(seed, process_index, *key)``."""
+        return seeded_generator(self.seed, self.process_index, *key)
+
+    def decode(self, example: dict[str, Any], index: int, generator: torch.Generator | None) -> dict[str, Any]:
+        """``example`` decoded: ``pixel_values`` is ``None`` (and ``num_skipped`` 1) when its image is undecodable."""
+        pixel_values, error = self.decoder(example[self.image_column], generator)
+        label = example.get(self.label_column) if self.label_column is not None else None
+        return {
+            "pixel_values": pixel_values,
+            "label": label,
+            "index": int(index),
+            "num_skipped": int(pixel_values is None),
+            "error": error or None,
+        }
+
+
+def _collate_rows(rows: list[dict], with_labels: bool, with_indices: bool) -> dict[str, Any]:
+    """Stack the decodable rows into a batch; the undecodable ones only add to the skipped count."""
+    kept = [row for row in rows if row["pixel_values"] is not None]
+    errors = [row["error"] for row in rows if row["error"]]
+    batch: dict[str, Any] = {
+        _SKIPPED_COUNT_KEY: sum(row["num_skipped"] for row in rows),
+        _SKIPPED_ERROR_KEY: errors[-1] if errors else None,
+    }
+    if kept:
+        batch["pixel_values"] = torch.stack([row["pixel_values"] for row in kept])
+        if with_labels:
             # Missing labels (None) become -1, the convention of e.g. the ImageNet test split.
-            batch["labels"] = torch.tensor([-1 if label is None else int(label) for label in labels], dtype=torch.int64)
+            labels = [-1 if row["label"] is None else int(row["label"]) for row in kept]
+            batch["labels"] = torch.tensor(labels, dtype=torch.int64)
+        if with_indices:
+            batch["indices"] = torch.tensor([row["index"] for row in kept], dtype=torch.int64)
     return batch
 
 
-class _MapStyleBatchDataset(torch.utils.data.Dataset):
-    """Torch dataset whose item ``k`` is the whole ``k``-th batch of a map-style ``datasets.Dataset`` shard.
+class _DecodedRows(torch.utils.data.Dataset):
+    """Row ``i`` of a map-style shard, decoded and transformed, with crops seeded by ``(seed, process, epoch, i)``.
 
-    Batch ``k`` belongs to epoch ``k // num_batches_per_epoch``. Training batches take their rows from a seeded
-    per-epoch permutation and are always full: an undecodable image is replaced by a row drawn with a generator
-    seeded from the batch position (so the replacement is reproducible too). Evaluation batches take contiguous
-    rows in order and simply leave bad images out (they can be smaller than ``batch_size``, or empty).
+    Kept by hand: a ``datasets.Dataset`` cannot replace an undecodable row. For training, such a row is replaced by a
+    random row drawn with a generator seeded from the failed row, so that training batches stay full and a batch still
+    depends only on the rows the sampler chose (not on ``num_workers``). Evaluation leaves it out.
     """
 
-    def __init__(
-        self,
-        dataset: datasets.Dataset,
-        image_column: str,
-        label_column: str | None,
-        transform: ImageTransform,
-        batch_size: int,
-        seed: int,
-        process_index: int,
-        training: bool,
-        max_replacement_attempts: int = 100,
-    ):
+    def __init__(self, dataset: datasets.Dataset, decoding: _RowDecoding, replace_undecodable: bool):
         self.dataset = dataset
-        self.image_column = image_column
-        self.label_column = label_column
-        self.decoder = ImageDecoder(transform)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.process_index = process_index
-        self.training = training
-        self.max_replacement_attempts = max_replacement_attempts
-        self.num_rows = len(dataset)
-        self.num_batches_per_epoch = self.num_rows // batch_size if training else math.ceil(self.num_rows / batch_size)
-        self._permutation_epoch: int | None = None
-        self._permutation: torch.Tensor | None = None
+        self.decoding = decoding
+        self.replace_undecodable = replace_undecodable
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed this epoch's crops; call before creating the epoch's DataLoader iterator (workers copy the dataset)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.num_batches_per_epoch
+        return len(self.dataset)
 
-    def _rows_of_batch(self, epoch: int, batch_in_epoch: int) -> list[int]:
-        start = batch_in_epoch * self.batch_size
-        stop = min(start + self.batch_size, self.num_rows)
-        if not self.training:
-            return list(range(start, stop))
-        if self._permutation_epoch != epoch:  # one permutation per epoch, cached for the epoch's batches
-            self._permutation = torch.randperm(
-                self.num_rows, generator=seeded_generator(self.seed, self.process_index, epoch)
-            )
-            self._permutation_epoch = epoch
-        return self._permutation[start:stop].tolist()
+    def __getitem__(self, row: int) -> dict:
+        return self.__getitems__([row])[0]
 
-    def __getitem__(self, batch_position: int) -> dict[str, Any]:
-        epoch, batch_in_epoch = divmod(int(batch_position), self.num_batches_per_epoch)
-        rows = self._rows_of_batch(epoch, batch_in_epoch)
-        examples = self.dataset[rows]  # one Arrow take for the whole batch: dict of column lists
-        image_values = examples[self.image_column]
-        label_values = examples[self.label_column] if self.label_column is not None else None
+    def __getitems__(self, rows: list[int]) -> list[dict]:
+        """The rows of one batch, read with one Arrow take (the DataLoader calls this instead of ``__getitem__``)."""
+        columns = self.dataset[list(rows)]
+        decoded = []
+        for position, row in enumerate(rows):
+            example = {name: values[position] for name, values in columns.items()}
+            generator = None
+            if self.decoding.transform.is_random:
+                generator = self.decoding.generator(self.epoch, row, _CROP_STREAM)
+            decoded_row = self.decoding.decode(example, row, generator)
+            if decoded_row["pixel_values"] is None and self.replace_undecodable:
+                decoded_row = self._replacement(row, decoded_row)
+            decoded.append(decoded_row)
+        return decoded
 
-        pixel_values: list[torch.Tensor] = []
-        labels: list[Any] | None = [] if self.label_column is not None else None
-        num_skipped, last_error = 0, None
-        replacement_generator: torch.Generator | None = None
-        for slot, image_value in enumerate(image_values):
-            # Seeded per slot so a crop does not depend on which other images of the batch failed to decode.
-            crop_generator = (
-                seeded_generator(self.seed, self.process_index, epoch, batch_in_epoch, slot)
-                if self.decoder.transform.is_random
-                else None
-            )
-            label = label_values[slot] if label_values is not None else None
-            tensor, error = self.decoder(image_value, crop_generator)
-            if tensor is None:
-                num_skipped, last_error = num_skipped + 1, error
-                if not self.training:
-                    continue
-                if replacement_generator is None:
-                    # Separate stream (extra 0 component) so replacements never shift the crop seeds.
-                    replacement_generator = seeded_generator(
-                        self.seed, self.process_index, epoch, batch_in_epoch, self.batch_size, 0
-                    )
-                tensor, label, extra_skipped, error = self._draw_replacement(replacement_generator, crop_generator)
-                num_skipped += extra_skipped
-                last_error = error or last_error
-            pixel_values.append(tensor)
-            if labels is not None:
-                labels.append(label)
-        return _collate(pixel_values, labels, num_skipped, last_error)
-
-    def _draw_replacement(
-        self, replacement_generator: torch.Generator, crop_generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, Any, int, str | None]:
-        """Random decodable row of the shard: ``(pixel_values, label, extra skipped, last error)``."""
-        last_error = None
-        for attempt in range(self.max_replacement_attempts):
-            row = int(torch.randint(0, self.num_rows, (1,), generator=replacement_generator))
-            example = self.dataset[row]
-            tensor, error = self.decoder(example[self.image_column], crop_generator)
-            if tensor is not None:
-                label = example[self.label_column] if self.label_column is not None else None
-                return tensor, label, attempt, last_error
-            last_error = error
+    def _replacement(self, failed_row: int, failed: dict) -> dict:
+        """A random decodable row of the shard in place of ``failed_row``, counting every undecodable draw."""
+        generator = self.decoding.generator(self.epoch, failed_row, _REPLACEMENT_STREAM)
+        error = failed["error"]
+        for attempt in range(_MAX_REPLACEMENT_ATTEMPTS):
+            row = int(torch.randint(0, len(self.dataset), (1,), generator=generator))
+            replacement = self.decoding.decode(self.dataset[row], row, generator)
+            if replacement["pixel_values"] is not None:
+                return {**replacement, "num_skipped": 1 + attempt, "error": error}
+            error = replacement["error"]
         raise RuntimeError(
-            f"No decodable image found in {self.max_replacement_attempts} random draws from a shard of "
-            f"{self.num_rows} rows; the dataset seems to be mostly corrupt (last error: {last_error})."
+            f"No decodable image found in {_MAX_REPLACEMENT_ATTEMPTS} random draws from a shard of "
+            f"{len(self.dataset)} rows; the dataset seems to be mostly corrupt (last error: {error})."
         )
 
 
-class _StreamingBatchIterable(torch.utils.data.IterableDataset):
-    """Torch iterable that decodes a streaming ``datasets.IterableDataset`` and yields collated batches.
+class _WindowPermutation:
+    """Batched ``datasets`` map: a seeded permutation of each window of consecutive rows of a stream.
 
-    Batching happens here (not in the DataLoader) so that undecodable images can be dropped while training
-    batches stay full. In a DataLoader worker, ``datasets`` itself gives this worker its share of the shards.
-    DataLoader collects worker results round-robin, so the ``b``-th batch of worker ``w`` is global batch
-    ``t = b * num_workers + w``; batches carry ``t`` so that :func:`_in_stream_order` can restore the order after
-    a resume. ``skip_batches`` makes each worker fast-forward (count examples without decoding) through its share
-    of the first ``skip_batches`` global batches.
+    Kept by hand because ``IterableDataset.shuffle`` cannot resume exactly: its buffer is not part of
+    ``state_dict()`` and is lost on resume (``datasets`` documents this). A batched map is: ``datasets`` restores the
+    stream at the start of the current window and skips the rows already yielded, and the permutation, seeded by
+    ``(seed, epoch, worker, first row of the window)``, is drawn again identically. The seed leaves the process out:
+    when ``split_dataset_by_node`` splits by example it does so after this map, so all processes must agree on it.
+    """
+
+    def __init__(self, seed: int, epoch: int):
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, window: dict[str, list], indices: list[int]) -> dict[str, list]:
+        if len(indices) < 2:
+            return window
+        worker_info = torch.utils.data.get_worker_info()
+        worker_id = 0 if worker_info is None else worker_info.id
+        generator = seeded_generator(self.seed, self.epoch, worker_id, indices[0], _WINDOW_STREAM)
+        order = torch.randperm(len(indices), generator=generator).tolist()
+        return {column: [values[i] for i in order] for column, values in window.items()}
+
+
+class _DecodedStream(torch.utils.data.IterableDataset):
+    """Groups of rows of a streaming ``datasets.IterableDataset`` holding ``batch_size`` decodable images each.
+
+    Kept by hand: a DataLoader batches a fixed number of rows, so dropping undecodable images there would shrink
+    training batches. Each group yielded here holds exactly ``batch_size`` decodable rows plus the undecodable ones met
+    on the way (left out and counted by the collate function); the last group of the stream is partial (training
+    keeps only its skipped count). In a DataLoader worker, ``datasets`` gives this worker its share of the shards.
+
+    Its ``state_dict`` is the stream's own (``datasets.IterableDataset.state_dict``) plus the number of rows read, which
+    seeds the crops; StatefulDataLoader takes it in every worker after each group, when no group is half-built.
     """
 
     def __init__(
-        self,
-        dataset: datasets.IterableDataset,
-        image_column: str,
-        label_column: str | None,
-        transform: ImageTransform,
-        batch_size: int,
-        seed: int,
-        process_index: int,
-        training: bool,
-        infinite: bool,
-        shuffle_buffer: int | None = None,
-        first_epoch: int = 0,
-        skip_batches: int = 0,
+        self, stream: datasets.IterableDataset, decoding: _RowDecoding, batch_size: int, epoch: int, drop_last: bool
     ):
-        self.dataset = dataset
-        self.shuffle_buffer = shuffle_buffer
-        self.image_column = image_column
-        self.label_column = label_column
-        self.decoder = ImageDecoder(transform)
+        self.stream = stream
+        self.decoding = decoding
         self.batch_size = batch_size
-        self.seed = seed
-        self.process_index = process_index
-        self.training = training
-        self.infinite = infinite
-        self.first_epoch = first_epoch
-        self.skip_batches = skip_batches
+        self.epoch = epoch
+        self.drop_last = drop_last
+        self.rows_read = 0
+        self._loaded_state: dict | None = None
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def state_dict(self) -> dict[str, Any]:
+        # Restored but no row read since: the stream has no state of its own yet (a worker that has not produced a
+        # batch since the resume is saved with this one).
+        if self._loaded_state is not None:
+            return self._loaded_state
+        return {"stream": self.stream.state_dict(), "rows_read": self.rows_read}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loaded_state = state
+        self.stream.load_state_dict(state["stream"])
+        self.rows_read = int(state["rows_read"])
+
+    def __iter__(self) -> Iterator[list[dict]]:
         worker_info = torch.utils.data.get_worker_info()
-        num_workers, worker_id = (1, 0) if worker_info is None else (worker_info.num_workers, worker_info.id)
-        # Number of global batches t < skip_batches with t % num_workers == worker_id.
-        batches_to_skip = max(0, (self.skip_batches - worker_id + num_workers - 1) // num_workers)
-        drop_last = self.training
-        carried_skips, last_error = 0, None
-        worker_batch_index = 0  # batches of this worker so far, fast-forwarded ones included, across epochs
-        epoch = self.first_epoch
-        while True:
-            epoch_dataset = self.dataset
-            if self.shuffle_buffer is not None:
-                # A fresh shuffle per epoch (shard order + buffer) instead of IterableDataset.set_epoch(): the
-                # epoch counter of set_epoch lives in shared memory common to all DataLoader workers, so a worker
-                # starting its next epoch would change the epoch another worker is about to read. The seed depends
-                # only on (seed, epoch), so all processes agree on the shard order split_dataset_by_node relies on.
-                epoch_seed = derive_seed(self.seed, epoch)
-                epoch_dataset = self.dataset.shuffle(seed=epoch_seed, buffer_size=self.shuffle_buffer)
-            num_examples, batch_in_epoch, fast_forwarded = 0, 0, 0
-            pixel_values: list[torch.Tensor] = []
-            labels: list[Any] | None = [] if self.label_column is not None else None
-            for example in epoch_dataset:
-                num_examples += 1
-                if batches_to_skip > 0:  # resume: count examples without paying for decoding
-                    fast_forwarded += 1
-                    if fast_forwarded == self.batch_size:
-                        batches_to_skip, fast_forwarded = batches_to_skip - 1, 0
-                        batch_in_epoch, worker_batch_index = batch_in_epoch + 1, worker_batch_index + 1
-                    continue
-                crop_generator = (
-                    seeded_generator(
-                        self.seed, self.process_index, worker_id, epoch, batch_in_epoch, len(pixel_values)
-                    )
-                    if self.decoder.transform.is_random
-                    else None
-                )
-                tensor, error = self.decoder(example[self.image_column], crop_generator)
-                if tensor is None:
-                    carried_skips, last_error = carried_skips + 1, error
-                    continue
-                pixel_values.append(tensor)
-                if labels is not None:
-                    labels.append(example[self.label_column])
-                if len(pixel_values) == self.batch_size:
-                    batch = _collate(pixel_values, labels, carried_skips, last_error)
-                    batch[_POSITION_KEY] = worker_batch_index * num_workers + worker_id
-                    yield batch
-                    pixel_values, labels = [], ([] if labels is not None else None)
-                    carried_skips, last_error = 0, None
-                    batch_in_epoch, worker_batch_index = batch_in_epoch + 1, worker_batch_index + 1
-            if fast_forwarded and not drop_last:  # a fast-forwarded partial final batch
-                batches_to_skip, batch_in_epoch, worker_batch_index = (
-                    batches_to_skip - 1,
-                    batch_in_epoch + 1,
-                    worker_batch_index + 1,
-                )
-            if pixel_values and not drop_last:
-                batch = _collate(pixel_values, labels, carried_skips, last_error)
-                batch[_POSITION_KEY] = worker_batch_index * num_workers + worker_id
-                yield batch
-                carried_skips, last_error = 0, None
-                batch_in_epoch, worker_batch_index = batch_in_epoch + 1, worker_batch_index + 1
-            if num_examples == 0 or not self.infinite:
-                break
-            if batch_in_epoch == 0:
-                raise ValueError(
-                    f"Streaming worker {worker_id} of process {self.process_index} read {num_examples} examples in "
-                    f"epoch {epoch}, not enough for one batch of {self.batch_size} (bad images so far: "
-                    f"{carried_skips}). Use a smaller batch_size or fewer DataLoader workers/processes."
-                )
-            epoch += 1
-        if carried_skips:  # report skips that happened after the last batch (no position: not a real batch)
-            yield _collate([], None, carried_skips, last_error)
-
-
-def _in_stream_order(batches: Iterator[dict[str, Any]], first_position: int, num_workers: int) -> Iterator[dict]:
-    """Reorder streaming batches by their global position ``t = worker_batch_index * num_workers + worker_id``.
-
-    DataLoader hands out worker results round-robin starting with worker 0, which is ascending ``t`` for a
-    fresh run. A resumed run starts at ``t = skip_batches``, whose worker is generally not worker 0, so the
-    first round arrives rotated; a heap of at most ``num_workers`` batches restores the original order. Batches
-    from a worker that has no data never arrive, hence the size bound instead of waiting forever.
-    """
-    pending: list[tuple[int, int, dict[str, Any]]] = []
-    next_position = first_position
-    for arrival, batch in enumerate(batches):
-        position = batch.pop(_POSITION_KEY, None)
-        if position is None:  # carries only a skipped-image count: order does not matter
-            yield batch
-            continue
-        heapq.heappush(pending, (position, arrival, batch))
-        while pending and (pending[0][0] == next_position or len(pending) >= num_workers):
-            position, _, batch = heapq.heappop(pending)
-            next_position = position + 1
-            yield batch
-    while pending:
-        yield heapq.heappop(pending)[2]
-
-
-class _BatchPositionSampler(torch.utils.data.Sampler):
-    """Yields batch positions ``start, start + 1, ...`` up to ``stop`` (``None``: forever)."""
-
-    def __init__(self, start: int, stop: int | None):
-        self.start, self.stop = start, stop
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop)) if self.stop is not None else itertools.count(self.start)
-
-    def __len__(self) -> int:
-        if self.stop is None:
-            raise TypeError("an infinite sampler has no length")
-        return max(0, self.stop - self.start)
+        worker_id = 0 if worker_info is None else worker_info.id
+        group: list[dict] = []
+        num_decoded = 0
+        for example in self.stream:
+            position, self.rows_read = self.rows_read, self.rows_read + 1
+            self._loaded_state = None
+            generator = None
+            if self.decoding.transform.is_random:
+                generator = self.decoding.generator(self.epoch, worker_id, position, _CROP_STREAM)
+            group.append(self.decoding.decode(example, position, generator))
+            num_decoded += group[-1]["pixel_values"] is not None
+            if num_decoded == self.batch_size:
+                yield group
+                group, num_decoded = [], 0
+        if self.drop_last:  # the partial last group only reports its skipped images
+            group = [row for row in group if row["pixel_values"] is None]
+        if group:
+            yield group
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -356,135 +275,295 @@ class _BatchPositionSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _pop_skipped(batch: dict[str, Any]) -> tuple[int, str | None]:
+    return batch.pop(_SKIPPED_COUNT_KEY), batch.pop(_SKIPPED_ERROR_KEY)
+
+
+def _json_safe(state: Any) -> Any:
+    """``state`` as JSON would give it back (tuples become lists); raises ``TypeError`` on anything else."""
+    return json.loads(json.dumps(state))
+
+
 class ImageBatchLoader:
     """Iterable over image batches ``{"pixel_values": [B, 3, R, R] float32 in [-1, 1], "labels": [B] int64}``.
 
-    ``"labels"`` is present only when the dataset has a label column. Built by :func:`build_train_dataloader` or
-    :func:`build_eval_dataloader`; wraps a ``torch.utils.data.DataLoader`` created anew for each iteration.
+    ``"labels"`` is present only when the dataset has a label column (and ``"indices"`` when the loader was built with
+    ``return_indices=True``). Built by :func:`build_train_dataloader` or :func:`build_eval_dataloader`; wraps a
+    ``torch.utils.data.DataLoader`` (torchdata's ``StatefulDataLoader`` for streams) created anew for each epoch.
 
     Attributes:
-        skipped_images: :class:`SkippedImageCounter` of undecodable images met by this process (all workers).
-        batches_consumed: training batches yielded so far, including those skipped via ``skip_batches``; store
-            it in checkpoints and pass it back as ``skip_batches`` (or use ``state_dict``/``load_state_dict``).
-        num_batches_per_epoch: batches per epoch for map-style data (upper bound for evaluation when images
-            are corrupt), ``None`` for streaming data.
+        skipped_images (`SkippedImageCounter`):
+            Undecodable images met by this process (all workers) in this run.
+        batches_consumed (`int`):
+            Training batches yielded so far, including those skipped via ``skip_batches`` or restored with
+            ``load_state_dict``.
 
     Iteration semantics: a training loader continues where the previous iteration stopped (infinite: forever;
-    ``infinite=False``: to the end of the current epoch, so ``for epoch ...: for batch in loader`` reshuffles
-    each epoch). An evaluation loader makes one full pass per iteration.
+    ``infinite=False``: to the end of the current epoch, so ``for epoch ...: for batch in loader`` reshuffles each
+    epoch). An evaluation loader makes one full pass per iteration.
     """
 
     def __init__(
         self,
-        batch_source: _MapStyleBatchDataset | _StreamingBatchIterable,
+        dataset: datasets.Dataset | datasets.IterableDataset,
+        decoding: _RowDecoding,
+        batch_size: int,
         *,
         training: bool,
         infinite: bool,
         skip_batches: int,
-        num_workers: int,
-        pin_memory: bool,
+        dataloader_options: dict[str, Any],
+        shuffle_buffer: int | None = None,
+        return_indices: bool = False,
     ):
-        self._batch_source = batch_source
-        self.training = training
-        self.infinite = infinite
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.training, self.infinite, self.batch_size = training, infinite, batch_size
         self.skipped_images = SkippedImageCounter()
         self.batches_consumed = int(skip_batches)
-        # Streaming with infinite=False: epoch of the next iteration and batches already consumed in it (a streaming
-        # epoch's length is unknown, so these cannot be derived from batches_consumed as for map-style data).
+        self._decoding = decoding
+        # What every DataLoader of this loader shares (workers, pinning, collate); the generator is the epoch's.
+        with_labels = decoding.label_column is not None
+        collate = functools.partial(_collate_rows, with_labels=with_labels, with_indices=return_indices)
+        self._dataloader_options = {"collate_fn": collate, **dataloader_options}
+        self._stream: datasets.IterableDataset | None = None
+        self._rows: _DecodedRows | None = None
+        if isinstance(dataset, datasets.IterableDataset):
+            self._stream = dataset
+            self._shuffle_window = max(1, shuffle_buffer or 1)
+        else:
+            self._rows = _DecodedRows(dataset, decoding, replace_undecodable=training)
+            data_seed = derive_seed(decoding.seed, decoding.process_index)
+            self._sampler = SeedableRandomSampler(self._rows, data_seed=data_seed)
+        # Streams: the epoch of the next iteration and the batches already consumed in it (a stream's epoch length is
+        # unknown, so they cannot be derived from batches_consumed), the DataLoader state to resume the epoch from,
+        # and the DataLoader of the epoch being read.
         self._stream_epoch = 0
         self._batches_consumed_in_epoch = int(skip_batches)
+        self._pending_dataloader_state: dict | None = None
+        self._stream_loader: StatefulDataLoader | None = None
+
+    @property
+    def num_workers(self) -> int:
+        return self._dataloader_options["num_workers"]
 
     @property
     def is_streaming(self) -> bool:
-        return isinstance(self._batch_source, _StreamingBatchIterable)
+        return self._stream is not None
 
     @property
     def num_batches_per_epoch(self) -> int | None:
-        return None if self.is_streaming else self._batch_source.num_batches_per_epoch
+        """Batches per epoch for map-style data (an upper bound for evaluation), ``None`` for streams."""
+        if self._rows is None:
+            return None
+        num_rows = len(self._rows)
+        return num_rows // self.batch_size if self.training else -(-num_rows // self.batch_size)
 
     @property
     def epoch(self) -> int:
         """Current training epoch.
 
-        Map-style: derived from ``batches_consumed``. Streaming: the number of completed passes with
-        ``infinite=False`` (always 0 with ``infinite=True``, where workers cross epoch boundaries independently).
+        Map-style: derived from ``batches_consumed``. Streams: the number of completed passes.
         """
         if self.is_streaming:
             return self._stream_epoch
-        return self.batches_consumed // max(1, self._batch_source.num_batches_per_epoch)
+        return self.batches_consumed // max(1, self.num_batches_per_epoch)
 
     def __len__(self) -> int:
         if self.is_streaming:
             raise TypeError("A loader over a streaming dataset has no length.")
-        return self._batch_source.num_batches_per_epoch
+        return self.num_batches_per_epoch
 
-    def state_dict(self) -> dict[str, int]:
-        """Resumption state (plain ints, JSON-serializable); map-style data only needs ``batches_consumed``."""
-        if self.is_streaming:
-            batches_consumed_in_epoch = self._batches_consumed_in_epoch
-        else:
-            batches_consumed_in_epoch = self.batches_consumed % max(1, self._batch_source.num_batches_per_epoch)
+    def state_dict(self) -> dict[str, Any]:
+        """Resumption state, JSON-serializable (ints, strings, lists, dicts).
+
+        Map-style data only needs ``batches_consumed``. A stream adds ``"dataloader"``, the StatefulDataLoader state
+        of the epoch being read (every worker's position in its shards), or ``None`` between epochs. It is this
+        process' state: with several processes, save every process' (e.g. gathered with
+        ``accelerate.utils.gather_object``).
+        """
+        if not self.is_streaming:
+            batches_in_epoch = self.batches_consumed % max(1, self.num_batches_per_epoch)
+            return {
+                "batches_consumed": self.batches_consumed,
+                "epoch": self.epoch,
+                "batches_consumed_in_epoch": batches_in_epoch,
+            }
+        dataloader_state = self._pending_dataloader_state
+        if self._stream_loader is not None:
+            dataloader_state = _json_safe(self._stream_loader.state_dict())
         return {
             "batches_consumed": self.batches_consumed,
-            "epoch": self.epoch,
-            "batches_consumed_in_epoch": batches_consumed_in_epoch,
+            "epoch": self._stream_epoch,
+            "batches_consumed_in_epoch": self._batches_consumed_in_epoch,
+            "num_workers": self.num_workers,
+            "dataloader": dataloader_state,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (of :meth:`state_dict`) at the next iteration.
+
+        A stream state without ``"dataloader"`` (or before one existed) replays the current epoch's consumed batches.
+
+        Raises:
+            ValueError: a stream's state was saved with another ``num_workers`` (each worker reads its own shards).
+        """
+        saved_workers = state.get("num_workers", self.num_workers)
+        if self.is_streaming and state.get("dataloader") is not None and saved_workers != self.num_workers:
+            raise ValueError(
+                f"the stream's state was saved with num_workers={saved_workers}, this loader has {self.num_workers}: "
+                "each DataLoader worker reads its own shards, so a stream resumes only with the same number of workers"
+            )
         self.batches_consumed = int(state["batches_consumed"])
         self._stream_epoch = int(state.get("epoch", 0))
         self._batches_consumed_in_epoch = int(state.get("batches_consumed_in_epoch", self.batches_consumed))
+        self._pending_dataloader_state = state.get("dataloader")
+        self._stream_loader = None
 
-    def _make_dataloader(self) -> torch.utils.data.DataLoader:
-        source = self._batch_source
-        common = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        if isinstance(source, _MapStyleBatchDataset):
-            if not self.training:
-                start, stop = 0, source.num_batches_per_epoch
-            else:
-                start, per_epoch = self.batches_consumed, source.num_batches_per_epoch
-                stop = None if self.infinite else (start // per_epoch + 1) * per_epoch  # end of the current epoch
-            return torch.utils.data.DataLoader(source, sampler=_BatchPositionSampler(start, stop), **common)
-        if self.training and self.infinite:
-            source.first_epoch, source.skip_batches = 0, self.batches_consumed
-        elif self.training:
-            source.first_epoch, source.skip_batches = self._stream_epoch, self._batches_consumed_in_epoch
-        else:
-            source.first_epoch, source.skip_batches = 0, 0
-        return torch.utils.data.DataLoader(source, **common)
+    def _new_dataloader(
+        self, source: torch.utils.data.Dataset, epoch: int, **sampling: Any
+    ) -> torch.utils.data.DataLoader:
+        """The one DataLoader constructor: the loader's shared options, the epoch's own generator (so worker seeds never
+        come from the global RNG) and ``sampling`` (a batch size or a batch sampler).
+
+        Streams get torchdata's StatefulDataLoader, a drop-in DataLoader whose ``state_dict`` holds every worker's
+        position in its shards; map-style data needs no state (a batch is a function of its position).
+        """
+        loader_class = StatefulDataLoader if self.is_streaming else torch.utils.data.DataLoader
+        return loader_class(source, generator=self._decoding.generator(epoch), **sampling, **self._dataloader_options)
+
+    def _map_style_dataloader(self, epoch: int, skip: int) -> torch.utils.data.DataLoader:
+        self._rows.set_epoch(epoch)
+        if not self.training:
+            return self._new_dataloader(self._rows, epoch, batch_size=self.batch_size)
+        self._sampler.set_epoch(epoch)
+        batch_sampler = torch.utils.data.BatchSampler(self._sampler, self.batch_size, drop_last=True)
+        if skip:
+            batch_sampler = SkipBatchSampler(batch_sampler, skip_batches=skip)
+        return self._new_dataloader(self._rows, epoch, batch_sampler=batch_sampler)
+
+    def _streaming_dataloader(self, epoch: int) -> StatefulDataLoader:
+        stream = self._stream
+        if self.training:
+            # A fresh mapped stream every epoch, also for a window of 1: datasets keeps a loaded state for every later
+            # iteration of the same object (datasets 3.x does not check the state's epoch).
+            permutation = _WindowPermutation(self._decoding.seed, epoch)
+            stream = stream.map(permutation, batched=True, batch_size=self._shuffle_window, with_indices=True)
+        groups = _DecodedStream(stream, self._decoding, self.batch_size, epoch, drop_last=self.training)
+        return self._new_dataloader(groups, epoch, batch_size=None)  # the groups are the batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batches: Iterator[dict[str, Any]] = iter(self._make_dataloader())
-        if self.is_streaming:
-            batches = _in_stream_order(batches, self._batch_source.skip_batches, max(1, self.num_workers))
-        for batch in batches:
-            self.skipped_images.add(batch.pop(_SKIPPED_COUNT_KEY), batch.pop(_SKIPPED_ERROR_KEY))
-            if "pixel_values" not in batch:  # only carried a skipped-image count
+        if not self.training:
+            dataloader = self._streaming_dataloader(0) if self.is_streaming else self._map_style_dataloader(0, 0)
+            yield from self._batches(dataloader)
+            return
+        if not self.is_streaming:
+            while True:
+                epoch, skip = divmod(self.batches_consumed, self.num_batches_per_epoch)
+                for batch in self._batches(self._map_style_dataloader(epoch, skip)):
+                    self.batches_consumed += 1
+                    yield batch
+                if not self.infinite:
+                    return
+        while True:
+            yield from self._stream_epoch_batches()
+            if not self.infinite:
+                return
+
+    def _batches(self, dataloader: torch.utils.data.DataLoader) -> Iterator[dict]:
+        """The DataLoader's batches with their skipped-image counts taken out and counted."""
+        for batch in dataloader:
+            self.skipped_images.add(*_pop_skipped(batch))
+            if "pixel_values" in batch:  # not a batch that only carried a count
+                yield batch
+
+    def _stream_epoch_batches(self) -> Iterator[dict]:
+        """The rest of the current streaming epoch; then the epoch counters move to the next one."""
+        epoch = self._stream_epoch
+        dataloader = self._streaming_dataloader(epoch)
+        resumed = self._pending_dataloader_state is not None
+        if resumed:
+            dataloader.load_state_dict(self._pending_dataloader_state)
+            self._pending_dataloader_state = None
+        # Kept by hand: without a DataLoader state (skip_batches, or a state saved without one) the only way to a
+        # position in a stream is to read up to it. Those batches and their skipped images belong to the run that used
+        # them, so they are neither yielded nor counted again.
+        replay = 0 if resumed else self._batches_consumed_in_epoch
+        if replay:
+            logger.warning(
+                "Reading the first %d batches of epoch %d of the stream of process %d again to resume after them "
+                "(no saved DataLoader state: resume with load_state_dict to continue at once)",
+                replay,
+                epoch,
+                self._decoding.process_index,
+            )
+        self._stream_loader = dataloader
+        num_batches = 0
+        for batch in dataloader:
+            skipped = _pop_skipped(batch)
+            has_images = "pixel_values" in batch
+            num_batches += has_images
+            if replay:
+                replay -= has_images
                 continue
-            if self.training:
-                self.batches_consumed += 1
-                self._batches_consumed_in_epoch += 1
+            self.skipped_images.add(*skipped)
+            if not has_images:
+                continue
+            self.batches_consumed += 1
+            self._batches_consumed_in_epoch += 1
             yield batch
-        if self.training and self.is_streaming and not self.infinite:  # a full pass: the next one is a new epoch
-            self._stream_epoch += 1
-            self._batches_consumed_in_epoch = 0
+        self._stream_loader = None
+        if num_batches == 0 and not resumed and self.infinite:
+            raise ValueError(
+                f"Epoch {epoch} of the stream of process {self._decoding.process_index} gave no full batch of "
+                f"{self.batch_size} decodable images ({self.skipped_images.count} skipped so far). Use a smaller "
+                "batch_size or fewer DataLoader workers/processes."
+            )
+        self._stream_epoch = epoch + 1
+        self._batches_consumed_in_epoch = replay  # a replay longer than the epoch goes on in the next one
 
     def __repr__(self) -> str:
         kind = "streaming" if self.is_streaming else "map-style"
         return (
             f"{type(self).__name__}({kind}, training={self.training}, infinite={self.infinite}, "
-            f"batch_size={self._batch_source.batch_size}, batches_consumed={self.batches_consumed}, "
+            f"batch_size={self.batch_size}, batches_consumed={self.batches_consumed}, "
             f"skipped_images={self.skipped_images.count})"
         )
 
 
-def _check_common_arguments(resolution: int, batch_size: int, process_index: int, num_processes: int) -> None:
+def _build_loader(
+    dataset: AnyDataset,
+    resolution: int,
+    batch_size: int,
+    *,
+    training: bool,
+    random_flip: bool,
+    process_index: int,
+    num_processes: int,
+    image_column: str | None,
+    label_column: str | None,
+    interpolation: InterpolationMode,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    **loader_options: Any,
+) -> ImageBatchLoader:
+    """What both builders do: check, keep the image/label columns, shard across processes, build the loader."""
     if resolution <= 0 or batch_size <= 0:
         raise ValueError(f"resolution and batch_size must be positive, got {resolution} and {batch_size}.")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
+    dataset, image_column, label_column = prepare_columns(dataset, image_column, label_column)
+    dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+    if training and not isinstance(dataset, datasets.IterableDataset) and len(dataset) < batch_size:
+        raise ValueError(
+            f"Process {process_index} holds {len(dataset)} examples, fewer than batch_size={batch_size} "
+            f"(dataset split over {num_processes} processes); no full training batch can be formed."
+        )
+    transform = ImageTransform(resolution, random_crop=training, random_flip=random_flip, interpolation=interpolation)
+    decoding = _RowDecoding(image_column, label_column, transform, seed, process_index)
+    dataloader_options = {"num_workers": num_workers, "pin_memory": pin_memory}
+    return ImageBatchLoader(
+        dataset, decoding, batch_size, training=training, dataloader_options=dataloader_options, **loader_options
+    )
 
 
 def build_train_dataloader(
@@ -508,78 +587,71 @@ def build_train_dataloader(
     """Shuffled, randomly cropped training batches for one process.
 
     Do not pass the result to ``accelerator.prepare``: sharding across processes is already done here with
-    :func:`datasets.distributed.split_dataset_by_node` (map-style: contiguous chunk per process; streaming: by
-    shards when ``num_shards % num_processes == 0``, else one example out of ``num_processes``).
+    :func:`datasets.distributed.split_dataset_by_node` (map-style: contiguous chunk per process; streaming: by shards
+    when ``num_shards % num_processes == 0``, else one example out of ``num_processes``).
 
-    Shuffling: map-style data uses a permutation of the process' chunk seeded by ``(seed, process_index,
-    epoch)``; streaming data is reshuffled every epoch with ``IterableDataset.shuffle(seed=f(seed, epoch),
-    buffer_size=shuffle_buffer)`` (shard order + buffer; equivalent to ``set_epoch``, see
-    ``_StreamingBatchIterable``). Batches always hold exactly ``batch_size`` images (``drop_last``): undecodable images
-    are counted in ``loader.skipped_images`` and replaced (map-style: seeded random row of the chunk; streaming:
-    the next example of the stream).
+    Batches always hold exactly ``batch_size`` images (``drop_last``): undecodable images are counted in
+    ``loader.skipped_images`` and replaced (map-style: by a seeded random row of the chunk; streaming: by the next
+    rows of the stream).
 
-    Resuming: pass ``skip_batches=loader.batches_consumed`` of the interrupted run (same dataset, seed,
-    batch_size, processes). Map-style: exact and O(1), for any ``num_workers``, because batch ``k`` (images,
-    crops, flips, replacements) depends only on ``k``. Streaming (``infinite=True``): the stream is replayed
-    without decoding; exact when ``num_workers`` is unchanged, every worker has shards (``num_shards`` of
-    the process' split >= ``num_workers``) and no corrupt image fell in the skipped part. With ``infinite=False``
-    use ``state_dict``/``load_state_dict`` (a streaming epoch's length is unknown in advance).
+    Shuffling: map-style data is permuted each epoch by Accelerate's ``SeedableRandomSampler`` (seeded by ``(seed,
+    process_index)``, ``set_epoch``). Streams are read in shard order, each DataLoader worker its own shards, and
+    their rows are permuted within consecutive windows of ``shuffle_buffer`` rows, anew every epoch (a buffer whose
+    content survives resumption, which ``IterableDataset.shuffle``'s does not).
+
+    Resuming is exact, bit for bit, for any ``num_workers`` as long as the dataset, seed, batch size, processes and
+    (streams) ``num_workers`` are those of the interrupted run:
+
+    * map-style: pass ``skip_batches=loader.batches_consumed`` (or use ``load_state_dict``); O(1), since batch ``k``
+      (images, crops, flips, replacements) depends only on ``k``;
+    * streams: save ``loader.state_dict()`` and give it to ``load_state_dict`` of the new loader. It holds every
+      worker's position in its shards (``datasets.IterableDataset.state_dict`` through torchdata's
+      ``StatefulDataLoader``), so the stream continues where it stopped. ``skip_batches`` also works for streams, by
+      reading (and decoding) the skipped batches again.
 
     Args:
-        dataset: ``datasets.Dataset`` or ``datasets.IterableDataset`` with an image column.
-        resolution: output side ``R``.
-        batch_size: images per batch and process.
-        seed: seed of the shuffle and of the random crops/flips (same value on all processes).
-        process_index / num_processes: e.g. ``accelerator.process_index`` / ``accelerator.num_processes``.
-        num_workers: DataLoader worker processes (each decodes whole batches).
-        shuffle_buffer: shuffle buffer size for streaming datasets.
-        random_flip: horizontal flips with probability 1/2.
-        infinite: iterate across epochs forever; otherwise one iteration = rest of the current epoch.
-        skip_batches: batches consumed by a previous run (see above).
-        image_column / label_column: auto-detected when ``None``.
-        pin_memory: forwarded to the DataLoader.
-        interpolation: resize filter (FlowMo: bilinear).
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            The images (and optionally labels).
+        resolution (`int`):
+            Output side ``R``.
+        batch_size (`int`):
+            Images per batch and process.
+        seed (`int`):
+            Seed of the shuffle and of the random crops/flips (same value on all processes).
+        process_index (`int`, *optional*, defaults to `0`):
+            This process, e.g. ``accelerator.process_index``.
+        num_processes (`int`, *optional*, defaults to `1`):
+            Processes sharing the data, e.g. ``accelerator.num_processes``.
+        num_workers (`int`, *optional*, defaults to `0`):
+            DataLoader worker processes decoding images.
+        shuffle_buffer (`int`, *optional*, defaults to `1000`):
+            Rows per shuffled window of a stream (1 or less: stream order).
+        random_flip (`bool`, *optional*, defaults to `False`):
+            Horizontal flips with probability 1/2.
+        infinite (`bool`, *optional*, defaults to `True`):
+            Iterate across epochs forever; otherwise one iteration is the rest of the current epoch.
+        skip_batches (`int`, *optional*, defaults to `0`):
+            Batches consumed by a previous run (see above).
+        image_column (`str`, *optional*):
+            Image column; auto-detected when `None`.
+        label_column (`str`, *optional*):
+            Integer label column; auto-detected when `None`.
+        pin_memory (`bool`, *optional*, defaults to `False`):
+            Forwarded to the DataLoader.
+        interpolation (`InterpolationMode`, *optional*, defaults to `InterpolationMode.BILINEAR`):
+            Resize filter (FlowMo: bilinear).
 
     Returns:
-        :class:`ImageBatchLoader` yielding ``{"pixel_values": [B, 3, R, R] float32 in [-1, 1],
-        "labels": [B] int64 (if labeled)}``.
+        [`ImageBatchLoader`]: yielding ``{"pixel_values": [B, 3, R, R] float32 in [-1, 1], "labels": [B] int64 (if
+        labeled)}``.
     """
-    _check_common_arguments(resolution, batch_size, process_index, num_processes)
     if seed < 0 or skip_batches < 0:
         raise ValueError(f"seed and skip_batches must be non-negative, got {seed} and {skip_batches}.")
-    dataset, image_column, label_column = prepare_columns(dataset, image_column, label_column)
-    dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
-    transform = ImageTransform(resolution, random_crop=True, random_flip=random_flip, interpolation=interpolation)
-    batch_source: _MapStyleBatchDataset | _StreamingBatchIterable
-    if isinstance(dataset, datasets.IterableDataset):
-        batch_source = _StreamingBatchIterable(
-            dataset,
-            image_column,
-            label_column,
-            transform,
-            batch_size,
-            seed,
-            process_index,
-            training=True,
-            infinite=infinite,
-            shuffle_buffer=shuffle_buffer,
-        )
-    else:
-        if len(dataset) < batch_size:
-            raise ValueError(
-                f"Process {process_index} holds {len(dataset)} examples, fewer than batch_size={batch_size} "
-                f"(dataset split over {num_processes} processes); no full training batch can be formed."
-            )
-        batch_source = _MapStyleBatchDataset(
-            dataset, image_column, label_column, transform, batch_size, seed, process_index, training=True
-        )
-    return ImageBatchLoader(
-        batch_source,
-        training=True,
-        infinite=infinite,
-        skip_batches=skip_batches,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
+    columns = {"image_column": image_column, "label_column": label_column}
+    return _build_loader(
+        dataset, resolution, batch_size, training=True, random_flip=random_flip, seed=seed, infinite=infinite,
+        skip_batches=skip_batches, process_index=process_index, num_processes=num_processes, num_workers=num_workers,
+        pin_memory=pin_memory, interpolation=interpolation, shuffle_buffer=shuffle_buffer, **columns,
     )
 
 
@@ -595,52 +667,52 @@ def build_eval_dataloader(
     label_column: str | None = None,
     pin_memory: bool = False,
     interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    return_indices: bool = False,
 ) -> ImageBatchLoader:
     """Center-cropped evaluation batches in dataset order, one full pass per iteration.
 
-    Sharding uses :func:`datasets.distributed.split_dataset_by_node`: map-style data gets contiguous chunks
-    (sizes differ by at most one), streaming data gets whole shards or every ``num_processes``-th example. The
-    shards are disjoint and their union is exactly the dataset: **no padding and no duplicates**, so processes
-    may yield different numbers of images/batches (and the last batch of each process is smaller, as are batches
-    that contained corrupt images, which are skipped and counted). Accumulate per-process results locally and
-    gather them once at the end (e.g. ``accelerate.utils.gather_object``) rather than running a collective per
-    batch, which would deadlock when batch counts differ. With ``num_workers > 1`` on streaming data the order
-    is the (deterministic) round-robin interleaving of the workers' shards.
+    Sharding uses :func:`datasets.distributed.split_dataset_by_node`: map-style data gets contiguous chunks (sizes
+    differ by at most one), streaming data gets whole shards or every ``num_processes``-th example. The shards are
+    disjoint and their union is exactly the dataset: **no padding and no duplicates**, so processes may yield
+    different numbers of images/batches. Undecodable images are left out and counted: a map-style batch holds the
+    decodable images of ``batch_size`` consecutive rows, a streaming batch the next ``batch_size`` decodable images
+    (the last one fewer). Accumulate per-process results locally and gather them once at the end (e.g.
+    ``accelerate.utils.gather_object``) rather than running a collective per batch, which would deadlock when batch
+    counts differ. With ``num_workers > 1`` on streaming data the order is the (deterministic) round-robin
+    interleaving of the workers' shards.
+
+    Args:
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            The images (and optionally labels).
+        resolution (`int`):
+            Center-crop side ``R``.
+        batch_size (`int`):
+            Images per batch (at most).
+        process_index (`int`, *optional*, defaults to `0`) and num_processes (`int`, *optional*, defaults to `1`):
+            This process and the number of processes, each evaluating its own shard.
+        num_workers (`int`, *optional*, defaults to `0`):
+            DataLoader workers decoding images; on a stream each reads its own shards (see the order above).
+        image_column (`str`, *optional*) and label_column (`str`, *optional*):
+            The image and integer label columns, auto-detected when `None`.
+        pin_memory (`bool`, *optional*, defaults to `False`):
+            Whether the DataLoader pins its batches in memory.
+        interpolation (`InterpolationMode`, *optional*, defaults to `InterpolationMode.BILINEAR`):
+            Resize filter before the center crop (FlowMo: bilinear).
+        return_indices (`bool`, *optional*, defaults to `False`):
+            Add ``"indices"``, each image's row in this process' shard (map-style) or its position in this process'
+            stream (streams, at most one worker), undecodable rows included.
 
     Returns:
-        :class:`ImageBatchLoader` yielding ``{"pixel_values": [b, 3, R, R] float32 in [-1, 1],
-        "labels": [b] int64 (if labeled)}`` with ``1 <= b <= batch_size``.
+        [`ImageBatchLoader`]: yielding ``{"pixel_values": [b, 3, R, R] float32 in [-1, 1], "labels": [b] int64 (if
+        labeled)}`` with ``1 <= b <= batch_size``.
     """
-    _check_common_arguments(resolution, batch_size, process_index, num_processes)
-    dataset, image_column, label_column = prepare_columns(dataset, image_column, label_column)
-    dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
-    transform = ImageTransform(resolution, random_crop=False, random_flip=False, interpolation=interpolation)
-    batch_source: _MapStyleBatchDataset | _StreamingBatchIterable
-    if isinstance(dataset, datasets.IterableDataset):
-        batch_source = _StreamingBatchIterable(
-            dataset,
-            image_column,
-            label_column,
-            transform,
-            batch_size,
-            seed=0,
-            process_index=process_index,
-            training=False,
-            infinite=False,
-        )
-    else:
-        batch_source = _MapStyleBatchDataset(
-            dataset,
-            image_column,
-            label_column,
-            transform,
-            batch_size,
-            seed=0,
-            process_index=process_index,
-            training=False,
-        )
-    return ImageBatchLoader(
-        batch_source, training=False, infinite=False, skip_batches=0, num_workers=num_workers, pin_memory=pin_memory
+    if return_indices and num_workers > 1 and isinstance(dataset, datasets.IterableDataset):
+        raise ValueError("return_indices numbers a stream's rows in order, which needs num_workers <= 1.")
+    columns = {"image_column": image_column, "label_column": label_column}
+    return _build_loader(
+        dataset, resolution, batch_size, training=False, random_flip=False, seed=0, infinite=False, skip_batches=0,
+        process_index=process_index, num_processes=num_processes, num_workers=num_workers, pin_memory=pin_memory,
+        interpolation=interpolation, return_indices=return_indices, **columns,
     )
 
 
@@ -651,8 +723,15 @@ def take_images(loader: ImageBatchLoader, count: int) -> dict[str, torch.Tensor]
     holds fewer than ``batch_size`` images; this keeps reading later rows until ``count`` images are found (or the
     data end). Use it for a fixed validation batch.
 
+    Args:
+        loader (`ImageBatchLoader`):
+            An evaluation loader ([`build_eval_dataloader`]).
+        count (`int`):
+            Images wanted.
+
     Returns:
-        ``{"pixel_values": [n, 3, R, R], "labels": [n] (if labeled)}`` with ``n = min(count, decodable images)``.
+        `dict[str, torch.Tensor]`: ``{"pixel_values": [n, 3, R, R], "labels": [n] (if labeled)}`` with
+        ``n = min(count, decodable images)``.
 
     Raises:
         ValueError: ``count`` is not positive, or no image of the dataset can be decoded.
@@ -679,7 +758,14 @@ def take_images(loader: ImageBatchLoader, count: int) -> dict[str, torch.Tensor]
 def total_skipped_images(accelerator, *loaders: ImageBatchLoader) -> int:
     """Undecodable images skipped by ``loaders`` on all processes (a collective: call it on every process).
 
-    ``accelerator`` is an ``accelerate.Accelerator``; its ``reduce`` sums the per-process counts.
+    Args:
+        accelerator (`accelerate.Accelerator`):
+            Its ``reduce`` sums the per-process counts.
+        loaders (`ImageBatchLoader`):
+            The loaders whose counts to add.
+
+    Returns:
+        `int`: the total over loaders and processes.
     """
     local = torch.tensor(sum(loader.skipped_images.count for loader in loaders), device=accelerator.device)
     return int(accelerator.reduce(local, reduction="sum"))

@@ -25,9 +25,6 @@ logger = logging.getLogger(__name__)
 # with many broken files does not flood the training log (the counter still counts all of them).
 _MAX_SKIP_WARNINGS_PER_WORKER = 10
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-
 # datasets' own decoder: handles {"bytes", "path"} dicts, local and remote (hf://, https://) paths, calls
 # image.load() (so truncated files fail here, not later) and applies the EXIF orientation like datasets does.
 _DATASETS_IMAGE_DECODER = datasets.Image()
@@ -41,8 +38,12 @@ def decode_image(value: Any) -> PIL.Image.Image:
     """Decode one raw image value to an RGB PIL image (raises on undecodable data; callers catch).
 
     Args:
-        value: ``{"bytes": ..., "path": ...}`` (a ``datasets.Image(decode=False)`` value), raw ``bytes``, a file
-            path/URL ``str``, or an already decoded ``PIL.Image.Image``.
+        value (`dict`, `bytes`, `str` or `PIL.Image.Image`):
+            ``{"bytes": ..., "path": ...}`` (a ``datasets.Image(decode=False)`` value), raw ``bytes``, a file path/URL
+            ``str``, or an already decoded ``PIL.Image.Image``.
+
+    Returns:
+        `PIL.Image.Image`: the image in RGB mode.
     """
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = {"bytes": bytes(value), "path": None}
@@ -71,10 +72,14 @@ class ImageTransform:
     ``interpolation=InterpolationMode.BICUBIC`` for bicubic.
 
     Args:
-        resolution: output side length ``R``.
-        random_crop: random ``R x R`` crop (training) instead of the center crop (evaluation).
-        random_flip: horizontal flip with probability 1/2.
-        interpolation: resampling filter for the resize.
+        resolution (`int`):
+            Output side length ``R``.
+        random_crop (`bool`):
+            Random ``R x R`` crop (training) instead of the center crop (evaluation).
+        random_flip (`bool`, *optional*, defaults to `False`):
+            Horizontal flip with probability 1/2.
+        interpolation (`InterpolationMode`, *optional*, defaults to `InterpolationMode.BILINEAR`):
+            Resampling filter for the resize.
     """
 
     def __init__(
@@ -100,11 +105,13 @@ class ImageTransform:
         """Transform one image.
 
         Args:
-            image: PIL image (converted to RGB here if needed).
-            generator: source of the crop offsets and flip decision; ``None`` uses torch's global RNG.
+            image (`PIL.Image.Image`):
+                The image (converted to RGB here if needed).
+            generator (`torch.Generator`, *optional*):
+                Source of the crop offsets and flip decision; ``None`` uses torch's global RNG.
 
         Returns:
-            ``[3, R, R]`` float32 tensor in ``[-1, 1]``.
+            `torch.Tensor`: ``[3, R, R]`` float32 in ``[-1, 1]``.
         """
         image = convert_to_rgb(image)
         resolution = self.resolution
@@ -127,11 +134,6 @@ class ImageTransform:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Batch producers (run inside DataLoader workers)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 class ImageDecoder:
     """Decode + transform one example, counting failures instead of raising (one instance per worker copy)."""
 
@@ -150,7 +152,6 @@ class ImageDecoder:
             log("Skipping undecodable image %s", description)
             return None, description
         return self.transform(image, generator=generator), ""
-
 
 
 __all__ = ["ImageDecoder", "ImageTransform", "convert_to_rgb", "decode_image"]

@@ -25,18 +25,19 @@ import glob
 import json
 import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any
 
 import datasets
+import pyarrow.parquet as pq
 import torch
-import torch.utils.data
 from datasets.distributed import split_dataset_by_node
 
+from ..data import AnyDataset, build_eval_dataloader, prepare_columns, resolve_image_columns
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..utils.files import atomic_write
-from ..data import AnyDataset, ImageTransform, ImageDecoder, prepare_columns, resolve_image_columns
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,22 @@ class TokenizationInfo:
     """What a pre-tokenized dataset holds; saved as `tokenization.json` next to it and checked by the MaskGiT trainer.
 
     Attributes:
-        tokenizer: the FlowMoPipeline folder or Hub id that encoded the images.
-        num_indices, codebook_size: ids per image and their range `[0, codebook_size)`.
-        resolution: side of the center crop that was encoded.
-        flip: whether `indices_flipped` exists.
-        num_classes: number of classes (from the dataset's `ClassLabel`, else max label + 1; 0 when unlabeled).
-        streaming: whether the source was streamed (its `index` column is then `process + num_processes * position`).
-        num_processes: processes of the run that wrote the chunks (fixed for streaming sources).
+        tokenizer (`str`):
+            The FlowMoPipeline folder or Hub id that encoded the images.
+        num_indices (`int`) and codebook_size (`int`):
+            Ids per image and their range `[0, codebook_size)`.
+        resolution (`int`):
+            Side of the center crop that was encoded.
+        flip (`bool`):
+            Whether `indices_flipped` exists.
+        num_classes (`int`):
+            Number of classes (from the dataset's `ClassLabel`, else max label + 1; 0 when unlabeled).
+        streaming (`bool`):
+            Whether the source was streamed (its `index` column is then `process + num_processes * position`).
+        num_processes (`int`):
+            Processes of the run that wrote the chunks (fixed for streaming sources).
+        class_names (`list[str]`, *optional*):
+            The class names of the source's `ClassLabel`, if it has one.
     """
 
     tokenizer: str
@@ -68,18 +78,18 @@ class TokenizationInfo:
     num_classes: int
     streaming: bool
     num_processes: int
-    class_names: Optional[List[str]] = None
+    class_names: list[str] | None = None
 
     def save(self, path: str) -> None:
         _write_json_atomically(path, asdict(self))
 
     @classmethod
-    def load(cls, path: str) -> "TokenizationInfo":
+    def load(cls, path: str) -> TokenizationInfo:
         with open(path) as f:
             return cls(**json.load(f))
 
 
-def _write_json_atomically(path: str, payload: Dict[str, Any]) -> None:
+def _write_json_atomically(path: str, payload: dict[str, Any]) -> None:
     with atomic_write(path) as file:
         file.write(json.dumps(payload, indent=2).encode())
 
@@ -98,53 +108,10 @@ def chunk_path(output_dir: str, chunk_name: str, suffix: str = "parquet") -> str
     return os.path.join(output_dir, CHUNKS_FOLDER, f"{chunk_name}.{suffix}")
 
 
-class _DecodedRows(torch.utils.data.Dataset):
-    """Rows of a map-style dataset -> (pixels `[3, R, R]` in [-1, 1] or None when undecodable, label, index)."""
-
-    def __init__(self, dataset: datasets.Dataset, image_column: str, label_column: Optional[str], first_index: int,
-                 decoder: ImageDecoder):
-        self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
-        self.first_index, self.decoder = first_index, decoder
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, position: int):
-        row = self.dataset[position]
-        return _decode_row(row, self.image_column, self.label_column, self.first_index + position, self.decoder)
-
-
-def _decode_row(row, image_column, label_column, index, decoder: ImageDecoder):
-    """The training loader's decoder (corrupt images logged and counted as None, never raised) plus label and index."""
-    pixels, _ = decoder(row[image_column], generator=None)
-    label = row.get(label_column) if label_column is not None else None
-    return pixels, -1 if label is None else int(label), index
-
-
-def _collate_decoded(rows):
-    """Batch of decoded rows -> (pixels `[b, 3, R, R]` or None, labels `[b]`, indices `[b]`, number skipped)."""
-    kept = [row for row in rows if row[0] is not None]
-    if not kept:
-        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), len(rows)
-    pixels = torch.stack([row[0] for row in kept])
-    labels = torch.tensor([row[1] for row in kept], dtype=torch.long)
-    indices = torch.tensor([row[2] for row in kept], dtype=torch.long)
-    return pixels, labels, indices, len(rows) - len(kept)
-
-
-def _batched(iterable: Iterable, batch_size: int) -> Iterator[list]:
-    batch = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @torch.no_grad()
-def encode_batch(autoencoder: FlowMoModel, pixels: torch.Tensor, flip: bool, autocast: Callable[[], ContextManager]):
+def encode_batch(
+    autoencoder: FlowMoModel, pixels: torch.Tensor, flip: bool, autocast: Callable[[], AbstractContextManager]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids of a batch `[b, 3, R, R]` in [-1, 1] (and of its mirror image when `flip`): `[b, num_indices]` each."""
     pixels = pixels.to(device=autoencoder.device, dtype=autoencoder.dtype)
     with autocast():
@@ -163,22 +130,21 @@ def _write_chunk(output_dir, chunk_name, features, columns, num_skipped, num_row
         datasets.Dataset.from_dict(columns, features=features).to_parquet(file)
 
 
-def _tokenize_rows(autoencoder, batches, flip, autocast) -> Tuple[Dict[str, list], int]:
-    columns = {"indices": [], "label": [], "index": []}
+def _empty_columns(flip: bool) -> dict[str, list]:
+    return {"indices": [], "label": [], "index": [], **({"indices_flipped": []} if flip else {})}
+
+
+def _add_tokens(
+    columns: dict[str, list], autoencoder, batch: dict[str, torch.Tensor], indices: torch.Tensor, flip, autocast
+) -> None:
+    """Encode one batch of the data package's evaluation loader; append its ids, labels and `indices` to `columns`."""
+    ids, ids_flipped = encode_batch(autoencoder, batch["pixel_values"], flip, autocast)
+    columns["indices"] += ids.tolist()
     if flip:
-        columns["indices_flipped"] = []
-    num_skipped = 0
-    for pixels, labels, indices, skipped in batches:
-        num_skipped += skipped
-        if pixels is None:
-            continue
-        ids, ids_flipped = encode_batch(autoencoder, pixels, flip, autocast)
-        columns["indices"] += ids.tolist()
-        if flip:
-            columns["indices_flipped"] += ids_flipped.tolist()
-        columns["label"] += labels.tolist()
-        columns["index"] += indices.tolist()
-    return columns, num_skipped
+        columns["indices_flipped"] += ids_flipped.tolist()
+    labels = batch.get("labels")
+    columns["label"] += labels.tolist() if labels is not None else [-1] * len(ids)  # -1: unlabeled
+    columns["index"] += indices.tolist()
 
 
 def pretokenize(
@@ -186,47 +152,70 @@ def pretokenize(
     dataset: AnyDataset,
     output_dir: str,
     *,
-    resolution: Optional[int] = None,
+    resolution: int | None = None,
     batch_size: int = 64,
     chunk_size: int = 10_000,
     flip: bool = False,
     process_index: int = 0,
     num_processes: int = 1,
     num_workers: int = 0,
-    autocast: Callable[[], ContextManager] = nullcontext,
-    max_samples: Optional[int] = None,
-    image_column: Optional[str] = None,
-    label_column: Optional[str] = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    max_samples: int | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
     show_progress: bool = True,
-) -> Dict[str, int]:
+) -> dict[str, int]:
     """
     Encode this process's share of `dataset` into chunk files under `output_dir/chunks/` (see the module docstring).
 
+    Images are read by the data package's evaluation loader ([`~flowmo_diffusers.data.build_eval_dataloader`]):
+    center crops, and undecodable images logged, counted and left out.
+
     Args:
-        autoencoder: the FlowMo tokenizer (eval mode, on the device to encode on).
-        dataset: a `datasets.Dataset` or `IterableDataset` with an image column (and optionally labels).
-        output_dir: where `chunks/` goes; existing chunks are kept (resume).
-        resolution: crop side (default: the model's `sample_size`); shorter side resized, then center crop.
-        batch_size: images per encoder call; chunk_size: source rows per chunk file.
-        flip: also encode the horizontally flipped crop (`indices_flipped`).
-        process_index, num_processes: this process and the number of processes sharing the work.
-        num_workers: DataLoader workers decoding images (map-style data; streaming decodes in the main process).
-        autocast: context manager factory for the encoder calls (e.g. `accelerator.autocast`).
-        max_samples: only the first `max_samples` rows of the dataset (map-style) / of each process's stream.
+        autoencoder (`FlowMoModel`):
+            The FlowMo tokenizer (eval mode, on the device to encode on).
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
+            Images with an image column (and optionally labels).
+        output_dir (`str`):
+            Where `chunks/` goes; existing chunks are kept (resume).
+        resolution (`int`, *optional*):
+            Crop side (default: the model's `sample_size`); shorter side resized, then center crop.
+        batch_size (`int`, *optional*, defaults to `64`):
+            Images per encoder call.
+        chunk_size (`int`, *optional*, defaults to `10000`):
+            Source rows per chunk file.
+        flip (`bool`, *optional*, defaults to `False`):
+            Also encode the horizontally flipped crop (`indices_flipped`).
+        process_index (`int`, *optional*, defaults to `0`) and num_processes (`int`, *optional*, defaults to `1`):
+            This process and the number of processes sharing the work.
+        num_workers (`int`, *optional*, defaults to `0`):
+            DataLoader workers decoding images (map-style data; a stream is decoded in the main process, in order).
+        autocast (`Callable[[], AbstractContextManager]`, *optional*, defaults to `nullcontext`):
+            Context manager factory for the encoder calls (e.g. `accelerator.autocast`).
+        max_samples (`int`, *optional*):
+            Only the first `max_samples` rows of the dataset (map-style) / of each process's stream.
+        image_column (`str`, *optional*) and label_column (`str`, *optional*):
+            Column names; auto-detected when `None`.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar.
 
     Returns:
-        `{"chunks_written", "chunks_skipped", "images", "skipped_images"}` for this process.
+        `dict[str, int]`: `{"chunks_written", "chunks_skipped", "images", "skipped_images"}` for this process.
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} is outside [0, {num_processes})")
     resolution = resolution or autoencoder.config.sample_size
-    decoder = ImageDecoder(ImageTransform(resolution, random_crop=False))
     features = token_features(autoencoder.codebook_size, flip)
     os.makedirs(os.path.join(output_dir, CHUNKS_FOLDER), exist_ok=True)
     dataset, image_column, label_column = prepare_columns(dataset, image_column, label_column)
     streaming = isinstance(dataset, datasets.IterableDataset)
+    # The center crops of the evaluation loader; corrupt images are logged and counted there, never raised.
+    loader_options = dict(
+        resolution=resolution, batch_size=batch_size, num_workers=0 if streaming else num_workers,
+        image_column=image_column, label_column=label_column,
+    )
     summary = {"chunks_written": 0, "chunks_skipped": 0, "images": 0, "skipped_images": 0}
 
     def progress(iterable, total):
@@ -246,9 +235,11 @@ def pretokenize(
                 summary["chunks_skipped"] += 1
                 continue
             start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_rows)
-            rows = _DecodedRows(dataset.select(range(start, stop)), image_column, label_column, start, decoder)
-            loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_decoded)
-            columns, skipped = _tokenize_rows(autoencoder, loader, flip, autocast)
+            loader = build_eval_dataloader(dataset.select(range(start, stop)), return_indices=True, **loader_options)
+            columns = _empty_columns(flip)
+            for batch in loader:
+                _add_tokens(columns, autoencoder, batch, start + batch.pop("indices"), flip, autocast)
+            skipped = loader.skipped_images.count
             _write_chunk(output_dir, name, features, columns, skipped, stop - start)
             summary["chunks_written"] += 1
             summary["images"] += len(columns["label"])
@@ -263,21 +254,40 @@ def pretokenize(
     stream = shard.skip(done * chunk_size)
     if max_samples is not None:
         stream = stream.take(max(0, max_samples - done * chunk_size))
-    decoded = (
-        _decode_row(row, image_column, label_column, process_index + num_processes * (done * chunk_size + position), decoder)
-        for position, row in enumerate(stream)
-    )
-    for chunk, rows in enumerate(progress(_batched(decoded, chunk_size), None), start=done):
-        batches = (_collate_decoded(batch) for batch in _batched(rows, batch_size))
-        columns, skipped = _tokenize_rows(autoencoder, batches, flip, autocast)
-        _write_chunk(output_dir, f"stream-{process_index:05d}-{chunk:08d}", features, columns, skipped, len(rows))
+    # Positions in `stream` (undecodable rows included) say which chunk each image belongs to: chunk `done + k` holds
+    # positions [k * chunk_size, (k + 1) * chunk_size). A chunk is written once an image of a later one arrives.
+    loader = build_eval_dataloader(stream, return_indices=True, **loader_options)
+    chunk, columns, images = 0, _empty_columns(flip), 0
+
+    def finish(rows_read: int) -> None:
+        name = f"stream-{process_index:05d}-{done + chunk:08d}"
+        skipped = rows_read - len(columns["label"])
+        _write_chunk(output_dir, name, features, columns, skipped, rows_read)
         summary["chunks_written"] += 1
         summary["images"] += len(columns["label"])
         summary["skipped_images"] += skipped
+
+    for batch in progress(loader, None):
+        positions = batch.pop("indices")
+        for batch_chunk in torch.unique(positions // chunk_size).tolist():
+            while chunk < batch_chunk:
+                finish(chunk_size)
+                chunk, columns = chunk + 1, _empty_columns(flip)
+            part = positions // chunk_size == batch_chunk
+            indices = process_index + num_processes * (done * chunk_size + positions[part])
+            part_batch = {key: value[part] for key, value in batch.items()}
+            _add_tokens(columns, autoencoder, part_batch, indices, flip, autocast)
+        images += len(positions)
+    # Rows after the last image were undecodable: they close the current chunk and fill any chunks after it.
+    rows_left = images + loader.skipped_images.count - chunk * chunk_size
+    while rows_left > 0:
+        finish(min(rows_left, chunk_size))
+        rows_left -= chunk_size
+        chunk, columns = chunk + 1, _empty_columns(flip)
     return summary
 
 
-def check_manifest(output_dir: str, settings: Dict[str, Any]) -> None:
+def check_manifest(output_dir: str, settings: dict[str, Any]) -> None:
     """Record the run's settings in `chunks/manifest.json`, or check that a resumed run uses the same ones.
 
     Raises:
@@ -300,7 +310,7 @@ def check_manifest(output_dir: str, settings: Dict[str, Any]) -> None:
     _write_json_atomically(path, settings)
 
 
-def chunk_statistics(output_dir: str) -> Dict[str, int]:
+def chunk_statistics(output_dir: str) -> dict[str, int]:
     """Totals over the chunks' statistics files: images, skipped images, rows read."""
     totals = {"num_images": 0, "num_skipped": 0, "num_rows_read": 0}
     for path in glob.glob(os.path.join(output_dir, CHUNKS_FOLDER, "*.json")):
@@ -322,8 +332,10 @@ def assemble_token_dataset(output_dir: str, info: TokenizationInfo) -> datasets.
     if not paths:
         raise FileNotFoundError(f"no chunks in {os.path.join(output_dir, CHUNKS_FOLDER)}: nothing was tokenized")
     features = token_features(info.codebook_size, info.flip)
+    # A chunk whose images were all undecodable is an empty file, which Dataset.from_parquet refuses to load.
+    paths = [path for path in paths if pq.ParquetFile(path).metadata.num_rows]
     parts = [datasets.Dataset.from_parquet(path, features=features, keep_in_memory=True) for path in paths]
-    dataset = datasets.concatenate_datasets(parts)
+    dataset = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({}, features=features)
     if info.num_classes == 0 and len(dataset):
         info.num_classes = max(0, int(max(dataset["label"])) + 1)
     target = os.path.join(output_dir, DATASET_FOLDER)
@@ -332,7 +344,7 @@ def assemble_token_dataset(output_dir: str, info: TokenizationInfo) -> datasets.
     return datasets.load_from_disk(target)
 
 
-def dataset_num_classes(dataset: AnyDataset, label_column: Optional[str] = None) -> Tuple[int, Optional[List[str]]]:
+def dataset_num_classes(dataset: AnyDataset, label_column: str | None = None) -> tuple[int, list[str] | None]:
     """(number of classes, class names) from a `ClassLabel` column; (0, None) when it cannot be told up front."""
     label_column = resolve_image_columns(dataset, None, label_column)[1]
     features = dataset.features or {}
@@ -342,7 +354,9 @@ def dataset_num_classes(dataset: AnyDataset, label_column: Optional[str] = None)
     return 0, None
 
 
-def load_token_dataset(path_or_repo_id: str, split: str = "train", **kwargs) -> Tuple[datasets.Dataset, Optional[TokenizationInfo]]:
+def load_token_dataset(
+    path_or_repo_id: str, split: str = "train", **kwargs
+) -> tuple[datasets.Dataset, TokenizationInfo | None]:
     """A pre-tokenized dataset from `pretokenize.py`'s output folder (or its `dataset/` folder) or a Hub dataset id.
 
     Returns:
