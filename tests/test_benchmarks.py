@@ -148,12 +148,12 @@ def test_fast_decoding_benchmark_measures_every_decoder(tmp_path, capsys):
 
     import torch
 
-    from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
+    from flowmo_diffusers import FlowMoPipeline
     from flowmo_diffusers.training.distillation import make_student_config
 
-    from testing_utils import tiny_flowmo_model
+    from testing_utils import tiny_flowmo_model, tiny_flowmo_pipeline
 
-    FlowMoPipeline(autoencoder=tiny_flowmo_model(0), scheduler=FlowMoScheduler()).save_pretrained(tmp_path / "teacher")
+    tiny_flowmo_pipeline(tiny_flowmo_model(0)).save_pretrained(tmp_path / "teacher")
     student = tiny_flowmo_model(0)
     make_student_config(student, 1, teacher="teacher")
     FlowMoPipeline(autoencoder=student, scheduler=student.sampling_scheduler()).save_pretrained(tmp_path / "student")

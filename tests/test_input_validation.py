@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowmo_diffusers import FlowMoMaskGiTTransformer, FlowMoModel, FlowMoPipeline, FlowMoScheduler
+from flowmo_diffusers import FlowMoMaskGiTTransformer, FlowMoModel, FlowMoPipeline
 from flowmo_diffusers.models.presets import get_maskgit_preset_config
 
-from testing_utils import tiny_flowmo_model
+from testing_utils import tiny_flowmo_model, tiny_flowmo_pipeline
 
 IDS = torch.zeros(1, 24, dtype=torch.long)
 
@@ -191,7 +191,7 @@ def test_weights_that_do_not_match_are_refused(tmp_path):
 
 
 def test_a_component_of_the_wrong_class_is_refused_at_load(tmp_path):
-    FlowMoPipeline(autoencoder=tiny_flowmo_model(), scheduler=FlowMoScheduler()).save_pretrained(tmp_path)
+    tiny_flowmo_pipeline(tiny_flowmo_model()).save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     index["autoencoder"] = ["flowmo_diffusers", "FlowMoMaskGiTTransformer"]
     (tmp_path / "model_index.json").write_text(json.dumps(index))

@@ -25,13 +25,6 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from flowmo_diffusers import (  # noqa: E402
-    FlowMoMaskGiTPipeline,
-    FlowMoMaskGiTTransformer,
-    FlowMoScheduler,
-    MaskGiTScheduler,
-    get_maskgit_preset_config,
-)
 from flowmo_diffusers.evaluation.generation import (  # noqa: E402
     GenerationEvaluationConfig,
     evaluate_generation,
@@ -57,7 +50,7 @@ from flowmo_diffusers.metrics import (  # noqa: E402
     inception_score_from_logits,
 )
 
-from testing_utils import EXAMPLES, tiny_flowmo_model  # noqa: E402
+from testing_utils import EXAMPLES, tiny_flowmo_model, tiny_maskgit_pipeline, tiny_maskgit_transformer  # noqa: E402
 
 SAMPLE_SCRIPT, EVALUATE_SCRIPT = EXAMPLES / "train_maskgit" / "sample.py", EXAMPLES / "train_maskgit" / "evaluate_generation.py"
 CLASS_IDS, IMAGES_PER_CLASS = [1, 4, 7, 9, 2], 2  # 10 images; deliberately unsorted
@@ -74,18 +67,9 @@ def accelerator():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A saved tiny MaskGiT pipeline (as test_maskgit.py builds it) and an image folder of six photographs."""
+    """A saved tiny MaskGiT pipeline (testing_utils.tiny_maskgit_pipeline) and an image folder of six photographs."""
     root = tmp_path_factory.mktemp("generation")
-    autoencoder = tiny_flowmo_model()
-    torch.manual_seed(0)
-    transformer = FlowMoMaskGiTTransformer(**get_maskgit_preset_config("maskgit-tiny"))
-    pipeline = FlowMoMaskGiTPipeline(
-        transformer=transformer.eval(),
-        scheduler=MaskGiTScheduler(mask_token_id=16),
-        autoencoder=autoencoder.eval(),
-        decoder_scheduler=FlowMoScheduler(),
-    )
-    pipeline.save_pretrained(root / "pipeline")
+    tiny_maskgit_pipeline(tiny_maskgit_transformer(), tiny_flowmo_model()).save_pretrained(root / "pipeline")
 
     photos = root / "photos"
     photos.mkdir()

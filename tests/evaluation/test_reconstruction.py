@@ -26,7 +26,7 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler  # noqa: E402
+from flowmo_diffusers import FlowMoPipeline  # noqa: E402
 from flowmo_diffusers.evaluation.reconstruction import (  # noqa: E402
     GLOBAL_IMAGE_INDEX_COLUMN,
     NOT_COMPARABLE_BANNER,
@@ -39,7 +39,7 @@ from flowmo_diffusers.evaluation.reconstruction import (  # noqa: E402
 )
 from flowmo_diffusers.metrics import MissingPretrainedWeightsError  # noqa: E402
 
-from testing_utils import REPO as REPO_ROOT  # noqa: E402
+from testing_utils import REPO as REPO_ROOT, tiny_flowmo_pipeline  # noqa: E402
 from testing_utils import tiny_flowmo_model
 
 EVALUATE_SCRIPT = REPO_ROOT / "examples" / "evaluate_flowmo" / "evaluate.py"
@@ -50,7 +50,7 @@ NUM_IMAGES = 6
 def _save_tiny_pipeline(folder: Path, context_dim: int) -> Path:
     """flowmo-tiny with ``context_dim`` bits per token, weights perturbed as in conftest's tiny_model."""
     model = tiny_flowmo_model(context_dim=context_dim)
-    FlowMoPipeline(autoencoder=model, scheduler=FlowMoScheduler()).save_pretrained(folder)
+    tiny_flowmo_pipeline(model).save_pretrained(folder)
     return folder
 
 

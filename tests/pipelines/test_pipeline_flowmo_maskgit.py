@@ -13,11 +13,10 @@ from flowmo_diffusers import (
     FlowMoPipeline,
     FlowMoScheduler,
     MaskGiTScheduler,
-    get_maskgit_preset_config,
 )
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 
-from testing_utils import MASKGIT_TINY_SIZES
+from testing_utils import MASKGIT_TINY_SIZES, tiny_maskgit_transformer
 
 N, V, C, MASK, NULL = MASKGIT_TINY_SIZES
 
@@ -140,8 +139,7 @@ def test_memorizes_four_sequences_and_decodes_them_by_class(tiny_model):
 
 
 def _memorize_and_decode(tiny_model, start):
-    torch.manual_seed(0)
-    transformer = FlowMoMaskGiTTransformer(**get_maskgit_preset_config("maskgit-tiny"))
+    transformer = tiny_maskgit_transformer()
     scheduler = MaskGiTScheduler(mask_token_id=MASK)
     generator = torch.Generator().manual_seed(0)
     sequences = torch.randint(0, V, (4, N), generator=generator)

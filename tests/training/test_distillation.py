@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
+from flowmo_diffusers import FlowMoPipeline
 from flowmo_diffusers.training.distillation import (
     FlowMoDistillationModule,
     distillation_losses,
@@ -16,7 +16,7 @@ from flowmo_diffusers.training.distillation import (
     student_sample,
 )
 
-from testing_utils import EXAMPLES, tiny_flowmo_model  # noqa: E402
+from testing_utils import EXAMPLES, tiny_flowmo_model, tiny_flowmo_pipeline  # noqa: E402
 from testing_utils import launch as launch_script
 
 SCRIPT = EXAMPLES / "train_flowmo" / "train.py"
@@ -103,7 +103,7 @@ def checksums(output_dir, rank=0):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher")
-    FlowMoPipeline(autoencoder=tiny_flowmo_model(0), scheduler=FlowMoScheduler()).save_pretrained(folder)
+    tiny_flowmo_pipeline(tiny_flowmo_model(0)).save_pretrained(folder)
     return folder
 
 

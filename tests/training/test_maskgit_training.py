@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoPipeline, FlowMoScheduler
+from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoPipeline
 from flowmo_diffusers.data import ImageTransform, load_default_image_dataset
 from flowmo_diffusers.training.pretokenize import (
     TokenizationInfo,
@@ -23,7 +23,7 @@ from flowmo_diffusers.training.pretokenize import (
     pretokenize,
 )
 
-from testing_utils import EXAMPLES, launch, tiny_flowmo_model
+from testing_utils import EXAMPLES, launch, tiny_flowmo_model, tiny_flowmo_pipeline
 
 PRETOKENIZE, TRAIN = EXAMPLES / "train_maskgit" / "pretokenize.py", EXAMPLES / "train_maskgit" / "train.py"
 TINY_TRAIN = [
@@ -144,7 +144,7 @@ def test_check_token_dataset_errors():
 def tokenized(tmp_path_factory):
     """A tiny tokenizer and the embedded photographs pre-tokenized by the script (2 processes, with flips)."""
     root = tmp_path_factory.mktemp("maskgit")
-    FlowMoPipeline(autoencoder=tiny_flowmo_model(), scheduler=FlowMoScheduler()).save_pretrained(root / "tokenizer")
+    tiny_flowmo_pipeline(tiny_flowmo_model()).save_pretrained(root / "tokenizer")
     launch(PRETOKENIZE, ["--pretrained_model_name_or_path", root / "tokenizer", "--output_dir", root / "tokens",
                          "--flip", "--chunk_size", "4", "--batch_size", "4", "--dataloader_num_workers", "0"],
            num_processes=2)
