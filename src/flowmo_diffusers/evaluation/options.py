@@ -10,6 +10,7 @@ combinations), naming the flag, before anything is loaded; `parse_args` and ever
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import os
@@ -155,8 +156,9 @@ def decoder_sampler_options(prefix: str = "") -> type[Options]:
 
 
 @dataclass(kw_only=True)
-class ImageDatasetOptions(HubOptions):
-    """Real images from a `datasets` dataset or an image folder; the config says which folder and split."""
+class ImageDatasetOptions(HubOptions, abc.ABC):
+    """Real images from a `datasets` dataset or an image folder; the config says which folder and split (each entry
+    point names them differently, so it implements [`image_folder`] and [`resolved_split`])."""
 
     dataset_name: str | None = HfArg(default=None, help="datasets dataset, e.g. ILSVRC/imagenet-1k.")
     dataset_config_name: str | None = HfArg(default=None, help="Configuration of --dataset_name.")
@@ -165,13 +167,13 @@ class ImageDatasetOptions(HubOptions):
     max_samples: int | None = HfArg(default=None, help="Use only the first N images (default: all).")
     dataloader_num_workers: int = HfArg(default=0, help="Decoding workers per process.")
 
+    @abc.abstractmethod
     def image_folder(self) -> str | None:
         """The image folder (`imagefolder` builder) read when `dataset_name` is None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def resolved_split(self) -> str:
         """The split that is read."""
-        raise NotImplementedError
 
     def validate(self) -> None:
         check_positive(self, "max_samples")
