@@ -31,7 +31,6 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
     ProjectConfiguration,
-    gather_object,
     set_seed,
 )
 from tqdm.auto import tqdm
@@ -48,6 +47,7 @@ from flowmo_diffusers.models.presets import FLOWMO_PRESETS, resolve_model_config
 from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
 from flowmo_diffusers.training.arguments import add_checkpointing_arguments, add_tracking_arguments
 from flowmo_diffusers.training.checkpointing import (
+    StreamPositions,
     load_checkpoint,
     remove_stale_temporary_checkpoints,
     resolve_resume_checkpoint,
@@ -253,38 +253,6 @@ def weights_checksum(parameters) -> str:
     for parameter in parameters:
         digest.update(full_tensor(parameter.detach()).float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-class StreamPositions:
-    """The streaming training loader's state of every process, saved with each checkpoint (`--streaming`).
-
-    A stream's position is each process' own (its shards, its DataLoader workers), while only the main process writes
-    the training states: `state_dict` gathers them all (a collective, which `save_checkpoint` calls on every process)
-    and `load_state_dict` keeps this process' share for the loader built after the checkpoint is loaded.
-    """
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.loader = None
-        self.restored = None
-
-    def attach(self, loader) -> None:
-        """Use `loader` from now on; it continues from the restored state, if a checkpoint was loaded."""
-        self.loader = loader
-        if self.restored is not None:
-            loader.load_state_dict(self.restored)
-
-    def state_dict(self) -> dict:
-        return {"processes": gather_object([self.loader.state_dict()])}
-
-    def load_state_dict(self, state: dict) -> None:
-        processes = state["processes"]
-        if len(processes) != self.accelerator.num_processes:
-            raise ValueError(
-                f"the checkpoint holds the stream positions of {len(processes)} processes and this run has "
-                f"{self.accelerator.num_processes}: a stream resumes exactly only with the processes it was saved with"
-            )
-        self.restored = processes[self.accelerator.process_index]
 
 
 def main(argv=None):

@@ -13,11 +13,14 @@ from diffusers.training_utils import EMAModel
 from flowmo_diffusers.training.checkpointing import (
     STATES_JSON_NAME,
     STATES_TENSORS_NAME,
+    StreamPositions,
     UnsafeCheckpointError,
     list_checkpoints,
     load_checkpoint,
+    load_training_states,
     remove_stale_temporary_checkpoints,
     save_checkpoint,
+    save_training_states,
 )
 from flowmo_diffusers.training.ema import EMACheckpoint
 from flowmo_diffusers.training.recipe import InitialNormFixer, TrainingProgress
@@ -203,3 +206,32 @@ def test_a_sharded_fsdp_checkpoint_is_refused_with_the_flag_to_use(checkpoint):
     open(os.path.join(path, "pytorch_model_fsdp_0", ".metadata"), "wb").close()
     with pytest.raises(UnsafeCheckpointError, match="FULL_STATE_DICT"):
         load_checkpoint(accelerator, path, training_setup(seed=1)[3])
+
+
+class _RecordingLoader:
+    """Stands in for an `ImageBatchLoader`: a state of its own, and the state it was asked to continue from."""
+
+    def __init__(self, state):
+        self.state, self.loaded = state, None
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+
+def test_stream_positions_round_trip_through_the_training_states(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    saved = StreamPositions(accelerator)
+    saved.attach(_RecordingLoader({"batches_consumed": 3, "dataloader": {"worker": [1, 2]}}))
+    save_training_states({"train_loader": saved}, str(tmp_path))
+
+    restored = StreamPositions(accelerator)
+    load_training_states({"train_loader": restored}, str(tmp_path))
+    loader = _RecordingLoader(None)
+    restored.attach(loader)  # the loader built after the checkpoint continues from this process' saved state
+    assert loader.loaded == {"batches_consumed": 3, "dataloader": {"worker": [1, 2]}}
+
+    with pytest.raises(ValueError, match="stream positions of 2 processes and this run has 1"):
+        StreamPositions(accelerator).load_state_dict({"processes": [{}, {}]})

@@ -463,6 +463,44 @@ def load_checkpoint(
     _check_rng_restored(os.path.join(folder, rng_name), rng_states[rng_name])
 
 
+class StreamPositions:
+    """The streaming training loader's state of every process, saved with each checkpoint (`--streaming`).
+
+    A stream's position is each process' own (its shards, its DataLoader workers), while only the main process writes
+    the training states: `state_dict` gathers them all (a collective, which `save_checkpoint` calls on every process)
+    and `load_state_dict` keeps this process' share for the loader built after the checkpoint is loaded.
+
+    Args:
+        accelerator (`accelerate.Accelerator`):
+            The run's accelerator (its process index and count).
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.loader = None
+        self.restored = None
+
+    def attach(self, loader) -> None:
+        """Use `loader` from now on; it continues from the restored state, if a checkpoint was loaded."""
+        self.loader = loader
+        if self.restored is not None:
+            loader.load_state_dict(self.restored)
+
+    def state_dict(self) -> dict:
+        from accelerate.utils import gather_object
+
+        return {"processes": gather_object([self.loader.state_dict()])}
+
+    def load_state_dict(self, state: dict) -> None:
+        processes = state["processes"]
+        if len(processes) != self.accelerator.num_processes:
+            raise ValueError(
+                f"the checkpoint holds the stream positions of {len(processes)} processes and this run has "
+                f"{self.accelerator.num_processes}: a stream resumes exactly only with the processes it was saved with"
+            )
+        self.restored = processes[self.accelerator.process_index]
+
+
 class _Discard:
     """Accepts any state dict: lets [`load_checkpoint`] validate the states file before loading the weights."""
 
@@ -473,6 +511,7 @@ class _Discard:
 __all__ = [
     "STATES_JSON_NAME",
     "STATES_TENSORS_NAME",
+    "StreamPositions",
     "UnsafeCheckpointError",
     "check_checkpoints_total_limit",
     "list_checkpoints",
