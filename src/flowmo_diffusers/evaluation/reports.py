@@ -15,6 +15,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from ..utils.files import atomic_write
+
 #: Distributions whose versions go into the reports (missing ones are reported as `None`).
 REPORTED_DISTRIBUTIONS = (
     "flowmo-diffusers",
@@ -106,8 +108,10 @@ def write_json_and_markdown(report: dict[str, Any], markdown: str, output_dir: s
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(markdown, encoding="utf-8")
+    texts = {"json": json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", "markdown": markdown}
+    for kind, text in texts.items():
+        with atomic_write(paths[kind]) as handle:  # an interrupted write leaves the previous report, not half of one
+            handle.write(text.encode("utf-8"))
     return paths
 
 
