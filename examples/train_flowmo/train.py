@@ -62,6 +62,7 @@ from flowmo_diffusers.training.perceptual import (
     MissingPretrainedWeightsError,
     build_perceptual_loss,
 )
+from flowmo_diffusers.training.preemption import PreemptionGuard, clear_preempted_marker
 from flowmo_diffusers.training.recipe import (
     InitialNormFixer,
     TrainingProgress,
@@ -294,6 +295,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         for path in remove_stale_temporary_checkpoints(args.output_dir, lock):
             logger.warning(f"Removed the incomplete checkpoint {path} left by an interrupted save")
+        clear_preempted_marker(args.output_dir)
     if args.demo:
         logger.info(
             "No --dataset_name / --train_data_dir: training on the embedded scikit-image photographs (CPU demo). "
@@ -526,6 +528,8 @@ def main(argv=None):
                         disable=not accelerator.is_local_main_process)
     running = {}
     tic = time.time()
+    # Installed for the rest of the process: a signal during the final save is only a flag (docs/cluster.md).
+    preemption = PreemptionGuard().install()
     while global_step < args.max_train_steps:
         images = next(batches)["pixel_values"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(training_module):
@@ -552,7 +556,9 @@ def main(argv=None):
             progress.encoder_frozen = True
             logger.info(f"Step {global_step}: encoder frozen, {removed} parameters dropped from the optimizer")
 
+        running["preempted"] = preemption.flag(accelerator.device)  # agreed on in the reduce the loop does anyway
         logs = {k: v.item() for k, v in accelerator.reduce(running, reduction="mean").items()}
+        preempted = preemption.agreed(logs.pop("preempted"))
         running = {}
         logs["lr"] = optimizer.param_groups[-1]["lr"]
         logs["images_per_second"] = total_batch / max(time.time() - tic, 1e-9)
@@ -564,6 +570,9 @@ def main(argv=None):
 
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)
+        if preempted:
+            preemption.stop(accelerator, global_step, checkpoint, global_step % args.checkpointing_steps == 0,
+                            args.output_dir, log=logger.info)
         if global_step % args.validation_steps == 0 and (accelerator.is_main_process or sharded):
             run_validation(global_step)
     progress_bar.close()

@@ -40,6 +40,7 @@ from flowmo_diffusers.training.checkpointing import (
 )
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
+from flowmo_diffusers.training.preemption import PreemptionGuard, clear_preempted_marker
 from flowmo_diffusers.training.recipe import TrainingProgress, check_finite_loss
 from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.hub import download_pipeline_folder
@@ -161,6 +162,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         for path in remove_stale_temporary_checkpoints(args.output_dir, lock):
             logger.warning(f"Removed the incomplete checkpoint {path} left by an interrupted save")
+        clear_preempted_marker(args.output_dir)
 
     dataset, info = load_token_dataset(args.train_dataset, split=args.train_split, cache_dir=args.cache_dir, token=args.hub_token)
     set_seed(args.seed)  # same initial weights on every process
@@ -288,6 +290,8 @@ def main(argv=None):
 
     running, logs = {"loss": 0.0, "accuracy": 0.0}, {}
     tic = time.time()
+    # Installed for the rest of the process: a signal during the final save is only a flag (docs/cluster.md).
+    preemption = PreemptionGuard().install()
     for batch in batches():
         if global_step >= args.max_train_steps:
             break
@@ -319,8 +323,10 @@ def main(argv=None):
         progress.global_step = global_step
         if ema is not None:
             ema.step(model.parameters())
+        running["preempted"] = preemption.flag(accelerator.device)  # agreed on in the reduce the loop does anyway
         logs = {k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device), reduction="mean").item()
                 for k, v in running.items()}
+        preempted = preemption.agreed(logs.pop("preempted"))
         running = {"loss": 0.0, "accuracy": 0.0}
         logs["lr"] = lr_scheduler.get_last_lr()[0]
         logs["sequences_per_second"] = global_batch / max(time.time() - tic, 1e-9)
@@ -331,6 +337,9 @@ def main(argv=None):
         check_finite_loss(logs["loss"], global_step)  # before this step's checkpoint
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)
+        if preempted:
+            preemption.stop(accelerator, global_step, checkpoint, global_step % args.checkpointing_steps == 0,
+                            args.output_dir, log=logger.info)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process:
             run_validation(global_step)
     progress_bar.close()
