@@ -636,10 +636,10 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
                 *optional*, defaults to 1000): bounds of the output size and of `num_inference_steps`, checked before
                 anything is allocated.
 
-            With tiling on ([`enable_tiling`]), `code` holds one code per tile, `(B, num_tiles, code_length,
-            context_dim)` or ids `(B, num_tiles, num_indices)` as from a tiled [`encode`], `height` and `width` are
-            the image size it was encoded at (the grid follows from them), `latents` is one noise image `(B, 3, H,
-            W)`; tiles are decoded `tile_batch_size` at a time and blended.
+                With tiling on ([`enable_tiling`]), `code` holds one code per tile, `(B, num_tiles, code_length,
+                context_dim)` or ids `(B, num_tiles, num_indices)` as from a tiled [`encode`], `height` and `width`
+                are the image size it was encoded at (the grid follows from them), `latents` is one noise image
+                `(B, 3, H, W)`; tiles are decoded `tile_batch_size` at a time and blended.
 
         Returns:
             [`FlowMoDecodeOutput`] with `sample` `(B, 3, H, W)` in [-1, 1] and `num_decoder_passes`.
