@@ -443,16 +443,18 @@ def evaluate_pipeline(
             Progress-bar label (shown on the local main process only).
 
     Returns:
-        `dict[str, Any]`: `{"metrics": {"rfid", "psnr", "ssim", "lpips", ...}, "num_images": int,
+        `dict[str, Any]`: `{"metrics": {"rfid", "psnr", "ssim", "lpips", ..., "codebook_usage",
+        "codebook_entropy_bits", "codebook_perplexity", ...}, "num_images": int,
         "num_skipped_images": int, "seconds": float}`.
     """
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
 
-    from ..metrics import sum_across_processes
+    from ..metrics import CodebookStatistics, sum_across_processes
 
     metrics.reset()
+    codebook = CodebookStatistics(pipeline.autoencoder.config.bits_per_subtoken, num_positions=pipeline.autoencoder.num_indices)
     device = pipeline._execution_device
     autocast = accelerator.autocast if accelerator is not None else nullcontext
     show_progress = accelerator is None or accelerator.is_local_main_process
@@ -461,8 +463,14 @@ def evaluate_pipeline(
         originals = batch["pixel_values"].to(device)  # [b, 3, R, R] in [-1, 1]
         noise = initial_noise_for_images(batch["labels"], seed, originals.shape[1:]).to(device)
         with autocast():
+            # Encode once, then decode the ids: the same code as `images=` (ids <-> code is exact), and the ids feed
+            # the codebook statistics.
+            indices = pipeline.encode((originals + 1) / 2)  # the pipeline takes [0, 1] images
+            codebook.update(indices)
             reconstructions = pipeline(
-                images=(originals + 1) / 2,  # the pipeline takes [0, 1] images and returns [0, 1] with "pt"
+                indices=indices,  # returns [0, 1] images with "pt"
+                height=originals.shape[-2],
+                width=originals.shape[-1],
                 latents=noise,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
@@ -475,7 +483,7 @@ def evaluate_pipeline(
     num_skipped_images = int(sum_across_processes(skipped, accelerator))
     metrics.gather(accelerator)
     return {
-        "metrics": metrics.compute(),
+        "metrics": {**metrics.compute(), **codebook.compute(accelerator)},
         "num_images": int(metrics.num_images),
         "num_skipped_images": num_skipped_images,
         "seconds": seconds,
@@ -667,6 +675,10 @@ def report_warnings(config: EvaluationConfig) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+#: Codebook statistics shown in results.md (all of them are in results.json).
+CODEBOOK_COLUMNS = ("codebook_usage", "codebook_entropy_bits", "codebook_perplexity")
+
+
 def format_markdown_report(report: dict[str, Any]) -> str:
     """`results.md`: warnings, a table with one row per model, the paper's rows for reference, settings."""
     models = report["models"]
@@ -676,6 +688,7 @@ def format_markdown_report(report: dict[str, Any]) -> str:
     lines = ["# FlowMo reconstruction evaluation", "", *warning_lines(report, NOT_COMPARABLE_BANNER)]
 
     header = ["model", "bits/pixel", "rFID", "PSNR (dB)", "SSIM", *lpips_headers, "images"]
+    header[-1:-1] = ["codebook usage", "entropy (bits)", "perplexity"]  # docs/codebook-statistics.md
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for result in models:
         cells = [
@@ -685,6 +698,7 @@ def format_markdown_report(report: dict[str, Any]) -> str:
             format_number(result["psnr"], 2),
             format_number(result["ssim"], 4),
             *[format_number(result[key], 4) for key in lpips_keys],
+            *[format_number(result.get(key, float("nan")), 4) for key in CODEBOOK_COLUMNS],
             str(result["num_images"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
