@@ -460,32 +460,43 @@ def evaluate_pipeline(
             See `save_state`.
 
     Returns:
-        `dict[str, Any]`: `{"metrics": {"rfid", "psnr", "ssim", "lpips", ...}, "num_images": int,
+        `dict[str, Any]`: `{"metrics": {"rfid", "psnr", "ssim", "lpips", ..., "codebook_usage",
+        "codebook_entropy_bits", "codebook_perplexity", ...}, "num_images": int,
         "num_skipped_images": int, "seconds": float}`.
     """
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
 
-    from ..metrics import sum_across_processes
+    from ..metrics import CodebookStatistics, sum_across_processes
 
     metrics.reset()
     if resume_state is not None:
         metrics.load_state_dict(resume_state)
+    codebook = CodebookStatistics(pipeline.autoencoder.config.bits_per_subtoken, num_positions=pipeline.autoencoder.num_indices)
     device = pipeline._execution_device
     autocast = accelerator.autocast if accelerator is not None else nullcontext
     show_progress = accelerator is None or accelerator.is_local_main_process
     start = time.perf_counter()
     for batch_index, batch in enumerate(tqdm(loader, desc=progress_description, disable=not show_progress, unit="batch")):
+        originals = batch["pixel_values"].to(device)  # [b, 3, R, R] in [-1, 1]
         if batch_index < start_batch:
             # The eval loader cannot seek; reading (not reconstructing) the done batches keeps the skipped-image
-            # count and the batch composition of an uninterrupted run.
+            # count and the batch composition of an uninterrupted run. Their ids are encoded again (one encoder
+            # pass, deterministic) so the codebook statistics cover every image without being part of the state.
+            with autocast():
+                codebook.update(pipeline.encode((originals + 1) / 2))
             continue
-        originals = batch["pixel_values"].to(device)  # [b, 3, R, R] in [-1, 1]
         noise = initial_noise_for_images(batch["labels"], seed, originals.shape[1:]).to(device)
         with autocast():
+            # Encode once, then decode the ids: the same code as `images=` (ids <-> code is exact), and the ids feed
+            # the codebook statistics.
+            indices = pipeline.encode((originals + 1) / 2)  # the pipeline takes [0, 1] images
+            codebook.update(indices)
             reconstructions = pipeline(
-                images=(originals + 1) / 2,  # the pipeline takes [0, 1] images and returns [0, 1] with "pt"
+                indices=indices,  # returns [0, 1] images with "pt"
+                height=originals.shape[-2],
+                width=originals.shape[-1],
                 latents=noise,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
@@ -500,7 +511,7 @@ def evaluate_pipeline(
     num_skipped_images = int(sum_across_processes(skipped, accelerator))
     metrics.gather(accelerator)
     return {
-        "metrics": metrics.compute(),
+        "metrics": {**metrics.compute(), **codebook.compute(accelerator)},
         "num_images": int(metrics.num_images),
         "num_skipped_images": num_skipped_images,
         "seconds": seconds,
@@ -739,6 +750,10 @@ def report_warnings(config: EvaluationConfig) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+#: Codebook statistics shown in results.md (all of them are in results.json).
+CODEBOOK_COLUMNS = ("codebook_usage", "codebook_entropy_bits", "codebook_perplexity")
+
+
 def format_markdown_report(report: dict[str, Any]) -> str:
     """`results.md`: warnings, a table with one row per model, the paper's rows for reference, settings."""
     models = report["models"]
@@ -748,6 +763,7 @@ def format_markdown_report(report: dict[str, Any]) -> str:
     lines = ["# FlowMo reconstruction evaluation", "", *warning_lines(report, NOT_COMPARABLE_BANNER)]
 
     header = ["model", "bits/pixel", "rFID", "PSNR (dB)", "SSIM", *lpips_headers, "images"]
+    header[-1:-1] = ["codebook usage", "entropy (bits)", "perplexity"]  # docs/codebook-statistics.md
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for result in models:
         cells = [
@@ -757,6 +773,7 @@ def format_markdown_report(report: dict[str, Any]) -> str:
             format_number(result["psnr"], 2),
             format_number(result["ssim"], 4),
             *[format_number(result[key], 4) for key in lpips_keys],
+            *[format_number(result.get(key, float("nan")), 4) for key in CODEBOOK_COLUMNS],
             str(result["num_images"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
