@@ -130,7 +130,7 @@ def test_killed_evaluation_resumes_to_the_figures_of_an_uninterrupted_run(worksp
     resumed = _metrics(output_dir)
     assert resumed["num_images"] == NUM_IMAGES
     # Same batches, same noise, same order of float64 additions: the sums are exact.
-    for key in ("psnr", "ssim", "lpips"):
+    for key in ("psnr", "ssim", "lpips", "codebook_usage", "codebook_entropy_bits", "codebook_perplexity"):
         assert resumed[key] == uninterrupted[key], key
     assert resumed["rfid"] == pytest.approx(uninterrupted["rfid"], rel=1e-9, abs=1e-12)
     assert not (output_dir / PARTIAL_STATE_DIR).exists()
