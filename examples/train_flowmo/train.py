@@ -45,7 +45,11 @@ from flowmo_diffusers.data import (
 )
 from flowmo_diffusers.models.presets import FLOWMO_PRESETS, resolve_model_config
 from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
-from flowmo_diffusers.training.arguments import add_checkpointing_arguments, add_tracking_arguments
+from flowmo_diffusers.training.arguments import (
+    add_checkpointing_arguments,
+    add_divergence_arguments,
+    add_tracking_arguments,
+)
 from flowmo_diffusers.training.checkpointing import (
     StreamPositions,
     load_checkpoint,
@@ -55,6 +59,14 @@ from flowmo_diffusers.training.checkpointing import (
 )
 from flowmo_diffusers.training.distillation import FlowMoDistillationModule, make_student_config
 from flowmo_diffusers.training.distributed import full_tensor
+from flowmo_diffusers.training.divergence import (
+    DivergenceGuard,
+    check_finite_weights,
+    gradient_norm,
+    inject_debug_nonfinite,
+    nonfinite_flag,
+    skip_optimizer_step,
+)
 from flowmo_diffusers.training.ema import EMACheckpoint, create_ema, ema_update_due, update_ema
 from flowmo_diffusers.training.losses import FlowMoTrainingModule
 from flowmo_diffusers.training.perceptual import (
@@ -66,7 +78,6 @@ from flowmo_diffusers.training.preemption import PreemptionGuard, clear_preempte
 from flowmo_diffusers.training.recipe import (
     InitialNormFixer,
     TrainingProgress,
-    check_finite_loss,
     freeze_encoder,
     optimizer_param_groups,
 )
@@ -175,6 +186,7 @@ def parse_args(argv=None):
     parser.add_argument("--ema_update_every", type=int, default=10)
     # Checkpoints, validation, logging
     add_checkpointing_arguments(parser, checkpointing_steps=5000)
+    add_divergence_arguments(parser)
     parser.add_argument("--validation_steps", type=int, default=None,
                         help="Reconstruct the fixed validation batch and log PSNR every N steps and at the start "
                         "(default 1000; 100 for the embedded demo data).")
@@ -372,6 +384,7 @@ def main(argv=None):
     model = accelerator.unwrap_model(training_module).autoencoder
 
     ema = None
+    divergence_guard = DivergenceGuard(args.max_skipped_steps, output_dir=args.output_dir, log=logger.warning)
     states = {"progress": progress, "norm_fixer": norm_fixer}  # saved as JSON + safetensors with every checkpoint
     if args.use_ema:
         ema = create_ema(model.parameters(), decay=args.ema_decay, update_every=args.ema_update_every, foreach=True)
@@ -534,17 +547,34 @@ def main(argv=None):
         images = next(batches)["pixel_values"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(training_module):
             terms = training_module(images, perceptual, **forward_inputs)
+            terms["loss"] = inject_debug_nonfinite(terms["loss"], train_loader.batches_consumed)
             accelerator.backward(terms["loss"])
-            if accelerator.sync_gradients and args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(training_module.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         progress.batches_consumed = train_loader.batches_consumed
         for key, value in terms.items():
             running[key] = running.get(key, 0.0) + value.detach().float() / args.gradient_accumulation_steps
         if not accelerator.sync_gradients:
             continue
 
+        # The step's one host sync: the losses and the non-finite flag, reduced together, decide step or skip.
+        grad_norm = None
+        if args.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(training_module.parameters(), args.max_grad_norm)
+        elif accelerator.scaler is None:
+            grad_norm = gradient_norm(training_module.parameters())
+        # fp16: the GradScaler skips steps with infinite gradients itself (normal training); only the loss counts.
+        running["nonfinite"] = nonfinite_flag(running["loss"], grad_norm if accelerator.scaler is None else None)
+        running["preempted"] = preemption.flag(accelerator.device)  # a signal on any process stops all of them
+        logs = {k: v.item() for k, v in accelerator.reduce(running, reduction="mean").items()}
+        preempted = preemption.agreed(logs.pop("preempted"))
+        running = {}
+        if not divergence_guard.admit(global_step + 1, logs.pop("nonfinite")):
+            skip_optimizer_step(accelerator, optimizer)  # no update, no EMA, no norm fix; global_step stays
+            # Finite gradients cannot make the loss NaN on healthy weights: was it the previous update (lr too high)?
+            check_finite_weights(accelerator, {"model": model.parameters()}, global_step, args.output_dir,
+                                 "its update made the weights non-finite")
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         global_step += 1
         progress.global_step = global_step
         if not args.disable_norm_fix:
@@ -556,17 +586,12 @@ def main(argv=None):
             progress.encoder_frozen = True
             logger.info(f"Step {global_step}: encoder frozen, {removed} parameters dropped from the optimizer")
 
-        running["preempted"] = preemption.flag(accelerator.device)  # agreed on in the reduce the loop does anyway
-        logs = {k: v.item() for k, v in accelerator.reduce(running, reduction="mean").items()}
-        preempted = preemption.agreed(logs.pop("preempted"))
-        running = {}
         logs["lr"] = optimizer.param_groups[-1]["lr"]
         logs["images_per_second"] = total_batch / max(time.time() - tic, 1e-9)
         tic = time.time()
         accelerator.log(logs, step=global_step)
         progress_bar.update(1)
         progress_bar.set_postfix({k: f"{logs[k]:.4f}" for k in ("loss", "flow_loss", "teacher_psnr") if k in logs})
-        check_finite_loss(logs["loss"], global_step)  # before this step's checkpoint
 
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)
@@ -589,6 +614,8 @@ def main(argv=None):
             json.dump(checksums, f)
     if ema is not None and (accelerator.is_main_process or sharded):
         ema.copy_to(model.parameters())  # the run is over: the saved pipeline holds the EMA weights
+    check_finite_weights(accelerator, {"model": model.parameters()}, global_step, args.output_dir,
+                         f"refusing to save the {'EMA ' if ema is not None else ''}pipeline")
     final_model = gather_autoencoder() if sharded else model
     if accelerator.is_main_process:
         final_model.disable_gradient_checkpointing()

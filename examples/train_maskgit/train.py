@@ -31,7 +31,11 @@ from transformers import get_scheduler
 
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoMaskGiTTransformer, FlowMoPipeline, MaskGiTScheduler
 from flowmo_diffusers.models.presets import MASKGIT_PRESETS, resolve_model_config
-from flowmo_diffusers.training.arguments import add_checkpointing_arguments, add_tracking_arguments
+from flowmo_diffusers.training.arguments import (
+    add_checkpointing_arguments,
+    add_divergence_arguments,
+    add_tracking_arguments,
+)
 from flowmo_diffusers.training.checkpointing import (
     load_checkpoint,
     remove_stale_temporary_checkpoints,
@@ -40,8 +44,16 @@ from flowmo_diffusers.training.checkpointing import (
 )
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
+from flowmo_diffusers.training.divergence import (
+    DivergenceGuard,
+    check_finite_weights,
+    gradient_norm,
+    inject_debug_nonfinite,
+    nonfinite_flag,
+    skip_optimizer_step,
+)
 from flowmo_diffusers.training.preemption import PreemptionGuard, clear_preempted_marker
-from flowmo_diffusers.training.recipe import TrainingProgress, check_finite_loss
+from flowmo_diffusers.training.recipe import TrainingProgress
 from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.hub import download_pipeline_folder
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
@@ -95,6 +107,7 @@ def parse_args(argv=None):
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     # Checkpoints, validation, logging
     add_checkpointing_arguments(parser, checkpointing_steps=10_000)
+    add_divergence_arguments(parser)
     parser.add_argument("--validation_steps", type=int, default=5000)
     parser.add_argument("--validation_class_ids", type=int, nargs="+", default=None,
                         help="Classes drawn in the validation grid (default: 8 spread over the classes).")
@@ -206,6 +219,7 @@ def main(argv=None):
     model = accelerator.unwrap_model(transformer)
 
     progress = TrainingProgress()
+    divergence_guard = DivergenceGuard(args.max_skipped_steps, output_dir=args.output_dir, log=logger.warning)
     states = {"progress": progress}  # saved as JSON + safetensors with every checkpoint
     ema = None
     if args.use_ema:
@@ -307,34 +321,45 @@ def main(argv=None):
                 transformer, scheduler, ids, batch["label"], class_dropout_prob=args.class_dropout,
                 label_smoothing=args.label_smoothing, generator=generator,
             )
-            accelerator.backward(output.loss)
-            if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = inject_debug_nonfinite(output.loss, progress.batches_consumed + 1)
+            accelerator.backward(loss)
         progress.batches_consumed += 1
-        running["loss"] += output.loss.detach().float() / args.gradient_accumulation_steps
+        running["loss"] += loss.detach().float() / args.gradient_accumulation_steps
         running["accuracy"] += output.accuracy.detach().float() / args.gradient_accumulation_steps
         if not accelerator.sync_gradients:
             continue
 
+        # The step's one host sync: the losses and the non-finite flag, reduced together, decide step or skip.
+        if args.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+        else:
+            grad_norm = gradient_norm(transformer.parameters())
+        # fp16: the GradScaler skips steps with infinite gradients itself (normal training); only the loss counts.
+        running["nonfinite"] = nonfinite_flag(running["loss"], grad_norm if accelerator.scaler is None else None)
+        running["preempted"] = preemption.flag(accelerator.device)  # a signal on any process stops all of them
+        logs = {k: v.item() for k, v in accelerator.reduce(running, reduction="mean").items()}
+        preempted = preemption.agreed(logs.pop("preempted"))
+        running = {"loss": 0.0, "accuracy": 0.0}
+        if not divergence_guard.admit(global_step + 1, logs.pop("nonfinite")):
+            # No update, no EMA, no scheduler step (the diffusers convention): global_step and the lr stay.
+            skip_optimizer_step(accelerator, optimizer)
+            # Finite gradients cannot make the loss NaN on healthy weights: was it the previous update (lr too high)?
+            check_finite_weights(accelerator, {"model": model.parameters()}, global_step, args.output_dir,
+                                 "its update made the weights non-finite")
+            continue
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         global_step += 1
         progress.global_step = global_step
         if ema is not None:
             ema.step(model.parameters())
-        running["preempted"] = preemption.flag(accelerator.device)  # agreed on in the reduce the loop does anyway
-        logs = {k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device), reduction="mean").item()
-                for k, v in running.items()}
-        preempted = preemption.agreed(logs.pop("preempted"))
-        running = {"loss": 0.0, "accuracy": 0.0}
         logs["lr"] = lr_scheduler.get_last_lr()[0]
         logs["sequences_per_second"] = global_batch / max(time.time() - tic, 1e-9)
         tic = time.time()
         accelerator.log(logs, step=global_step)
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.3f}")
-        check_finite_loss(logs["loss"], global_step)  # before this step's checkpoint
         if global_step % args.checkpointing_steps == 0:
             checkpoint(global_step)
         if preempted:
@@ -345,6 +370,9 @@ def main(argv=None):
     progress_bar.close()
 
     accelerator.wait_for_everyone()
+    saved_weights = {"ema": ema.shadow_params} if ema is not None else {"model": model.parameters()}
+    check_finite_weights(accelerator, saved_weights, global_step, args.output_dir,
+                         f"refusing to save the {'EMA ' if ema is not None else ''}pipeline")
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(model.parameters())  # the saved pipeline holds the EMA weights

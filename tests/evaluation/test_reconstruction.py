@@ -122,6 +122,14 @@ def test_report_has_every_metric_in_json_and_markdown(two_model_run):
         assert model["settings"]["resolution"] == 32 and model["settings"]["num_processes"] == 1
         assert model["versions"]["torch"] and model["versions"]["flowmo-diffusers"]
         assert model["comparable_to_published_results"] is False
+        # Codebook statistics of the ids of every evaluated image (docs/codebook-statistics.md).
+        bits = model["model"]["bits_per_subtoken"]
+        assert model["codebook_bits_per_id"] == bits
+        assert model["codebook_num_ids"] == NUM_IMAGES * model["model"]["code_length"] * model["model"]["context_dim"] // bits
+        assert 0 < model["codebook_usage"] <= 1 and model["codebook_usage_per_position_min"] >= 1 / 2**bits
+        assert 0 <= model["codebook_entropy_bits"] <= min(bits, np.log2(model["codebook_num_ids"]))
+        assert model["codebook_perplexity"] == pytest.approx(2 ** model["codebook_entropy_bits"])
+        assert model["codebook_usage"] == model["codebook_num_used"] / 2**bits
     assert [model["bits_per_pixel"] for model in saved["models"]] == [0.09375, 0.1875]
     assert saved["comparable_to_published_results"] is False
     assert saved["warnings"][0] == NOT_COMPARABLE_BANNER
@@ -130,7 +138,10 @@ def test_report_has_every_metric_in_json_and_markdown(two_model_run):
 
     markdown = (output_dir / "results.md").read_text()
     assert "WARNING" in markdown and "NOT COMPARABLE" in markdown
-    assert "| model | bits/pixel | rFID | PSNR (dB) | SSIM | LPIPS (alex) | images |" in markdown
+    assert (
+        "| model | bits/pixel | rFID | PSNR (dB) | SSIM | LPIPS (alex) | codebook usage | entropy (bits) | perplexity "
+        "| images |" in markdown
+    )
     for model in saved["models"]:
         row = next(line for line in markdown.splitlines() if line.startswith(f"| {model['name']} |"))
         assert f"{model['psnr']:.2f}" in row and f"{model['rfid']:.3f}" in row and row.endswith(f"| {NUM_IMAGES} |")
@@ -187,6 +198,9 @@ def test_two_processes_give_the_metrics_of_one(workspace, two_model_run):
     for key in ("psnr", "ssim", "lpips"):
         assert two_processes[key] == pytest.approx(one_process[key], rel=1e-5), key
     assert two_processes["rfid"] == pytest.approx(one_process["rfid"], rel=1e-5)
+    for key in ("codebook_num_ids", "codebook_num_used", "codebook_usage_per_position_mean"):
+        assert two_processes[key] == one_process[key], key
+    assert two_processes["codebook_entropy_bits"] == pytest.approx(one_process["codebook_entropy_bits"], rel=1e-12)
 
 
 # --------------------------------------------------------------------------- failures before heavy work

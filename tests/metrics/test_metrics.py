@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flowmo_diffusers.metrics import (
-    BUNDLED_METRICS,
+    IMAGE_PAIR_METRICS,
     FIDInceptionFeatureExtractor,
     LPIPSDistance,
     MissingPretrainedWeightsError,
@@ -446,7 +446,7 @@ OFFLINE_EVALUATE_SCRIPT = textwrap.dedent("""
     socket.socket.connect = refuse_network  # any network use would fail loudly
     socket.create_connection = refuse_network
 
-    from flowmo_diffusers.metrics import BUNDLED_METRICS, bundled_metric_path, load_metric
+    from flowmo_diffusers.metrics import IMAGE_PAIR_METRICS, bundled_metric_path, load_metric
     import evaluate
 
     originals = torch.load(sys.argv[1])
@@ -458,7 +458,7 @@ OFFLINE_EVALUATE_SCRIPT = textwrap.dedent("""
         "rfid": {"random_init": True, "feature_dims": 64, "device": "cpu", "batch_size": 2},
     }
     results = {}
-    for name in BUNDLED_METRICS:
+    for name in IMAGE_PAIR_METRICS:
         metric = evaluate.load(bundled_metric_path(name)) if name == "psnr" else load_metric(name)
         metric.add_batch(predictions=reconstructions[:2], references=originals[:2])
         metric.add_batch(predictions=list(reconstructions[2:].numpy()), references=list(originals[2:].numpy()))
@@ -473,7 +473,7 @@ OFFLINE_EVALUATE_SCRIPT = textwrap.dedent("""
 
 
 def test_evaluate_modules_load_offline_from_local_paths_and_compute(tmp_path):
-    for name in BUNDLED_METRICS:
+    for name in IMAGE_PAIR_METRICS:
         assert os.path.isfile(os.path.join(bundled_metric_path(name), f"{name}.py"))
     originals = real_image_batch(size=32)
     reconstructions = perturbed(originals)

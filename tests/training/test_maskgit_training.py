@@ -261,10 +261,12 @@ def test_pretokenize_pushes_to_the_hub_and_training_reads_it_back(tokenized, tmp
 
 
 def test_diverged_training_stops_before_checkpointing_the_bad_step(tokenized, tmp_path):
-    """lr 1e30: step 1's loss is finite, the weights are then ruined; step 2 stops the run before its checkpoint."""
-    with pytest.raises(AssertionError, match="FloatingPointError: step 2: the loss is nan"):
+    """lr 1e30: step 1 is finite and saved; every later step is non-finite: 3 are skipped, the 4th stops the run."""
+    with pytest.raises(AssertionError, match=r"TrainingDivergedError: step 2: non-finite loss/gradients 4 steps in a "
+                       r"row, more than --max_skipped_steps 3; the last finite checkpoint is .*checkpoint-1"):
         launch(TRAIN, TINY_TRAIN + ["--pretrained_model_name_or_path", tokenized / "tokenizer", "--train_dataset",
                                     tokenized / "tokens", "--max_train_steps", "4", "--learning_rate", "1e30",
                                     "--lr_warmup_steps", "0", "--max_grad_norm", "0", "--checkpointing_steps", "1",
                                     "--validation_steps", "100", "--output_dir", tmp_path])
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "checkpoint-1" / "model.safetensors").values())

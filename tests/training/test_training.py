@@ -471,11 +471,13 @@ def test_resume_reproduces_the_uninterrupted_run(pretrained_run, tmp_path):
 
 
 def test_diverged_training_stops_before_checkpointing_the_bad_step(tmp_path):
-    """lr 1e30: step 1's loss is finite, the weights are then ruined; step 2 stops the run before its checkpoint."""
-    with pytest.raises(AssertionError, match="FloatingPointError: step 2: the loss is nan"):
+    """lr 1e30: step 1 is finite and saved; every later step is non-finite: 3 are skipped, the 4th stops the run."""
+    with pytest.raises(AssertionError, match=r"TrainingDivergedError: step 2: non-finite loss/gradients 4 steps in a "
+                       r"row, more than --max_skipped_steps 3; the last finite checkpoint is .*checkpoint-1"):
         launch(TINY_RUN + ["--max_train_steps", "4", "--learning_rate", "1e30", "--perceptual_weight", "0",
                            "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "checkpoint-1" / "model.safetensors").values())
     assert not (tmp_path / "model_index.json").exists()
 
 

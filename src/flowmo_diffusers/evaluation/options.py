@@ -261,6 +261,25 @@ class FeatureNetworkOptions(Options):
             ) from error
 
 
+@dataclass(kw_only=True)
+class ResumeOptions(Options):
+    """Resumable evaluation: partial state saved every few batches, refusals of mismatched reruns (docs/evaluation.md)."""
+
+    resume_every_batches: int = HfArg(
+        default=20,
+        help="Save each process' partial metric state every N batches; a rerun with the same arguments continues "
+        "from it.",
+    )
+    overwrite: bool = HfArg(
+        default=False,
+        help="Discard finished results or partial state of other arguments in --output_dir instead of refusing.",
+    )
+
+    def validate(self) -> None:
+        check_positive(self, "resume_every_batches")
+        super().validate()
+
+
 def _has_accelerator_device() -> bool:
     api = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ... alike
     if api is not None and hasattr(api, "is_available"):
@@ -331,6 +350,7 @@ __all__ = [
     "HubOptions",
     "ImageDatasetOptions",
     "Options",
+    "ResumeOptions",
     "check_non_negative",
     "check_positive",
     "create_accelerator",

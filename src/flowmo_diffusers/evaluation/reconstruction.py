@@ -47,12 +47,14 @@ from .options import (
     AcceleratorOptions,
     FeatureNetworkOptions,
     ImageDatasetOptions,
+    ResumeOptions,
     check_non_negative,
     check_positive,
     create_accelerator,
     decoder_sampler_options,
     start_command,
 )
+from .resume import PartialEvaluationState, ResumeRefusedError
 from .reports import (
     format_number,
     library_versions,
@@ -102,7 +104,9 @@ PAPER_RESULTS = (
 
 
 @dataclass(kw_only=True)
-class EvaluationConfig(FeatureNetworkOptions, AcceleratorOptions, decoder_sampler_options(), ImageDatasetOptions):
+class EvaluationConfig(
+    ResumeOptions, FeatureNetworkOptions, AcceleratorOptions, decoder_sampler_options(), ImageDatasetOptions
+):
     """Everything an evaluation run needs; each field is the command-line flag of the same name of `evaluate.py`.
 
     The help of every field says what it does (`evaluate.py --help`); the hub, dataset, accelerator, decoder-sampler
@@ -417,6 +421,10 @@ def evaluate_pipeline(
     guidance_scale: float | None = None,
     accelerator=None,
     progress_description: str | None = None,
+    resume_state: dict[str, torch.Tensor] | None = None,
+    start_batch: int = 0,
+    save_state: Any = None,
+    save_every_batches: int | None = None,
 ) -> dict[str, Any]:
     """Reconstruct every image of `loader` with `pipeline` and return the metrics over all processes.
 
@@ -441,41 +449,69 @@ def evaluate_pipeline(
             Gathering and autocast; None: single process, no autocast.
         progress_description (`str`, *optional*):
             Progress-bar label (shown on the local main process only).
+        resume_state (`dict[str, torch.Tensor]`, *optional*):
+            This process' saved metric state to continue from ([`~flowmo_diffusers.metrics.ReconstructionMetrics.state_dict`]).
+        start_batch (`int`, *optional*, defaults to `0`):
+            Batches of `loader` that `resume_state` already holds; they are read (for the skipped-image count and
+            the position) but not reconstructed.
+        save_state (`Callable[[int, int], None]`, *optional*):
+            Called with `(batches done, images done)` every `save_every_batches` batches, to save the metric state.
+        save_every_batches (`int`, *optional*):
+            See `save_state`.
 
     Returns:
-        `dict[str, Any]`: `{"metrics": {"rfid", "psnr", "ssim", "lpips", ...}, "num_images": int,
+        `dict[str, Any]`: `{"metrics": {"rfid", "psnr", "ssim", "lpips", ..., "codebook_usage",
+        "codebook_entropy_bits", "codebook_perplexity", ...}, "num_images": int,
         "num_skipped_images": int, "seconds": float}`.
     """
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
 
-    from ..metrics import sum_across_processes
+    from ..metrics import CodebookStatistics, sum_across_processes
 
     metrics.reset()
+    if resume_state is not None:
+        metrics.load_state_dict(resume_state)
+    codebook = CodebookStatistics(pipeline.autoencoder.config.bits_per_subtoken, num_positions=pipeline.autoencoder.num_indices)
     device = pipeline._execution_device
     autocast = accelerator.autocast if accelerator is not None else nullcontext
     show_progress = accelerator is None or accelerator.is_local_main_process
     start = time.perf_counter()
-    for batch in tqdm(loader, desc=progress_description, disable=not show_progress, unit="batch"):
+    for batch_index, batch in enumerate(tqdm(loader, desc=progress_description, disable=not show_progress, unit="batch")):
         originals = batch["pixel_values"].to(device)  # [b, 3, R, R] in [-1, 1]
+        if batch_index < start_batch:
+            # The eval loader cannot seek; reading (not reconstructing) the done batches keeps the skipped-image
+            # count and the batch composition of an uninterrupted run. Their ids are encoded again (one encoder
+            # pass, deterministic) so the codebook statistics cover every image without being part of the state.
+            with autocast():
+                codebook.update(pipeline.encode((originals + 1) / 2))
+            continue
         noise = initial_noise_for_images(batch["labels"], seed, originals.shape[1:]).to(device)
         with autocast():
+            # Encode once, then decode the ids: the same code as `images=` (ids <-> code is exact), and the ids feed
+            # the codebook statistics.
+            indices = pipeline.encode((originals + 1) / 2)  # the pipeline takes [0, 1] images
+            codebook.update(indices)
             reconstructions = pipeline(
-                images=(originals + 1) / 2,  # the pipeline takes [0, 1] images and returns [0, 1] with "pt"
+                indices=indices,  # returns [0, 1] images with "pt"
+                height=originals.shape[-2],
+                width=originals.shape[-1],
                 latents=noise,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 output_type="pt",
             ).images
         metrics.update(originals, reconstructions.float() * 2 - 1)
+        if save_state is not None and (batch_index + 1) % save_every_batches == 0:
+            save_state(batch_index + 1, int(metrics.num_images))
     seconds = time.perf_counter() - start
 
     skipped = torch.tensor(getattr(getattr(loader, "skipped_images", None), "count", 0), dtype=torch.int64)
     num_skipped_images = int(sum_across_processes(skipped, accelerator))
     metrics.gather(accelerator)
     return {
-        "metrics": metrics.compute(),
+        "metrics": {**metrics.compute(), **codebook.compute(accelerator)},
         "num_images": int(metrics.num_images),
         "num_skipped_images": num_skipped_images,
         "seconds": seconds,
@@ -514,6 +550,10 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> dict[str,
     config.validate()
     if accelerator is None:
         accelerator = create_accelerator(config)
+    partial = PartialEvaluationState(
+        config.output_dir, resume_fingerprint(config, accelerator), accelerator.process_index, accelerator.num_processes
+    )
+    partial.check(overwrite=config.overwrite)  # reads two small files: refuses before anything heavy is built
     warnings_for_report = report_warnings(config)
     for warning in warnings_for_report:
         logger.warning(warning)
@@ -522,13 +562,33 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> dict[str,
         metrics = build_reconstruction_metrics(config, accelerator.device)
     # After the fail-fast weight checks (which leave no folder behind), before any work whose results it holds.
     lock_output_dir(config.output_dir, accelerator, purpose="tokenizer evaluation", log=logger.warning)
+    if config.overwrite and accelerator.is_main_process:
+        partial.clear()
+    accelerator.wait_for_everyone()
+    saved = partial.load()
+    record, saved_tensors = saved if saved is not None else ({}, {})
     with accelerator.main_process_first():  # one download / Arrow preparation for map-style datasets
         dataset = load_evaluation_dataset(config)
 
     names = config.model_names or _unique_names([default_model_name(p) for p in config.pretrained_model_name_or_path])
     settings = shared_settings(config, accelerator)
-    model_results = []
-    for name, model_path in zip(names, config.pretrained_model_name_or_path):
+    model_results = list(record.get("completed_models", []))
+    for model_index, (name, model_path) in enumerate(zip(names, config.pretrained_model_name_or_path)):
+        if model_index < len(model_results):
+            logger.info("%s: already evaluated (saved in %s)", name, partial.folder)
+            continue
+        resuming = record.get("model_index") == model_index and record.get("batches_done", 0) > 0
+        if resuming and accelerator.is_main_process:
+            total = len(dataset) if hasattr(dataset, "__len__") else config.max_samples or "?"
+            logger.info("%s: resuming at image %d of %s", name, partial.images_done_by_all(), total)
+
+        def save_state(batches_done: int, images_done: int, model_index: int = model_index) -> None:
+            position = dict(
+                completed_models=model_results, model_index=model_index, batches_done=batches_done,
+                images_done=images_done,
+            )  # fmt: skip
+            partial.save(position, metrics.state_dict())
+
         with accelerator.main_process_first():
             pipeline = FlowMoPipeline.from_pretrained(
                 model_path, revision=config.revision, cache_dir=config.cache_dir, token=config.hub_token
@@ -554,6 +614,10 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> dict[str,
             guidance_scale=config.guidance_scale,
             accelerator=accelerator,
             progress_description=name,
+            resume_state=saved_tensors if resuming else None,
+            start_batch=record["batches_done"] if resuming else 0,
+            save_state=save_state,
+            save_every_batches=config.resume_every_batches,
         )
         model_results.append(
             {
@@ -603,7 +667,26 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> dict[str,
         paths = write_report(report, config.output_dir)
         logger.info("report written: %s", ", ".join(str(path) for path in paths.values()))
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        partial.clear()  # after the results: a kill in between leaves finished results, which a rerun reports
     return report
+
+
+#: Options that do not change any figure: a rerun may change them and still resume.
+RESUME_INDEPENDENT_OPTIONS = frozenset(
+    {"output_dir", "overwrite", "resume_every_batches", "dataloader_num_workers", "cache_dir", "hub_token"}
+)
+
+
+def resume_fingerprint(config: EvaluationConfig, accelerator) -> dict[str, Any]:
+    """The arguments that determine the figures (every option but [`RESUME_INDEPENDENT_OPTIONS`]), plus the
+    mixed precision Accelerate resolved; a saved partial state is continued only with equal ones."""
+    options = {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(config)
+        if field.name not in RESUME_INDEPENDENT_OPTIONS
+    }
+    return dict(options, mixed_precision=accelerator.mixed_precision)
 
 
 def _unique_names(names: list[str]) -> list[str]:
@@ -667,6 +750,10 @@ def report_warnings(config: EvaluationConfig) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+#: Codebook statistics shown in results.md (all of them are in results.json).
+CODEBOOK_COLUMNS = ("codebook_usage", "codebook_entropy_bits", "codebook_perplexity")
+
+
 def format_markdown_report(report: dict[str, Any]) -> str:
     """`results.md`: warnings, a table with one row per model, the paper's rows for reference, settings."""
     models = report["models"]
@@ -676,6 +763,7 @@ def format_markdown_report(report: dict[str, Any]) -> str:
     lines = ["# FlowMo reconstruction evaluation", "", *warning_lines(report, NOT_COMPARABLE_BANNER)]
 
     header = ["model", "bits/pixel", "rFID", "PSNR (dB)", "SSIM", *lpips_headers, "images"]
+    header[-1:-1] = ["codebook usage", "entropy (bits)", "perplexity"]  # docs/codebook-statistics.md
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for result in models:
         cells = [
@@ -685,6 +773,7 @@ def format_markdown_report(report: dict[str, Any]) -> str:
             format_number(result["psnr"], 2),
             format_number(result["ssim"], 4),
             *[format_number(result[key], 4) for key in lpips_keys],
+            *[format_number(result.get(key, float("nan")), 4) for key in CODEBOOK_COLUMNS],
             str(result["num_images"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -822,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config, accelerator = start_command(parse_args, argv)
     try:
         report = evaluate_tokenizers(config, accelerator)
-    except MissingPretrainedWeightsError as error:
+    except (MissingPretrainedWeightsError, ResumeRefusedError) as error:
         raise SystemExit(f"error: {error}") from None  # the message says what to do; a traceback would bury it
     if accelerator.is_main_process:
         print(format_markdown_report(report))
@@ -847,5 +936,6 @@ __all__ = [
     "main",
     "parse_args",
     "plot_rate_distortion",
+    "resume_fingerprint",
     "write_report",
 ]

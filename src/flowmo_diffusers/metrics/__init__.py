@@ -1,4 +1,5 @@
-"""Image metrics: reconstruction (rFID, PSNR, SSIM, LPIPS) and generation (gFID, Inception Score).
+"""Image metrics: reconstruction (rFID, PSNR, SSIM, LPIPS) and generation (gFID, Inception Score); codebook
+statistics of token ids (usage, entropy, perplexity: [`CodebookStatistics`]).
 
 Computed the way FlowMo's evaluation code did (scikit-image PSNR/SSIM on uint8-quantised
 images, `lpips.LPIPS` on [-1, 1] images, FID from pytorch-fid's TF-ported InceptionV3),
@@ -20,8 +21,9 @@ Heavy dependencies (scikit-image, scipy, lpips, pytorch-fid, evaluate) are impor
 first use; install them with `pip install 'flowmo-diffusers[eval]'`.
 """
 
+from .codebook_statistics import CodebookStatistics, codebook_statistics
 from .distributed import gather_across_processes, gather_rows_across_processes, sum_across_processes
-from .evaluate_integration import BUNDLED_METRICS, bundled_metric_path, load_metric
+from .evaluate_integration import BUNDLED_METRICS, IMAGE_PAIR_METRICS, bundled_metric_path, load_metric
 from .feature_statistics import StreamingFeatureStatistics
 from .fid_inception import FID_INCEPTION_NUM_LOGITS, FIDInceptionFeatureExtractor, build_fid_inception_v3
 from .frechet_distance import frechet_distance
@@ -53,9 +55,11 @@ from .ssim import ssim_per_image
 __all__ = [
     "ADM_IMAGENET256_REFERENCE_URL",
     "BUNDLED_METRICS",
+    "CodebookStatistics",
     "FID_INCEPTION_NUM_LOGITS",
     "FID_INCEPTION_WEIGHTS",
     "FIDInceptionFeatureExtractor",
+    "IMAGE_PAIR_METRICS",
     "GenerationMetrics",
     "InceptionScore",
     "LPIPS_BACKBONE_WEIGHTS",
@@ -67,6 +71,7 @@ __all__ = [
     "StreamingFeatureStatistics",
     "TORCH_FIDELITY_SHUFFLE_SEED",
     "build_fid_inception_v3",
+    "codebook_statistics",
     "bundled_metric_path",
     "describe_fid_inception",
     "frechet_distance",

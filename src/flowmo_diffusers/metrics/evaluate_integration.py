@@ -1,9 +1,9 @@
 """Loading the bundled Hugging Face `evaluate` metric modules.
 
-The package ships four `evaluate` metric scripts under `evaluate_modules/<name>/<name>.py` (`psnr`, `ssim`,
-`lpips`, `rfid`). `evaluate.load` on a local directory copies the script into its module cache and imports it
-there, without any network access; the scripts subclass
-[`~flowmo_diffusers.metrics.image_pair_metric.ImagePairMetric`] and import their implementation from
+The package ships five `evaluate` metric scripts under `evaluate_modules/<name>/<name>.py` (`psnr`, `ssim`,
+`lpips`, `rfid` on image pairs; `codebook` on token ids). `evaluate.load` on a local directory copies the script into its module cache and imports it
+there, without any network access; the image-pair scripts subclass
+[`~flowmo_diffusers.metrics.image_pair_metric.ImagePairMetric`]; all import their implementation from
 `flowmo_diffusers.metrics`.
 """
 
@@ -14,7 +14,9 @@ from typing import Any
 
 from ._optional_dependencies import require
 
-BUNDLED_METRICS = ("psnr", "ssim", "lpips", "rfid")
+#: The metrics of (reconstruction, original) image pairs.
+IMAGE_PAIR_METRICS = ("psnr", "ssim", "lpips", "rfid")
+BUNDLED_METRICS = IMAGE_PAIR_METRICS + ("codebook",)
 EVALUATE_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate_modules")
 
 
@@ -36,7 +38,7 @@ def load_metric(name: str, **evaluate_load_kwargs: Any):
 
     Args:
         name (`str`):
-            One of `"psnr"`, `"ssim"`, `"lpips"`, `"rfid"`.
+            One of `"psnr"`, `"ssim"`, `"lpips"`, `"rfid"`, `"codebook"`.
         evaluate_load_kwargs (`dict[str, Any]`, *optional*):
             Passed to `evaluate.load` (`experiment_id`, `num_process`, `process_id`, `cache_dir`, `keep_in_memory`,
             ...).

@@ -77,6 +77,15 @@ class StreamingFeatureStatistics:
             "outer_product_sum": self.outer_product_sum.clone(),
         }
 
+    def state_dict(self) -> StatisticsState:
+        """The sums on the CPU, for saving (safetensors) and [`load_state_dict`]: the keys of [`state`]."""
+        return {name: tensor.cpu() for name, tensor in self.state().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the sums by saved ones ([`state_dict`]); float64 is kept bit for bit."""
+        self.reset()
+        self.merge(state)
+
     @classmethod
     def from_state(
         cls, state: Mapping[str, Any], device: str | torch.device | None = None

@@ -151,6 +151,33 @@ class ReconstructionMetrics:
         self.original_statistics.update(self.feature_extractor(originals.to(self.device)))
         self.reconstruction_statistics.update(self.feature_extractor(reconstructions.to(self.device)))
 
+    #: The accumulated values besides the feature statistics, in [`state_dict`].
+    _SUMS = ("num_images", "num_batches", "psnr_sum", "batch_psnr_sum", "ssim_sum", "lpips_sums")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This process' sums and feature statistics (CPU tensors, float64 / int64), to save and resume from.
+
+        Returns:
+            `dict[str, torch.Tensor]`: `num_images`, `num_batches`, `psnr_sum`, `batch_psnr_sum`, `ssim_sum`,
+            `lpips_sums` ([len(lpips_nets)]) and `original.*` / `reconstruction.*` feature statistics.
+        """
+        if self._gathered:
+            raise RuntimeError("state_dict() after gather(): the sums include other processes")
+        state = {name: getattr(self, name).clone() for name in self._SUMS}
+        for prefix, statistics in (("original", self.original_statistics), ("reconstruction", self.reconstruction_statistics)):
+            state.update({f"{prefix}.{key}": value for key, value in statistics.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from a [`state_dict`]: the sums are replaced exactly."""
+        self.reset()
+        if state["lpips_sums"].shape != self.lpips_sums.shape:
+            raise ValueError(f"saved state has {state['lpips_sums'].shape[0]} LPIPS nets, these metrics {len(self.lpips_nets)}")
+        for name in self._SUMS:
+            setattr(self, name, state[name].clone().to(getattr(self, name).dtype))
+        for prefix, statistics in (("original", self.original_statistics), ("reconstruction", self.reconstruction_statistics)):
+            statistics.load_state_dict({key.split(".", 1)[1]: value for key, value in state.items() if key.startswith(prefix + ".")})
+
     def gather(self, accelerator: Any | None = None) -> ReconstructionMetrics:
         """Sum the accumulated values over all processes, in place (call once, on every process).
 
@@ -164,7 +191,7 @@ class ReconstructionMetrics:
         """
         if self._gathered:
             raise RuntimeError("gather() was already called; a second call would count other processes twice")
-        for name in ("num_images", "num_batches", "psnr_sum", "batch_psnr_sum", "ssim_sum", "lpips_sums"):
+        for name in self._SUMS:
             setattr(self, name, sum_across_processes(getattr(self, name), accelerator))
         self.original_statistics.all_reduce_(accelerator)
         self.reconstruction_statistics.all_reduce_(accelerator)

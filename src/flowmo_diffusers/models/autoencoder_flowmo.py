@@ -29,6 +29,7 @@ from ..utils.validation import (
 )
 from .modeling_utils import StrictLoadingMixin, check_decode_bounds
 from .quantizer import LFQOutput, LookupFreeQuantizer
+from .tiling import BLEND_MODES, TileGrid, blend_tiles, split_into_tiles
 from .transformer_flowmo import FlowMoTransformer, patchify, unpatchify
 
 
@@ -43,12 +44,17 @@ class FlowMoEncoderOutput(BaseOutput):
             `num_indices = code_length * context_dim // bits_per_subtoken`.
         unquantized_code (`torch.Tensor` of shape `(batch_size, code_length, context_dim)`): encoder output.
         quantizer (`LFQOutput`): the quantizer's full output, with its training losses when requested.
+        tile_grid ([`~models.tiling.TileGrid`], *optional*): with tiling on ([`FlowMoModel.enable_tiling`]), the
+            grid of tiles the image was cut into (`tile_grid.grid` is (rows, cols), `tile_grid.image_size` the image
+            size); `code`, `indices` and `unquantized_code` then carry a tile axis after the batch axis,
+            `(batch_size, num_tiles, ...)`, tiles row-major. None without tiling.
     """
 
     code: torch.Tensor
     indices: torch.LongTensor
     unquantized_code: torch.Tensor
     quantizer: LFQOutput
+    tile_grid: TileGrid | None = None
 
 
 @dataclass
@@ -281,6 +287,126 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             entropy_loss_weight=entropy_loss_weight,
             commitment_loss_weight=commitment_loss_weight,
         )
+        self.use_tiling = False
+        self.tile_sample_min_size = sample_size
+        self.tile_overlap_factor = 0.25
+        self.tile_batch_size = 8
+        self.tile_blend_mode = "linear"
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Tiling (diffusers' `AutoencoderKL.enable_tiling` names); layout and blending live in `models/tiling.py`.
+    def enable_tiling(
+        self,
+        tile_sample_min_size: int | None = None,
+        tile_overlap_factor: float | None = None,
+        tile_batch_size: int | None = None,
+        blend_mode: str | None = None,
+    ) -> None:
+        """
+        Encode and decode images of any size at least one tile large as a grid of overlapping tiles.
+
+        Args:
+            tile_sample_min_size (`int`, *optional*, defaults to `sample_size`): tile side, a multiple of
+                `patch_size` (the model was trained at `sample_size`).
+            tile_overlap_factor (`float`, *optional*, defaults to 0.25): overlap of neighbouring tiles as a fraction
+                of the tile, in [0, 0.5].
+            tile_batch_size (`int`, *optional*, defaults to 8): tiles encoded or decoded at once; bounds memory by
+                the tile, not the image.
+            blend_mode (`str`, *optional*, defaults to `"linear"`): ramp across overlaps, `"linear"` or `"cosine"`.
+        """
+        size = self.tile_sample_min_size if tile_sample_min_size is None else tile_sample_min_size
+        factor = self.tile_overlap_factor if tile_overlap_factor is None else tile_overlap_factor
+        batch = self.tile_batch_size if tile_batch_size is None else tile_batch_size
+        mode = self.tile_blend_mode if blend_mode is None else blend_mode
+        patch = self.config.patch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < patch or size % patch:
+            raise ValueError(f"tile_sample_min_size must be a positive multiple of patch_size {patch}, got {size!r}")
+        if isinstance(factor, bool) or not is_real(factor) or not 0.0 <= float(factor) <= 0.5:
+            raise ValueError(f"tile_overlap_factor must be a number in [0, 0.5], got {factor!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"tile_batch_size must be a positive integer, got {batch!r}")
+        if mode not in BLEND_MODES:
+            raise ValueError(f"blend_mode must be one of {BLEND_MODES}, got {mode!r}")
+        self.use_tiling = True
+        self.tile_sample_min_size, self.tile_overlap_factor, self.tile_batch_size = size, float(factor), batch
+        self.tile_blend_mode = mode
+
+    def disable_tiling(self) -> None:
+        """Encode and decode whole images again (the settings of [`enable_tiling`] are kept)."""
+        self.use_tiling = False
+
+    def tile_grid(self, height: int, width: int) -> TileGrid:
+        """The [`~models.tiling.TileGrid`] an image of `height` x `width` is cut into with the current settings."""
+        size = self.tile_sample_min_size
+        return TileGrid(height, width, size, int(round(size * self.tile_overlap_factor)))
+
+    def _check_tiled_images(self, images: torch.Tensor) -> TileGrid:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a tensor of shape (batch, {self.config.in_channels}, height, width), got {got}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
+        return self.tile_grid(*images.shape[-2:])
+
+    def _tiled_encode(self, images: torch.Tensor, return_quantizer_losses: bool) -> FlowMoEncoderOutput:
+        if return_quantizer_losses:
+            raise ValueError("return_quantizer_losses is for training on whole images; call disable_tiling() first")
+        grid = self._check_tiled_images(images)
+        tiles = split_into_tiles(images, grid)
+        outputs = [self._encode(chunk) for chunk in tiles.split(self.tile_batch_size)]
+        batch_size = images.shape[0]
+
+        def joined(name):
+            return torch.cat([getattr(output, name) for output in outputs]).unflatten(0, (batch_size, grid.num_tiles))
+
+        code, indices, unquantized = joined("code"), joined("indices"), joined("unquantized_code")
+        zero = code.new_zeros(())
+        quantized = LFQOutput(quantized=code, indices=indices, loss=zero, entropy_loss=zero, per_sample_entropy=zero,
+                              codebook_entropy=zero, commitment=zero)
+        return FlowMoEncoderOutput(code=code, indices=indices, unquantized_code=unquantized, quantizer=quantized,
+                                   tile_grid=grid)
+
+    def _tiled_decode(self, code, height, width, latents, generator, step_callback, decode_kwargs) -> FlowMoDecodeOutput:
+        if step_callback is not None:
+            raise ValueError("step callbacks see one chunk of tiles at a time: call disable_tiling() to use them")
+        sized = isinstance(latents, torch.Tensor) and latents.ndim == 4
+        height = latents.shape[-2] if sized else (height or self.config.sample_size)
+        width = latents.shape[-1] if sized else (width or self.config.sample_size)
+        grid = self.tile_grid(height, width)
+        if code.dtype.is_floating_point:
+            expected = (grid.num_tiles, self.config.code_length, self.config.context_dim)
+            if code.ndim != 4 or tuple(code.shape[1:]) != expected:
+                raise ValueError(
+                    f"with tiling, code must have shape (batch, {', '.join(map(str, expected))}) for a {height}x{width} "
+                    f"image ({grid.grid[0]}x{grid.grid[1]} tiles), got {tuple(code.shape)}; pass the height and width "
+                    "the image was encoded at"
+                )
+        elif code.ndim != 3 or tuple(code.shape[1:]) != (grid.num_tiles, self.num_indices):
+            raise ValueError(
+                f"with tiling, indices must have shape (batch, {grid.num_tiles}, {self.num_indices}) for a "
+                f"{height}x{width} image ({grid.grid[0]}x{grid.grid[1]} tiles), got {tuple(code.shape)}; pass the "
+                "height and width the image was encoded at"
+            )
+        code = self.indices_to_code(code, dtype=self.dtype) if not code.dtype.is_floating_point else code.to(self.dtype)
+        batch_size, device = code.shape[0], code.device
+        if latents is None:
+            # One noise image, cut like the image: overlapping tiles start from the same noise where they overlap.
+            shape = (batch_size, self.config.in_channels, height, width)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            self._check_tiled_images(latents)
+            if latents.shape[0] != batch_size:
+                raise ValueError(f"latents hold {latents.shape[0]} samples for a batch of {batch_size} codes")
+        noise_tiles = split_into_tiles(latents.to(device=device, dtype=torch.float32), grid)
+        code_tiles = code.flatten(0, 1)
+        decoded, passes = [], 0
+        for start in range(0, code_tiles.shape[0], self.tile_batch_size):
+            stop = start + self.tile_batch_size
+            output = self._decode(code_tiles[start:stop], latents=noise_tiles[start:stop], **decode_kwargs)
+            decoded.append(output.sample)
+            passes = output.num_decoder_passes
+        images = blend_tiles(torch.cat(decoded), grid, self.tile_blend_mode).clamp(-1, 1)
+        return FlowMoDecodeOutput(sample=images, num_decoder_passes=passes)
 
     # ----------------------------------------------------------------------------------------------------------
     # Sizes
@@ -355,21 +481,32 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             return_quantizer_losses (`bool`): also compute the entropy and commitment losses (training).
 
         Returns:
-            [`FlowMoEncoderOutput`] with `code` `(B, code_length, context_dim)` and `indices` `(B, num_indices)`.
+            [`FlowMoEncoderOutput`] with `code` `(B, code_length, context_dim)` and `indices` `(B, num_indices)`; with
+            tiling on ([`enable_tiling`]), images of any size at least one tile large, and `code` `(B, num_tiles,
+            code_length, context_dim)`, `indices` `(B, num_tiles, num_indices)` and `tile_grid` set.
         """
+        if self.use_tiling:
+            output = self._tiled_encode(images, return_quantizer_losses)
+        else:
+            output = self._encode(images, return_quantizer_losses)
+        return output if return_dict else output.to_tuple()
+
+    def _encode(self, images: torch.Tensor, return_quantizer_losses: bool = False) -> FlowMoEncoderOutput:
         self.check_images(images)
         height, width = images.shape[-2:]
         patch = self.config.patch_size
         rotary_emb = self.encoder.rotary_embedding(self.config.code_length, height // patch, width // patch, images.device)
         unquantized = self.encoder(patchify(images, patch), rotary_emb)
         quantized = self.quantizer(unquantized, return_losses=return_quantizer_losses)
-        output = FlowMoEncoderOutput(
+        return FlowMoEncoderOutput(
             code=quantized.quantized, indices=quantized.indices, unquantized_code=unquantized, quantizer=quantized
         )
-        return output if return_dict else output.to_tuple()
 
     def indices_to_code(self, indices: torch.LongTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Token ids `(B, num_indices)` -> quantized code `(B, code_length, context_dim)` (exact inverse of encode)."""
+        """Token ids `(B, num_indices)` -> quantized code `(B, code_length, context_dim)` (exact inverse of encode);
+        tiled ids `(B, num_tiles, num_indices)` -> `(B, num_tiles, code_length, context_dim)`."""
+        if isinstance(indices, torch.Tensor) and indices.ndim == 3:
+            return self.indices_to_code(indices.flatten(0, 1), dtype=dtype).unflatten(0, indices.shape[:2])
         self.check_indices(indices)
         return self.quantizer.indices_to_code(indices.long(), self.config.code_length, dtype=dtype)
 
@@ -499,9 +636,41 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
                 *optional*, defaults to 1000): bounds of the output size and of `num_inference_steps`, checked before
                 anything is allocated.
 
+                With tiling on ([`enable_tiling`]), `code` holds one code per tile, `(B, num_tiles, code_length,
+                context_dim)` or ids `(B, num_tiles, num_indices)` as from a tiled [`encode`], `height` and `width`
+                are the image size it was encoded at (the grid follows from them), `latents` is one noise image
+                `(B, 3, H, W)`; tiles are decoded `tile_batch_size` at a time and blended.
+
         Returns:
             [`FlowMoDecodeOutput`] with `sample` `(B, 3, H, W)` in [-1, 1] and `num_decoder_passes`.
         """
+        decode_kwargs = dict(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+            progress_bar=progress_bar, max_image_size=max_image_size, max_inference_steps=max_inference_steps,
+        )
+        if self.use_tiling:
+            output = self._tiled_decode(code, height, width, latents, generator, step_callback, decode_kwargs)
+        else:
+            output = self._decode(code, generator=generator, latents=latents, height=height, width=width,
+                                  step_callback=step_callback, **decode_kwargs)
+        return output if return_dict else output.to_tuple()
+
+    def _decode(
+        self,
+        code: torch.Tensor,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler=None,
+        step_callback: Callable | None = None,
+        progress_bar: Callable | None = None,
+        max_image_size: int | None = None,
+        max_inference_steps: int | None = None,
+    ) -> FlowMoDecodeOutput:
+        """[`decode`] of whole images (no tiling)."""
         if code.dtype.is_floating_point:
             expected = (self.config.code_length, self.config.context_dim)
             if code.ndim != 3 or tuple(code.shape[1:]) != expected:
@@ -574,7 +743,4 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
                 if replaced is not None:
                     latents = replaced
         images = latents.clamp(-1, 1)
-        passes = count_decoder_passes(guided)
-        if not return_dict:
-            return (images, passes)
-        return FlowMoDecodeOutput(sample=images, num_decoder_passes=passes)
+        return FlowMoDecodeOutput(sample=images, num_decoder_passes=count_decoder_passes(guided))

@@ -18,6 +18,9 @@ from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
 from . import pipeline_utils
 from .pipeline_utils import StepEndCallback
 
+#: With tiling on, the default bound of an image's height and width: this many times `sample_size`.
+TILED_MAX_IMAGE_SIZE_FACTOR = 64
+
 
 @dataclass
 class FlowMoPipelineOutput(ImagePipelineOutput):
@@ -76,6 +79,23 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         )
 
     # ----------------------------------------------------------------------------------------------------------
+    def enable_tiling(self, **kwargs) -> None:
+        """Encode, reconstruct and decode images of any size at least one tile large as a grid of overlapping
+        tiles ([`FlowMoModel.enable_tiling`], same arguments). `encode` then returns ids `(B, num_tiles,
+        num_indices)`; decode them with `pipe(indices=ids, height=H, width=W)` at the image's size."""
+        self.autoencoder.enable_tiling(**kwargs)
+
+    def disable_tiling(self) -> None:
+        """Back to whole images ([`FlowMoModel.disable_tiling`])."""
+        self.autoencoder.disable_tiling()
+
+    def _tiled_max_image_size(self, max_image_size: int | None) -> int | None:
+        # With tiling the model sees one tile at a time, so the default bound (set against attention's memory on a
+        # whole image) does not apply; only the output image itself is image-sized.
+        if max_image_size is None and self.autoencoder.use_tiling:
+            return TILED_MAX_IMAGE_SIZE_FACTOR * self.autoencoder.config.sample_size
+        return max_image_size
+
     def preprocess(self, images: ImageInput, max_image_size: int | None = None) -> torch.Tensor:
         """Images in diffusers' formats -> float32 `(B, 3, H, W)` in [-1, 1] on the execution device, validated.
 
@@ -120,7 +140,10 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             raise ValueError(f"images holds no image (batch size 0, shape {tuple(images.shape)})")
         # Every value is in [0, 1] here, so the image processor always maps it to [-1, 1].
         pixels = self.image_processor.preprocess(images).to(device=self._execution_device, dtype=torch.float32)
-        self.autoencoder.check_images(pixels)
+        if self.autoencoder.use_tiling:
+            self.autoencoder.tile_grid(*pixels.shape[-2:])  # raises for an image smaller than a tile
+        else:
+            self.autoencoder.check_images(pixels)
         return pixels
 
     def _max_image_size(self, max_image_size: int | None) -> int:
@@ -177,8 +200,10 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
 
         Returns:
             `torch.LongTensor` of shape `(B, num_indices)`: token ids in `[0, 2**bits_per_subtoken)`, in the original
-            FlowMo's order.
+            FlowMo's order; with tiling on ([`enable_tiling`]), `(B, num_tiles, num_indices)`, tiles row-major over
+            `autoencoder.tile_grid(H, W)`.
         """
+        max_image_size = self._tiled_max_image_size(max_image_size)
         pixels = self.preprocess(images, max_image_size).to(self.autoencoder.dtype)
         return self.autoencoder.encode(pixels).indices
 
@@ -241,7 +266,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         if isinstance(indices, torch.Tensor) and indices.ndim >= 1 and indices.shape[0] == 0:
             raise ValueError(f"indices holds no image (batch size 0, shape {tuple(indices.shape)})")
         patch = self.autoencoder.config.patch_size
-        if (height is not None and height % patch) or (width is not None and width % patch):
+        if not self.autoencoder.use_tiling and ((height is not None and height % patch) or (width is not None and width % patch)):
             raise ValueError(f"height and width must be multiples of patch_size {patch}, got {height}x{width}")
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != self.autoencoder.config.in_channels:
@@ -306,6 +331,7 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         Returns:
             [`FlowMoPipelineOutput`] with `images` and `num_decoder_passes` (decoder evaluations per image).
         """
+        max_image_size = self._tiled_max_image_size(max_image_size)
         callback_on_step_end_tensor_inputs = pipeline_utils.check_callback(
             self, callback_on_step_end, callback_on_step_end_tensor_inputs
         )

@@ -5,6 +5,18 @@ from __future__ import annotations
 import argparse
 
 from ..utils.validation import positive_int
+from .divergence import DEFAULT_MAX_SKIPPED_STEPS
+
+
+def non_negative_int(text: str) -> int:
+    """`argparse` type of `--max_skipped_steps` (0 allowed: stop at the first non-finite step)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def add_checkpointing_arguments(parser: argparse.ArgumentParser, checkpointing_steps: int) -> None:
@@ -20,6 +32,18 @@ def add_checkpointing_arguments(parser: argparse.ArgumentParser, checkpointing_s
     parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help="'latest' (newest complete checkpoint in --output_dir, or a fresh start) or a path.")
+
+
+def add_divergence_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--max_skipped_steps`: non-finite optimizer steps in a row that are skipped before the run stops (docs/divergence.md).
+
+    Args:
+        parser (`argparse.ArgumentParser`):
+            The script's parser.
+    """
+    parser.add_argument("--max_skipped_steps", type=non_negative_int, default=DEFAULT_MAX_SKIPPED_STEPS,
+                        help="Skip at most this many steps in a row whose loss or gradients are NaN/inf (no update, "
+                        "no EMA update); the next one stops the run naming the last finite checkpoint.")
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser, tracker_project_name: str) -> None:
@@ -40,4 +64,4 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, tracker_project_name
     parser.add_argument("--hub_token", type=str, default=None)
 
 
-__all__ = ["add_checkpointing_arguments", "add_tracking_arguments"]
+__all__ = ["add_checkpointing_arguments", "add_divergence_arguments", "add_tracking_arguments"]

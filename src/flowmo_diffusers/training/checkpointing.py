@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from ..utils.output_lock import OutputDirLock
 from ..utils.safe_loading import UnsafeCheckpointError
+from .divergence import check_finite_weights, optimizer_state_tensors, state_tensors
 
 #: This package's training states inside a checkpoint folder.
 STATES_JSON_NAME = "training_states.json"
@@ -314,6 +315,8 @@ def save_checkpoint(
         The final path, `output_dir/checkpoint-<step>`.
 
     Raises:
+        TrainingDivergedError: the model, optimizer state or an EMA in `states` holds a NaN or an infinity; nothing
+            is written (a `FloatingPointError`, see [`~flowmo_diffusers.training.divergence.check_finite_weights`]).
         OSError: the save failed (`errno.ENOSPC` when the disk is full); the incomplete folder is removed and the
             previous checkpoints are untouched.
     """
@@ -322,6 +325,14 @@ def save_checkpoint(
             "objects registered with accelerator.register_for_checkpointing are saved as pickles that Accelerate "
             "loads with weights_only=False; pass them to save_checkpoint/load_checkpoint as `states` instead"
         )
+    # Before anything is written: `latest` must never hold diverged weights (one host sync per save).
+    check_finite_weights(
+        accelerator,
+        {"model": [p for model in accelerator._models for p in model.parameters()],
+         "optimizer": [t for optimizer in accelerator._optimizers for t in optimizer_state_tensors(optimizer)],
+         **state_tensors(states)},
+        step, output_dir, f"refusing to save checkpoint-{step}",
+    )
     temporary = temporary_checkpoint_path(output_dir, step)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if accelerator.is_main_process:

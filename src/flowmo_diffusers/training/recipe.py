@@ -9,7 +9,6 @@ FSDP2 the norm fix takes the norm of the whole weight (a reduction across the sh
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,20 +189,9 @@ class TrainingProgress:
         self.encoder_frozen = bool(state_dict.get("encoder_frozen", False))
 
 
-def check_finite_loss(loss: float, step: int) -> None:
-    """Raise `FloatingPointError` if `loss` is NaN or infinite.
-
-    Call it with the loss reduced across processes (so every process stops together) *before* checkpointing `step`:
-    `--resume_from_checkpoint latest` must never pick diverged weights.
-    """
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"step {step}: the loss is {loss}")
-
-
 __all__ = [
     "InitialNormFixer",
     "TrainingProgress",
-    "check_finite_loss",
     "encoder_module",
     "freeze_encoder",
     "guidance_dropout_mask",

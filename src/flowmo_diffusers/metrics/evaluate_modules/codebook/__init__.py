@@ -1,0 +1,1 @@
+"""Bundled `evaluate` module `codebook`: load with `flowmo_diffusers.metrics.load_metric("codebook")`."""
