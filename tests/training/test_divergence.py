@@ -119,3 +119,16 @@ def test_infinite_learning_rate_saves_no_checkpoint(tmp_path):
         launch(TINY_RUN + ["--max_train_steps", "4", "--learning_rate", "inf", "--checkpointing_steps", "1",
                            "--validation_steps", "100", "--perceptual_weight", "0", "--output_dir", str(tmp_path)])
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "model_index.json").exists()
+
+
+def test_max_skipped_steps_parser_takes_zero_and_refuses_negatives():
+    import argparse
+
+    from flowmo_diffusers.training.arguments import add_divergence_arguments
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_divergence_arguments(parser)
+    assert parser.parse_args([]).max_skipped_steps == 3
+    assert parser.parse_args(["--max_skipped_steps", "0"]).max_skipped_steps == 0
+    with pytest.raises(argparse.ArgumentError, match="must be at least 0, got -1"):
+        parser.parse_args(["--max_skipped_steps", "-1"])

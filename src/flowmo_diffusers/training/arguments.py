@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..utils.validation import positive_int
+from ..utils.validation import non_negative_int, positive_int
 from .divergence import DEFAULT_MAX_SKIPPED_STEPS
-
-
-def non_negative_int(text: str) -> int:
-    """`argparse` type of `--max_skipped_steps` (0 allowed: stop at the first non-finite step)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def add_checkpointing_arguments(parser: argparse.ArgumentParser, checkpointing_steps: int) -> None:

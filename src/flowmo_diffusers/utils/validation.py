@@ -62,18 +62,28 @@ def _range(minimum, maximum) -> str:
     return f"[{low}, {high}]"
 
 
-def positive_int(text: str) -> int:
-    """`argparse` type of flags that must be at least 1 (e.g. `--checkpoints_total_limit`): refused at parsing."""
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
+    """`text` as an int of at least `minimum`, else `argparse.ArgumentTypeError` saying what was `expected`."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
 
 
-__all__ = ["check_bool", "check_float", "check_int", "is_integer", "is_real", "positive_int"]
+def positive_int(text: str) -> int:
+    """`argparse` type of flags that must be at least 1 (e.g. `--checkpoints_total_limit`): refused at parsing."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """`argparse` type of flags where 0 is allowed (e.g. `--max_skipped_steps 0`: stop at the first bad step)."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+__all__ = ["check_bool", "check_float", "check_int", "is_integer", "is_real", "non_negative_int", "positive_int"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
