@@ -5,7 +5,7 @@
         --dataset_name ILSVRC/imagenet-1k --train_split train --flip --output_dir imagenet-flowmo-lo-tokens
 
 Sharded across the launched processes; rerunning the same command resumes (finished chunks are kept). The result
-is `OUTPUT_DIR/dataset` (`datasets.load_from_disk`) with `tokenization.json`, optionally pushed to the Hub as a
+is `OUTPUT_DIR/dataset` (`datasets.load_from_disk`) with `tokenization.json` and `codebook_statistics.json`, optionally pushed to the Hub as a
 dataset. The work is in `flowmo_diffusers.training.pretokenize`; see examples/train_maskgit/README.md.
 """
 
@@ -20,6 +20,7 @@ from flowmo_diffusers import FlowMoPipeline
 from flowmo_diffusers.data import load_image_dataset
 from flowmo_diffusers.training.pretokenize import (
     CHUNKS_FOLDER,
+    CODEBOOK_STATISTICS_NAME,
     TOKENIZATION_INFO_NAME,
     TokenizationInfo,
     assemble_token_dataset,
@@ -27,6 +28,7 @@ from flowmo_diffusers.training.pretokenize import (
     chunk_statistics,
     dataset_num_classes,
     pretokenize,
+    write_token_codebook_statistics,
 )
 from flowmo_diffusers.utils.hub import download_pipeline_folder
 from flowmo_diffusers.utils.output_lock import lock_output_dir
@@ -113,6 +115,16 @@ def main(argv=None):
             f"{len(tokens)} images tokenized ({totals['num_skipped']} undecodable images skipped) -> "
             f"{os.path.join(args.output_dir, 'dataset')}; chunks kept in {os.path.join(args.output_dir, CHUNKS_FOLDER)}"
         )
+    accelerator.wait_for_everyone()
+    statistics = write_token_codebook_statistics(args.output_dir, accelerator)
+
+    if accelerator.is_main_process:
+        if statistics is not None:
+            logger.info(
+                f"codebook usage {statistics['codebook_usage']:.4f}, entropy {statistics['codebook_entropy_bits']:.3f} "
+                f"of {statistics['codebook_bits_per_id']} bits, perplexity {statistics['codebook_perplexity']:.1f} "
+                f"-> {os.path.join(args.output_dir, 'dataset', CODEBOOK_STATISTICS_NAME)}"
+            )
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_file
 
@@ -121,10 +133,12 @@ def main(argv=None):
                 exist_ok=True, private=args.private, token=args.hub_token,
             ).repo_id
             tokens.push_to_hub(repo_id, token=args.hub_token, private=args.private)
-            upload_file(
-                path_or_fileobj=os.path.join(args.output_dir, "dataset", TOKENIZATION_INFO_NAME),
-                path_in_repo=TOKENIZATION_INFO_NAME, repo_id=repo_id, repo_type="dataset", token=args.hub_token,
-            )
+            for name in (TOKENIZATION_INFO_NAME, CODEBOOK_STATISTICS_NAME):
+                if os.path.exists(os.path.join(args.output_dir, "dataset", name)):
+                    upload_file(
+                        path_or_fileobj=os.path.join(args.output_dir, "dataset", name),
+                        path_in_repo=name, repo_id=repo_id, repo_type="dataset", token=args.hub_token,
+                    )
             logger.info(f"Pushed to https://huggingface.co/datasets/{repo_id}")
     accelerator.end_training()
 

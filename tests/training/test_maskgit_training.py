@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoPipeline
 from flowmo_diffusers.data import ImageTransform, load_default_image_dataset
 from flowmo_diffusers.training.pretokenize import (
+    CODEBOOK_STATISTICS_NAME,
     TokenizationInfo,
     assemble_token_dataset,
     check_manifest,
@@ -21,6 +22,8 @@ from flowmo_diffusers.training.pretokenize import (
     chunk_statistics,
     load_token_dataset,
     pretokenize,
+    token_codebook_statistics,
+    write_token_codebook_statistics,
 )
 
 from testing_utils import EXAMPLES, launch, tiny_flowmo_model, tiny_flowmo_pipeline
@@ -53,6 +56,17 @@ def test_pretokenize_matches_direct_encoding_and_resumes(tiny_model, tmp_path):
     assert torch.equal(torch.tensor(tokens["indices"]), expected_ids(tiny_model, photos))
     assert torch.equal(torch.tensor(tokens["indices_flipped"]), expected_ids(tiny_model, photos, flip=True))
     assert tokens["label"] == photos["label"] and tokens["index"] == list(range(9))
+    # Codebook statistics of `indices` (not the flipped crops) beside tokenization.json, as numpy computes them.
+    assert write_token_codebook_statistics(str(tmp_path)) == json.loads(
+        (tmp_path / "dataset" / CODEBOOK_STATISTICS_NAME).read_text())
+    statistics = json.loads((tmp_path / "dataset" / CODEBOOK_STATISTICS_NAME).read_text())
+    ids = np.asarray(tokens["indices"])
+    counts = np.bincount(ids.ravel(), minlength=16)
+    probabilities = counts[counts > 0] / ids.size
+    assert statistics["codebook_usage"] == np.count_nonzero(counts) / 16
+    assert statistics["codebook_usage_per_position_min"] == min(len(np.unique(column)) for column in ids.T) / 16
+    assert statistics["codebook_entropy_bits"] == pytest.approx(-(probabilities * np.log2(probabilities)).sum())
+    assert statistics["codebook_num_ids"] == 9 * 24 and statistics["codebook_bits_per_id"] == 4
 
     # Resume: only the missing chunk is redone; the same work split over 2 processes gives the same chunks.
     middle = tmp_path / "chunks" / "chunk-00000001.parquet"
@@ -120,6 +134,14 @@ def test_pretokenize_streaming_writes_chunks_whose_rows_are_all_undecodable(tiny
     assert tokens["index"] == [row for row in range(9) if row not in corrupt]
 
 
+def test_token_codebook_statistics_needs_a_power_of_two_codebook():
+    info = TokenizationInfo(tokenizer="tiny", num_indices=2, codebook_size=12, resolution=32, flip=False,
+                            num_classes=0, streaming=False, num_processes=1)
+    tokens = datasets.Dataset.from_dict({"indices": [[0, 11]]})
+    with pytest.raises(ValueError, match="codebook_size must be a power of two for codebook statistics, got 12"):
+        token_codebook_statistics(tokens, info)
+
+
 def test_manifest_refuses_other_settings(tmp_path):
     check_manifest(str(tmp_path), {"tokenizer": "a", "flip": True})
     check_manifest(str(tmp_path), {"tokenizer": "a", "flip": True})
@@ -153,6 +175,9 @@ def tokenized(tmp_path_factory):
 
 def test_end_to_end_pretokenize_train_resume_sample(tokenized, tmp_path):
     tokens, info = load_token_dataset(str(tokenized / "tokens"))
+    # Counted by 2 processes (a share each, combined), the same figures as one process counting everything.
+    statistics = json.loads((tokenized / "tokens" / "dataset" / CODEBOOK_STATISTICS_NAME).read_text())
+    assert statistics == token_codebook_statistics(tokens, info) and statistics["codebook_num_ids"] == 9 * 24
     assert len(tokens) == 9 and info.flip and info.num_classes == 9 and info.class_names[0] == "astronaut"
     assert info.num_processes == 2 and tokens["index"] == list(range(9))  # chunks 0 and 2 by rank 0, 1 by rank 1
     photos = load_default_image_dataset()
@@ -246,8 +271,8 @@ def test_pretokenize_pushes_to_the_hub_and_training_reads_it_back(tokenized, tmp
         shards = [path for path in pushed if path.endswith(".parquet")]
         assert len(shards) == 1 and shards[0].startswith("data/train-")
         assert any("/lfs-objects/" in path for path in hub.request_paths("PUT"))
-        local_info = (tmp_path / "tokens" / "dataset" / "tokenization.json").read_bytes()
-        assert pushed["tokenization.json"] == local_info
+        for name in ("tokenization.json", CODEBOOK_STATISTICS_NAME):
+            assert pushed[name] == (tmp_path / "tokens" / "dataset" / name).read_bytes()
         (tmp_path / "shard.parquet").write_bytes(pushed[shards[0]])
         local, _ = load_token_dataset(str(tokenized / "tokens"))
         assert datasets.Dataset.from_parquet(str(tmp_path / "shard.parquet")).to_dict() == local.to_dict()

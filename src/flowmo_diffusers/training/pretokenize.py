@@ -36,6 +36,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from ..data import AnyDataset, build_eval_dataloader, prepare_columns, resolve_image_columns
+from ..metrics.codebook_statistics import CodebookStatistics
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..utils.files import atomic_write
 
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 CHUNKS_FOLDER = "chunks"
 MANIFEST_NAME = "manifest.json"
 TOKENIZATION_INFO_NAME = "tokenization.json"
+#: Codebook usage, entropy and perplexity of the dataset's `indices` (docs/codebook-statistics.md), next to
+#: `tokenization.json`.
+CODEBOOK_STATISTICS_NAME = "codebook_statistics.json"
 DATASET_FOLDER = "dataset"
 
 
@@ -344,6 +348,50 @@ def assemble_token_dataset(output_dir: str, info: TokenizationInfo) -> datasets.
     return datasets.load_from_disk(target)
 
 
+def token_codebook_statistics(
+    dataset: datasets.Dataset, info: TokenizationInfo, accelerator: Any | None = None, batch_size: int = 4096
+) -> dict[str, float | int]:
+    """Codebook statistics ([`~flowmo_diffusers.metrics.CodebookStatistics`]) of a token dataset's `indices` column.
+
+    The flipped crops (`indices_flipped`) are an augmentation of the same images and are not counted. With an
+    `accelerator`, each process counts its contiguous share of the rows and the counts are combined (call it on every
+    process); rows are read `batch_size` at a time, so memory follows the batch, not the dataset.
+
+    Returns:
+        `dict`: the figures of [`~flowmo_diffusers.metrics.CodebookStatistics.compute`], on every process.
+
+    Raises:
+        ValueError: `info.codebook_size` is not a power of two (FlowMo ids always take `2**bits_per_subtoken` values).
+    """
+    size = info.codebook_size
+    if size < 2 or size & (size - 1):
+        raise ValueError(f"codebook_size must be a power of two for codebook statistics, got {size}")
+    if accelerator is not None:
+        dataset = dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+    statistics = CodebookStatistics(bits_per_id=size.bit_length() - 1, num_positions=info.num_indices)
+    for batch in dataset.select_columns(["indices"]).with_format("torch").iter(batch_size=batch_size):
+        statistics.update(batch["indices"])
+    return statistics.compute(accelerator)
+
+
+def write_token_codebook_statistics(output_dir: str, accelerator: Any | None = None) -> dict[str, float | int] | None:
+    """[`token_codebook_statistics`] of the assembled `output_dir/dataset`, saved beside its `tokenization.json` as
+    `codebook_statistics.json` (by the main process). Call it on every process after [`assemble_token_dataset`].
+
+    Returns:
+        `dict` or `None`: the figures, or `None` (and no file) when the dataset holds no image.
+    """
+    target = os.path.join(output_dir, DATASET_FOLDER)
+    info = TokenizationInfo.load(os.path.join(target, TOKENIZATION_INFO_NAME))
+    dataset = datasets.load_from_disk(target)
+    if len(dataset) == 0:
+        return None
+    statistics = token_codebook_statistics(dataset, info, accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        _write_json_atomically(os.path.join(target, CODEBOOK_STATISTICS_NAME), statistics)
+    return statistics
+
+
 def dataset_num_classes(dataset: AnyDataset, label_column: str | None = None) -> tuple[int, list[str] | None]:
     """(number of classes, class names) from a `ClassLabel` column; (0, None) when it cannot be told up front."""
     label_column = resolve_image_columns(dataset, None, label_column)[1]
@@ -417,6 +465,7 @@ def check_token_dataset(dataset: datasets.Dataset, num_indices: int, codebook_si
         raise ValueError(f"token ids must lie in [0, {codebook_size}), got [{low_id}, {high_id}]")
 
 __all__ = [
+    "CODEBOOK_STATISTICS_NAME",
     "TokenizationInfo",
     "assemble_token_dataset",
     "check_manifest",
@@ -426,5 +475,7 @@ __all__ = [
     "encode_batch",
     "load_token_dataset",
     "pretokenize",
+    "token_codebook_statistics",
     "token_features",
+    "write_token_codebook_statistics",
 ]
