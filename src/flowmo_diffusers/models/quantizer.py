@@ -19,7 +19,7 @@ class LFQOutput(BaseOutput):
         indices (`torch.LongTensor` of shape `(batch_size, code_length * subtokens_per_token)`):
             Token ids, `subtokens_per_token = context_dim // bits_per_subtoken` ids per code token, each in
             `[0, 2**bits_per_subtoken)`. Id `t * subtokens_per_token + h` is sub-token `h` of code token `t`.
-        loss (`torch.Tensor`, scalar):
+        loss (`torch.Tensor`, scalar, float32 whatever the code's dtype, as are the other losses):
             Weighted quantizer loss `entropy_loss_weight * entropy_loss + commitment_loss_weight * commitment`;
             zero unless the training losses were requested.
         entropy_loss (`torch.Tensor`, scalar): per-sample entropy minus the entropy of the batch-mean distribution.
@@ -112,14 +112,17 @@ class LookupFreeQuantizer(nn.Module):
 
         Returns `(per_sample_entropy, codebook_entropy, entropy_loss)`.
         """
-        # 2 x . c equals -|x - c|^2 up to a per-row constant, so these are distance-based logits.
-        logits = 2 * rows @ self.codebook(rows.dtype, rows.device).T
-        logits = logits / self.entropy_temperature
-        probs = logits.softmax(-1)
-        per_sample_entropy = -(probs * logits.log_softmax(-1)).sum(-1).mean()
-        mean_probs = probs.reshape(-1, probs.shape[-1]).mean(0)
-        # The 1e-5 inside the log is the original's; it keeps empty codebook entries finite.
-        codebook_entropy = -(mean_probs * torch.log(mean_probs + 1e-5)).sum()
+        # Float32 even under autocast, which would run the logits' matmul in half precision (see `forward`).
+        with torch.autocast(rows.device.type, enabled=False):
+            rows = rows.float()
+            # 2 x . c equals -|x - c|^2 up to a per-row constant, so these are distance-based logits.
+            logits = 2 * rows @ self.codebook(rows.dtype, rows.device).T
+            logits = logits / self.entropy_temperature
+            probs = logits.softmax(-1)
+            per_sample_entropy = -(probs * logits.log_softmax(-1)).sum(-1).mean()
+            mean_probs = probs.reshape(-1, probs.shape[-1]).mean(0)
+            # The 1e-5 inside the log is the original's; it keeps empty codebook entries finite.
+            codebook_entropy = -(mean_probs * torch.log(mean_probs + 1e-5)).sum()
         return per_sample_entropy, codebook_entropy, per_sample_entropy - codebook_entropy
 
     def forward(self, code: torch.Tensor, return_losses: bool = False) -> LFQOutput:
@@ -129,10 +132,13 @@ class LookupFreeQuantizer(nn.Module):
             return_losses (`bool`): compute the entropy and commitment losses (training).
         """
         code_length = code.shape[1]
-        rows = self._split_subtokens(code)
+        # Float32 inside whatever the encoder's dtype: the entropy terms average 2**bits probabilities of about
+        # 2**-bits each (float16 holds 2**-14 only as a subnormal; bfloat16 sums them with 8 bits of mantissa), and
+        # the losses feed the optimizer. Signs, and so ids, do not change; `quantized` is returned in `code`'s dtype.
+        rows = self._split_subtokens(code.float())
         signs = torch.where(rows > 0, 1.0, -1.0).to(rows.dtype)
         indices = ((rows > 0).long() * self.bit_values).sum(-1)
-        zero = code.new_zeros(())
+        zero = rows.new_zeros(())
         per_sample_entropy = codebook_entropy = entropy_loss = commitment = loss = zero
         if return_losses:
             per_sample_entropy, codebook_entropy, entropy_loss = self.entropy_losses(rows)
@@ -141,7 +147,7 @@ class LookupFreeQuantizer(nn.Module):
         # Straight-through estimator: forward value is the sign, gradient is the identity.
         quantized_rows = rows + (signs - rows).detach()
         return LFQOutput(
-            quantized=self._merge_subtokens(quantized_rows, code_length),
+            quantized=self._merge_subtokens(quantized_rows, code_length).to(code.dtype),
             indices=indices,
             loss=loss,
             entropy_loss=entropy_loss,

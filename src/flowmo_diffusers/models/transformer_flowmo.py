@@ -20,6 +20,10 @@ except ImportError:  # older diffusers keep it in embeddings
     from diffusers.models.embeddings import FluxPosEmbed
 
 
+#: Weight dtypes under which the residual streams are kept in float32 ([`FlowMoTransformer.forward`]).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`(B, C, H, W)` -> `(B, (H/p) * (W/p), p * p * C)`, channel-last inside a patch as in the original."""
     batch_size, channels, height, width = images.shape
@@ -83,17 +87,28 @@ class FlowMoStream(nn.Module):
             shift, scale = mod[0], mod[1]
             normed = (1 + scale) * normed + shift
         batch_size, seq_len, _ = hidden_states.shape
+        # The residual stream may be float32 under half-precision weights (see `FlowMoTransformer.forward`); the
+        # projection runs in the weights' dtype. A no-op in float32 and under autocast (float32 weights).
+        normed = normed.to(self.qkv.weight.dtype)
         query, key, value = self.qkv(normed).view(batch_size, seq_len, 3, self.num_heads, -1).unbind(2)
         # RMSNorm runs in float32; the original casts back to v's dtype before attention.
         return self.norm_q(query).to(value.dtype), self.norm_k(key).to(value.dtype), value
 
     def residual_update(self, hidden_states: torch.Tensor, attention_output: torch.Tensor, mod) -> torch.Tensor:
+        """`hidden_states + gate1 * proj(attention) + gate2 * ff(...)`, `(B, S, dim)`, in `hidden_states`' dtype.
+
+        The sums and gates are computed in the residual stream's dtype (float32 under half-precision weights), the
+        projections in the weights' dtype, so a stream that outgrows float16 is never stored in float16.
+        """
+        compute_dtype = self.proj.weight.dtype
+        stream_dtype = hidden_states.dtype
         if mod is None:
-            hidden_states = hidden_states + self.proj(attention_output)
-            return hidden_states + self.ff(self.norm2(hidden_states))
+            hidden_states = hidden_states + self.proj(attention_output).to(stream_dtype)
+            return hidden_states + self.ff(self.norm2(hidden_states).to(compute_dtype)).to(stream_dtype)
         _, _, gate1, shift2, scale2, gate2 = mod
-        hidden_states = hidden_states + gate1 * self.proj(attention_output)
-        return hidden_states + gate2 * self.ff((1 + scale2) * self.norm2(hidden_states) + shift2)
+        hidden_states = hidden_states + gate1.to(stream_dtype) * self.proj(attention_output).to(stream_dtype)
+        normed = ((1 + scale2) * self.norm2(hidden_states) + shift2).to(compute_dtype)
+        return hidden_states + gate2.to(stream_dtype) * self.ff(normed).to(stream_dtype)
 
 
 class FlowMoBlock(nn.Module):
@@ -291,13 +306,20 @@ class FlowMoTransformer(nn.Module):
         Returns:
             `(B, T, code_dim)` code for the encoder, `(B, N, patch_dim)` velocity patches for the decoder.
         """
-        image_states = self.patch_embed(patches)
+        compute_dtype = self.patch_embed.weight.dtype
+        image_states = self.patch_embed(patches.to(compute_dtype))
         if self.output == "image":
-            code_states = self.code_embed(code)
+            code_states = self.code_embed(code.to(compute_dtype))
         else:
             code_length = rotary_emb[0].shape[0] - patches.shape[1]
             code_states = self.code_query.to(image_states.dtype).expand(patches.shape[0], code_length, -1)
         temb = self.timestep_embedding(timestep, image_states.dtype) if self.timestep_conditioned else None
+        if compute_dtype in HALF_DTYPES:
+            # Half-precision weights: the residual streams stay float32. Every read of a stream goes through a
+            # LayerNorm, which is scale-invariant, so a trained model may let a few channels grow past float16's
+            # 65504 ("massive activations") at no cost in float32, and float16 would turn them into inf, then NaN.
+            # Only the sums are float32; the projections and attention still run in half precision.
+            image_states, code_states = image_states.float(), code_states.float()
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -312,4 +334,4 @@ class FlowMoTransformer(nn.Module):
             shift, scale = self.norm_out_modulation(F.silu(temb)).chunk(2, dim=1)
             hidden_states = (1 + scale[:, None, :]) * self.norm_out(hidden_states) + shift[:, None, :]
         # The original normalizes again after the modulation; its released weights were trained with this.
-        return self.proj_out(self.norm_out(hidden_states))
+        return self.proj_out(self.norm_out(hidden_states).to(compute_dtype))
