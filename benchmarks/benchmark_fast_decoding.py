@@ -150,6 +150,15 @@ def train_teacher(args, crops_dir) -> str:
     return output_dir
 
 
+def small_flowmo(work_dir: str, teacher_steps: int, seed: int = 0) -> str:
+    """This benchmark's small FlowMo (the teacher recipe) trained once into `work_dir/teacher` and reused after: the
+    model other CPU benchmarks (half precision, tiling) measure on the same held-out photographs."""
+    args = parse_args(["--work_dir", work_dir, "--teacher_steps", str(teacher_steps), "--seed", str(seed)])
+    crops_dir = os.path.join(work_dir, "train_crops")
+    write_training_crops(crops_dir, args)
+    return train_teacher(args, crops_dir)
+
+
 def distil(args, crops_dir, teacher_dir, k) -> str:
     output_dir = os.path.join(args.work_dir, f"student-{k}")
     if os.path.isfile(os.path.join(output_dir, "model_index.json")):

@@ -78,6 +78,16 @@ class TileGrid:
         """(top, left) of every tile, row-major: tile `r * cols + c` is row r, column c."""
         return [(top, left) for top in self.row_starts for left in self.col_starts]
 
+    def borders(self) -> tuple[list[int], list[int]]:
+        """Where tile edges fall inside the image: (rows, cols), sorted; a border at `p` lies between pixels `p - 1`
+        and `p` (the edges a seam would show at, e.g. for [`~flowmo_diffusers.metrics.seams.seam_ratio`])."""
+
+        def inside(starts, length):
+            edges = {start for start in starts} | {start + self.tile_size for start in starts}
+            return sorted(edge for edge in edges if 0 < edge < length)
+
+        return inside(self.row_starts, self.height), inside(self.col_starts, self.width)
+
 
 def split_into_tiles(images: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     """`(B, C, H, W)` -> `(B * num_tiles, C, tile, tile)`, image-major then row-major (tile t of image b is row
