@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_fast_decoding as fast_decoding  # noqa: E402
@@ -109,12 +109,16 @@ def write_figure(path, photos, outputs, tile):
     scale, label_height, gap = 4, 18, 6
     canvas = Image.new("RGB", (len(panels) * (size * scale + gap) - gap, size * scale + label_height), "white")
     draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the bitmap font only
+        font = ImageFont.load_default()
     for index, (label, image) in enumerate(panels):
         crop = ((image[0, :, top : top + size, left : left + size].clamp(-1, 1) + 1) * 127.5).round().byte()
         panel = Image.fromarray(crop.permute(1, 2, 0).numpy()).resize((size * scale, size * scale), Image.NEAREST)
         x = index * (size * scale + gap)
         canvas.paste(panel, (x, label_height))
-        draw.text((x + 2, 2), label, fill="black")
+        draw.text((x + 2, 1), label, fill="black", font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
     return dict(photo=photo_name, top=top, left=left, size=size)
