@@ -24,6 +24,8 @@ from ..utils.validation import (
     IntRule,
     IntSequenceRule,
     OptionalRule,
+    check_floating_dtype,
+    check_tensor,
     is_real,
     validate_config,
 )
@@ -493,6 +495,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
 
     def _encode(self, images: torch.Tensor, return_quantizer_losses: bool = False) -> FlowMoEncoderOutput:
         self.check_images(images)
+        check_floating_dtype("images", images, self.dtype)
         height, width = images.shape[-2:]
         patch = self.config.patch_size
         rotary_emb = self.encoder.rotary_embedding(self.config.code_length, height // patch, width // patch, images.device)
@@ -531,7 +534,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             sample (`torch.Tensor` of shape `(B, 3, H, W)`): `z_t = (1 - t) * image + t * noise`.
             timestep (`torch.Tensor` of shape `(B,)` or a float): flow time t in [0, 1]; 1 is pure noise.
             code (`torch.Tensor` of shape `(B, code_length, context_dim)`): quantized code.
-            code_mask (`torch.Tensor` of shape `(B,)`, optional): 1 keeps a sample's code, 0 replaces it by the null
+            code_mask (`torch.Tensor` of shape `(B,)`, *optional*): 1 keeps a sample's code, 0 replaces it by the null
                 code (all zeros, mask channel included) used for guidance. Default: all ones.
             rotary_emb (`Tuple[torch.Tensor, torch.Tensor]`, *optional*):
                 precomputed [`decoder_rotary_embedding`] tables; computed here when None.
@@ -544,9 +547,9 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             # A Python scalar costs nothing to check; tensor values are the pipeline's to check (no device read).
             raise ValueError(f"timestep must be a flow time in [0, 1] (1 is pure noise) or a tensor, got {timestep!r}")
         batch_size = sample.shape[0]
-        expected_code = (batch_size, self.config.code_length, self.config.context_dim)
-        if tuple(code.shape) != expected_code:
-            raise ValueError(f"code must have shape {expected_code}, got {tuple(code.shape)}")
+        check_tensor("code", code, (batch_size, self.config.code_length, self.config.context_dim))
+        if code_mask is not None:
+            check_tensor("code_mask", code_mask, (batch_size,))
         timestep = torch.as_tensor(timestep, device=sample.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch_size)

@@ -15,6 +15,7 @@ from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, 
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
+from ..utils.validation import as_integer_tensor
 from . import pipeline_utils
 from .pipeline_utils import StepEndCallback
 
@@ -332,6 +333,9 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             [`FlowMoPipelineOutput`] with `images` and `num_decoder_passes` (decoder evaluations per image).
         """
         max_image_size = self._tiled_max_image_size(max_image_size)
+        if indices is not None:
+            # Lists and arrays become a tensor here, so that every later check reads one kind of value.
+            indices = as_integer_tensor("indices", indices)
         callback_on_step_end_tensor_inputs = pipeline_utils.check_callback(
             self, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
@@ -349,10 +353,6 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             height, width = pixels.shape[-2:]
             code = model.encode(pixels.to(dtype)).code
         else:
-            if not isinstance(indices, torch.Tensor):
-                indices = torch.as_tensor(np.asarray(indices))
-                if indices.ndim >= 1 and indices.shape[0] == 0:
-                    raise ValueError(f"indices holds no image (batch size 0, shape {tuple(indices.shape)})")
             code = model.indices_to_code(indices.to(device), dtype=dtype)
         # Each input is encoded once; its code is repeated for its num_images_per_prompt decodings.
         code = code.repeat_interleave(num_images_per_prompt, dim=0)

@@ -14,6 +14,7 @@ from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
 from ..utils.hub import HubPipelineMixin
+from ..utils.validation import as_integer_tensor
 from . import pipeline_utils
 from .pipeline_flowmo import FlowMoPipeline
 from .pipeline_utils import StepEndCallback
@@ -90,14 +91,9 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         num_classes = self.transformer.config.num_classes
         if isinstance(class_labels, (bool, np.bool_)) or class_labels is None:
             raise ValueError(f"class_labels must be class ids in [0, {num_classes}), got {class_labels!r}")
-        if isinstance(class_labels, torch.Tensor):
-            labels = class_labels
-        else:
-            labels = torch.as_tensor(np.asarray(class_labels))
+        labels = as_integer_tensor("class_labels", class_labels)
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: give at least one class id")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
         labels = labels.reshape(1) if labels.ndim == 0 else labels
         if labels.ndim != 1:
             raise ValueError(f"class_labels must be an int or a 1-D sequence of ints, got shape {tuple(labels.shape)}")
