@@ -13,7 +13,7 @@ from ..conversion.single_file import FromOriginalModelMixin
 from ..schedulers.flow_sampling import (
     count_decoder_passes,
     evaluation_flow_times,
-    guided_evaluations,
+    guidance_interval_mask,
     set_flow_timesteps,
 )
 from ..schedulers.scheduling_flowmo import TIME_SCHEDULES, FlowMoScheduler
@@ -599,7 +599,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         self,
         code: torch.Tensor,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Callable[[int], float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         height: int | None = None,
@@ -610,6 +610,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         return_dict: bool = True,
         max_image_size: int | None = None,
         max_inference_steps: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> FlowMoDecodeOutput | tuple:
         """
         Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
@@ -621,9 +622,12 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             code (`torch.Tensor`): quantized code `(B, code_length, context_dim)` (floating point) or token ids
                 `(B, num_indices)` (integer), as from [`encode`].
             num_inference_steps (`int`, *optional*, defaults to `config.sampling_num_inference_steps`): solver steps.
-            guidance_scale (`float`, *optional*, defaults to `config.sampling_guidance_scale`): classifier-free
-                guidance on the code, `v_null + s (v_code - v_null)`, applied to each model evaluation whose flow
-                time lies in the guidance interval; 1 disables it.
+            guidance_scale (`float` or `Callable[[int], float]`, *optional*, defaults to
+                `config.sampling_guidance_scale`): classifier-free guidance on the code, `v_null + s (v_code -
+                v_null)`, applied to each model evaluation whose flow time lies in the guidance interval; 1 disables
+                it. A callable is read before every step as `guidance_scale(step_index)`, so the scale can change
+                part-way (a pipeline's step-end callback setting `pipe._guidance_scale`); a step whose scale is 1
+                takes one decoder pass instead of two.
             generator (`torch.Generator` or a list of one per sample, *optional*): source of the initial noise.
             latents (`torch.Tensor` of shape `(B, 3, H, W)`, *optional*): initial noise; drawn when None.
             height (`int`, *optional*), width (`int`, *optional*): output size (default `sample_size`); ignored when
@@ -635,6 +639,9 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             step_callback (`Callable`, *optional*): `f(step_index, timestep, latents)` after every solver step; a
                 tensor it returns replaces the latents.
             progress_bar (`Callable`, *optional*): wraps the iterable of timesteps (e.g. a pipeline's `progress_bar`).
+            interrupt (`Callable[[], bool]`, *optional*): read before every step; once it returns True, sampling stops
+                and the current latents are the result (diffusers' `pipe._interrupt`). `num_decoder_passes` then
+                counts the passes that ran.
             max_image_size (`int`, *optional*, defaults to 4 x `sample_size`), max_inference_steps (`int`,
                 *optional*, defaults to 1000): bounds of the output size and of `num_inference_steps`, checked before
                 anything is allocated.
@@ -650,6 +657,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         decode_kwargs = dict(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
             progress_bar=progress_bar, max_image_size=max_image_size, max_inference_steps=max_inference_steps,
+            interrupt=interrupt,
         )
         if self.use_tiling:
             output = self._tiled_decode(code, height, width, latents, generator, step_callback, decode_kwargs)
@@ -662,7 +670,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         self,
         code: torch.Tensor,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Callable[[int], float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         height: int | None = None,
@@ -672,6 +680,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         progress_bar: Callable | None = None,
         max_image_size: int | None = None,
         max_inference_steps: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> FlowMoDecodeOutput:
         """[`decode`] of whole images (no tiling)."""
         if code.dtype.is_floating_point:
@@ -683,11 +692,15 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             code = self.indices_to_code(code, dtype=self.dtype)
         config = self.config
         num_inference_steps = config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
+        if callable(guidance_scale):
+            guidance_at = guidance_scale
+        else:
+            fixed_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
+            guidance_at = lambda step_index: fixed_scale  # noqa: E731
         sized = isinstance(latents, torch.Tensor) and latents.ndim == 4  # the latents give the size when passed
         check_decode_bounds(
             config.sample_size, latents.shape[-2] if sized else height, latents.shape[-1] if sized else width,
-            num_inference_steps, guidance_scale, max_image_size, max_inference_steps,
+            num_inference_steps, guidance_at(0), max_image_size, max_inference_steps,
         )
         scheduler = self.sampling_scheduler() if scheduler is None else scheduler
         batch_size, device = code.shape[0], code.device
@@ -714,19 +727,29 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         interval = (
             scheduler.config.guidance_interval if isinstance(scheduler, FlowMoScheduler) else config.sampling_guidance_interval
         )
-        # Guidance decisions come from the grid, read once here, so the loop never waits on the device.
-        guided = guided_evaluations(evaluation_flow_times(scheduler), guidance_scale, interval)
+        # Guidance decisions come from the grid, read once here, and host scalars, so the loop never waits on the device.
+        inside_interval = guidance_interval_mask(evaluation_flow_times(scheduler), interval)
         flow_times = scheduler.sigmas.to(device=device, dtype=torch.float32)
         # RoPE tables depend only on the image size: build them once, not once per step.
         rotary_emb = self.decoder_rotary_embedding(height, width, device)
         keep_and_drop = torch.cat([torch.ones(batch_size, device=device), torch.zeros(batch_size, device=device)])
-        double_code = torch.cat([code, code]) if any(guided) else None
+        double_code = None
+        guided_steps = []
 
         timesteps = scheduler.timesteps
         for index, timestep in enumerate(progress_bar(timesteps) if progress_bar is not None else timesteps):
+            if interrupt is not None and interrupt():
+                break
+            # Read per step: a step-end callback may have changed it (checked like the argument it replaces).
+            guidance_scale = guidance_at(index)
+            if index:
+                check_decode_bounds(config.sample_size, guidance_scale=guidance_scale)
+            guided = inside_interval[index] and guidance_scale != 1.0
+            guided_steps.append(guided)
             model_input = latents.to(self.dtype)
             flow_time = flow_times[index]
-            if guided[index]:
+            if guided:
+                double_code = torch.cat([code, code]) if double_code is None else double_code
                 # Code and null-code passes share one batched forward.
                 velocity = self(
                     torch.cat([model_input, model_input]),
@@ -746,4 +769,4 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
                 if replaced is not None:
                     latents = replaced
         images = latents.clamp(-1, 1)
-        return FlowMoDecodeOutput(sample=images, num_decoder_passes=count_decoder_passes(guided))
+        return FlowMoDecodeOutput(sample=images, num_decoder_passes=count_decoder_passes(guided_steps))
