@@ -239,6 +239,12 @@ def test_ids_as_nested_lists_and_arrays_decode_like_the_tensor(tiny_pipeline):
         assert torch.equal(got, expected), type(given)
     with pytest.raises(ValueError, match="indices holds no image"):
         tiny_pipeline(indices=[])
+    # One sequence is one image (diffusers' PipelineTesterMixin batches a single input that way).
+    for given in (ids[0], ids[0].tolist()):
+        one = tiny_pipeline(indices=given, generator=torch.Generator().manual_seed(1), **kwargs).images
+        assert torch.equal(one, tiny_pipeline(indices=ids[:1], generator=torch.Generator().manual_seed(1), **kwargs).images)
+    with pytest.raises(ValueError, match="indices must have shape \\(batch, 24\\)"):
+        tiny_pipeline(indices=ids[0, :23])
 
 
 def test_class_labels_as_text_are_refused_by_the_same_check(maskgit_pipeline):

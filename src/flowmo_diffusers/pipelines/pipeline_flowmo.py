@@ -326,7 +326,8 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         Args:
             images (`ImageInput`, *optional*):
                 images to reconstruct (PIL, numpy or torch in [0, 1]). Give either `images` or `indices`.
-            indices (`torch.LongTensor` of shape `(B, num_indices)`): token ids to decode, as from [`encode`].
+            indices (`torch.LongTensor` of shape `(B, num_indices)`): token ids to decode, as from [`encode`]; a numpy
+                array or nested list of ints works too, and one sequence `(num_indices,)` is one image.
             num_inference_steps (`int`, *optional*): solver steps; defaults to the decoder's own
                 (`autoencoder.config.sampling_num_inference_steps`: 25 for the paper's sampler, K for a K-pass
                 student).
@@ -368,6 +369,8 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         if indices is not None:
             # Lists and arrays become a tensor here, so that every later check reads one kind of value.
             indices = as_integer_tensor("indices", indices)
+            if indices.ndim == 1 and indices.numel() and not self.autoencoder.use_tiling:
+                indices = indices[None]  # one sequence is one image, as one prompt or one PIL image is in diffusers
         callback_on_step_end_tensor_inputs = pipeline_utils.check_callback(
             self, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
