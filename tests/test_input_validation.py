@@ -208,3 +208,78 @@ def test_model_decode_is_bounded_before_allocation(tiny_model):
     with pytest.raises(ValueError, match="guidance_scale must lie in"):
         tiny_model.decode(IDS, guidance_scale=1e30)
     assert tiny_model.decode(IDS, num_inference_steps=1, height=160, max_image_size=160).sample.shape == (1, 3, 160, 32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Values of the wrong kind where they enter: ids as text or ragged lists, float64 images, a numpy code, a code_mask of
+# the wrong shape (each used to fail deep inside numpy, torch or the first matmul with a message naming none of them)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "indices, error, message",
+    [
+        ("1,2", TypeError, "indices must be integer ids .*got the string '1,2'"),
+        ([["1"] * 24], TypeError, "indices must be integer ids, got elements of type \\['str'\\]"),
+        ([[0] * 24, [0] * 23], ValueError, "indices must be a rectangular \\(batch, length\\) array of ids"),
+        ([[0.0] * 24], ValueError, "indices must hold integers \\(an integer tensor of ids\\), got dtype torch.float64"),
+    ],
+)
+def test_ids_as_text_or_ragged_lists_are_refused_before_decoding(tiny_pipeline, indices, error, message):
+    with pytest.raises(error, match=message):
+        tiny_pipeline(indices=indices)
+
+
+def test_ids_as_nested_lists_and_arrays_decode_like_the_tensor(tiny_pipeline):
+    ids = torch.randint(0, 16, (2, 24), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=2, output_type="pt")
+    expected = tiny_pipeline(indices=ids, generator=torch.Generator().manual_seed(1), **kwargs).images
+    for given in (ids.tolist(), ids.numpy(), ids.int().numpy()):
+        got = tiny_pipeline(indices=given, generator=torch.Generator().manual_seed(1), **kwargs).images
+        assert torch.equal(got, expected), type(given)
+    with pytest.raises(ValueError, match="indices holds no image"):
+        tiny_pipeline(indices=[])
+    # One sequence is one image (diffusers' PipelineTesterMixin batches a single input that way).
+    for given in (ids[0], ids[0].tolist()):
+        one = tiny_pipeline(indices=given, generator=torch.Generator().manual_seed(1), **kwargs).images
+        assert torch.equal(one, tiny_pipeline(indices=ids[:1], generator=torch.Generator().manual_seed(1), **kwargs).images)
+    with pytest.raises(ValueError, match="indices must have shape \\(batch, 24\\)"):
+        tiny_pipeline(indices=ids[0, :23])
+
+
+def test_class_labels_as_text_are_refused_by_the_same_check(maskgit_pipeline):
+    with pytest.raises(TypeError, match="class_labels must be integer ids"):
+        maskgit_pipeline(class_labels="3")
+    with pytest.raises(TypeError, match="class_labels must be integer ids, got elements of type"):
+        maskgit_pipeline(class_labels=["3", "4"])
+    with pytest.raises(ValueError, match="class_labels must hold integers"):
+        maskgit_pipeline(class_labels=[1.5])
+
+
+def test_float64_images_to_encode_are_refused_with_the_dtype_to_use(tiny_model):
+    images = torch.rand(1, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    with pytest.raises(ValueError, match="images must have the model's dtype torch.float32, got torch.float64"):
+        tiny_model.encode(images)
+    # Under autocast half / single precision is cast for the matmuls, float64 never is.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tiny_model.encode(images.float().bfloat16()).indices.shape == (1, 24)
+        with pytest.raises(ValueError, match="images must have the model's dtype"):
+            tiny_model.encode(images)
+    assert torch.equal(tiny_model.encode(images.float()).indices, tiny_model.encode(images.float()).indices)
+
+
+def test_a_numpy_code_or_a_code_mask_of_the_wrong_shape_is_refused(tiny_model):
+    sample, code = torch.randn(2, 3, 32, 32), torch.zeros(2, 8, 12)
+    with pytest.raises(TypeError, match="code must be a torch.Tensor, got ndarray: convert it with torch.from_numpy"):
+        tiny_model(sample, 0.5, code.numpy())
+    with pytest.raises(ValueError, match="code_mask must have shape \\(2,\\), got \\(3,\\)"):
+        tiny_model(sample, 0.5, code, code_mask=torch.ones(3))
+    with pytest.raises(ValueError, match="code_mask must have shape \\(2,\\), got \\(2, 1\\)"):
+        tiny_model(sample, 0.5, code, code_mask=torch.ones(2, 1))
+    with pytest.raises(TypeError, match="code_mask must be a torch.Tensor, got list"):
+        tiny_model(sample, 0.5, code, code_mask=[1, 0])
+    # A right-shaped mask works as before: 0 is the null code (batch 2 vs 1: float rounding only).
+    with torch.no_grad():
+        null = tiny_model(sample, 0.5, code + 1, code_mask=torch.tensor([1.0, 0.0])).sample
+        alone = tiny_model(sample[1:], 0.5, code[1:] - 1, code_mask=torch.zeros(1)).sample
+    torch.testing.assert_close(null[1], alone[0], rtol=0, atol=1e-5)

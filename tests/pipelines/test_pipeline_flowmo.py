@@ -101,7 +101,7 @@ def test_save_and_load_pipeline(tiny_pipeline, tmp_path):
         ({"indices": torch.full((1, 24), 99)}, "\\[0, 16\\)"),
         ({"indices": torch.zeros(1, 24, dtype=torch.long), "latents": torch.zeros(1, 3, 16, 16)}, "latents must be"),
         ({"indices": torch.zeros(1, 24, dtype=torch.long), "height": 30}, "multiples of patch_size"),
-        ({"indices": torch.zeros(1, 24, dtype=torch.long), "output_type": "latent"}, "output_type"),
+        ({"indices": torch.zeros(1, 24, dtype=torch.long), "output_type": "latents"}, "output_type"),
         ({"indices": torch.zeros(1, 24, dtype=torch.long), "num_inference_steps": 0}, "num_inference_steps"),
     ],
 )

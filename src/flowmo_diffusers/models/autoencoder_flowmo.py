@@ -13,7 +13,7 @@ from ..conversion.single_file import FromOriginalModelMixin
 from ..schedulers.flow_sampling import (
     count_decoder_passes,
     evaluation_flow_times,
-    guided_evaluations,
+    guidance_interval_mask,
     set_flow_timesteps,
 )
 from ..schedulers.scheduling_flowmo import TIME_SCHEDULES, FlowMoScheduler
@@ -24,6 +24,8 @@ from ..utils.validation import (
     IntRule,
     IntSequenceRule,
     OptionalRule,
+    check_floating_dtype,
+    check_tensor,
     is_real,
     validate_config,
 )
@@ -493,6 +495,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
 
     def _encode(self, images: torch.Tensor, return_quantizer_losses: bool = False) -> FlowMoEncoderOutput:
         self.check_images(images)
+        check_floating_dtype("images", images, self.dtype)
         height, width = images.shape[-2:]
         patch = self.config.patch_size
         rotary_emb = self.encoder.rotary_embedding(self.config.code_length, height // patch, width // patch, images.device)
@@ -531,7 +534,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             sample (`torch.Tensor` of shape `(B, 3, H, W)`): `z_t = (1 - t) * image + t * noise`.
             timestep (`torch.Tensor` of shape `(B,)` or a float): flow time t in [0, 1]; 1 is pure noise.
             code (`torch.Tensor` of shape `(B, code_length, context_dim)`): quantized code.
-            code_mask (`torch.Tensor` of shape `(B,)`, optional): 1 keeps a sample's code, 0 replaces it by the null
+            code_mask (`torch.Tensor` of shape `(B,)`, *optional*): 1 keeps a sample's code, 0 replaces it by the null
                 code (all zeros, mask channel included) used for guidance. Default: all ones.
             rotary_emb (`Tuple[torch.Tensor, torch.Tensor]`, *optional*):
                 precomputed [`decoder_rotary_embedding`] tables; computed here when None.
@@ -544,9 +547,9 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             # A Python scalar costs nothing to check; tensor values are the pipeline's to check (no device read).
             raise ValueError(f"timestep must be a flow time in [0, 1] (1 is pure noise) or a tensor, got {timestep!r}")
         batch_size = sample.shape[0]
-        expected_code = (batch_size, self.config.code_length, self.config.context_dim)
-        if tuple(code.shape) != expected_code:
-            raise ValueError(f"code must have shape {expected_code}, got {tuple(code.shape)}")
+        check_tensor("code", code, (batch_size, self.config.code_length, self.config.context_dim))
+        if code_mask is not None:
+            check_tensor("code_mask", code_mask, (batch_size,))
         timestep = torch.as_tensor(timestep, device=sample.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch_size)
@@ -596,7 +599,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         self,
         code: torch.Tensor,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Callable[[int], float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         height: int | None = None,
@@ -607,6 +610,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         return_dict: bool = True,
         max_image_size: int | None = None,
         max_inference_steps: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> FlowMoDecodeOutput | tuple:
         """
         Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
@@ -618,9 +622,12 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             code (`torch.Tensor`): quantized code `(B, code_length, context_dim)` (floating point) or token ids
                 `(B, num_indices)` (integer), as from [`encode`].
             num_inference_steps (`int`, *optional*, defaults to `config.sampling_num_inference_steps`): solver steps.
-            guidance_scale (`float`, *optional*, defaults to `config.sampling_guidance_scale`): classifier-free
-                guidance on the code, `v_null + s (v_code - v_null)`, applied to each model evaluation whose flow
-                time lies in the guidance interval; 1 disables it.
+            guidance_scale (`float` or `Callable[[int], float]`, *optional*, defaults to
+                `config.sampling_guidance_scale`): classifier-free guidance on the code, `v_null + s (v_code -
+                v_null)`, applied to each model evaluation whose flow time lies in the guidance interval; 1 disables
+                it. A callable is read before every step as `guidance_scale(step_index)`, so the scale can change
+                part-way (a pipeline's step-end callback setting `pipe._guidance_scale`); a step whose scale is 1
+                takes one decoder pass instead of two.
             generator (`torch.Generator` or a list of one per sample, *optional*): source of the initial noise.
             latents (`torch.Tensor` of shape `(B, 3, H, W)`, *optional*): initial noise; drawn when None.
             height (`int`, *optional*), width (`int`, *optional*): output size (default `sample_size`); ignored when
@@ -632,6 +639,9 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             step_callback (`Callable`, *optional*): `f(step_index, timestep, latents)` after every solver step; a
                 tensor it returns replaces the latents.
             progress_bar (`Callable`, *optional*): wraps the iterable of timesteps (e.g. a pipeline's `progress_bar`).
+            interrupt (`Callable[[], bool]`, *optional*): read before every step; once it returns True, sampling stops
+                and the current latents are the result (diffusers' `pipe._interrupt`). `num_decoder_passes` then
+                counts the passes that ran.
             max_image_size (`int`, *optional*, defaults to 4 x `sample_size`), max_inference_steps (`int`,
                 *optional*, defaults to 1000): bounds of the output size and of `num_inference_steps`, checked before
                 anything is allocated.
@@ -647,6 +657,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         decode_kwargs = dict(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
             progress_bar=progress_bar, max_image_size=max_image_size, max_inference_steps=max_inference_steps,
+            interrupt=interrupt,
         )
         if self.use_tiling:
             output = self._tiled_decode(code, height, width, latents, generator, step_callback, decode_kwargs)
@@ -659,7 +670,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         self,
         code: torch.Tensor,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Callable[[int], float] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         height: int | None = None,
@@ -669,6 +680,7 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         progress_bar: Callable | None = None,
         max_image_size: int | None = None,
         max_inference_steps: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> FlowMoDecodeOutput:
         """[`decode`] of whole images (no tiling)."""
         if code.dtype.is_floating_point:
@@ -680,11 +692,15 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
             code = self.indices_to_code(code, dtype=self.dtype)
         config = self.config
         num_inference_steps = config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
+        if callable(guidance_scale):
+            guidance_at = guidance_scale
+        else:
+            fixed_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
+            guidance_at = lambda step_index: fixed_scale  # noqa: E731
         sized = isinstance(latents, torch.Tensor) and latents.ndim == 4  # the latents give the size when passed
         check_decode_bounds(
             config.sample_size, latents.shape[-2] if sized else height, latents.shape[-1] if sized else width,
-            num_inference_steps, guidance_scale, max_image_size, max_inference_steps,
+            num_inference_steps, guidance_at(0), max_image_size, max_inference_steps,
         )
         scheduler = self.sampling_scheduler() if scheduler is None else scheduler
         batch_size, device = code.shape[0], code.device
@@ -711,19 +727,29 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
         interval = (
             scheduler.config.guidance_interval if isinstance(scheduler, FlowMoScheduler) else config.sampling_guidance_interval
         )
-        # Guidance decisions come from the grid, read once here, so the loop never waits on the device.
-        guided = guided_evaluations(evaluation_flow_times(scheduler), guidance_scale, interval)
+        # Guidance decisions come from the grid, read once here, and host scalars, so the loop never waits on the device.
+        inside_interval = guidance_interval_mask(evaluation_flow_times(scheduler), interval)
         flow_times = scheduler.sigmas.to(device=device, dtype=torch.float32)
         # RoPE tables depend only on the image size: build them once, not once per step.
         rotary_emb = self.decoder_rotary_embedding(height, width, device)
         keep_and_drop = torch.cat([torch.ones(batch_size, device=device), torch.zeros(batch_size, device=device)])
-        double_code = torch.cat([code, code]) if any(guided) else None
+        double_code = None
+        guided_steps = []
 
         timesteps = scheduler.timesteps
         for index, timestep in enumerate(progress_bar(timesteps) if progress_bar is not None else timesteps):
+            if interrupt is not None and interrupt():
+                break
+            # Read per step: a step-end callback may have changed it (checked like the argument it replaces).
+            guidance_scale = guidance_at(index)
+            if index:
+                check_decode_bounds(config.sample_size, guidance_scale=guidance_scale)
+            guided = inside_interval[index] and guidance_scale != 1.0
+            guided_steps.append(guided)
             model_input = latents.to(self.dtype)
             flow_time = flow_times[index]
-            if guided[index]:
+            if guided:
+                double_code = torch.cat([code, code]) if double_code is None else double_code
                 # Code and null-code passes share one batched forward.
                 velocity = self(
                     torch.cat([model_input, model_input]),
@@ -743,4 +769,4 @@ class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModel
                 if replaced is not None:
                     latents = replaced
         images = latents.clamp(-1, 1)
-        return FlowMoDecodeOutput(sample=images, num_decoder_passes=count_decoder_passes(guided))
+        return FlowMoDecodeOutput(sample=images, num_decoder_passes=count_decoder_passes(guided_steps))

@@ -76,6 +76,9 @@ class FlowMoMaskGiTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["BertLayer"]
+    # `compile_repeated_blocks()` compiles one BERT layer and reuses the graph for all `num_layers` of them (diffusers'
+    # regional compilation); transformers' `BertLayer` is the block the encoder stack repeats.
+    _repeated_blocks = ["BertLayer"]
 
     @register_to_config
     def __init__(

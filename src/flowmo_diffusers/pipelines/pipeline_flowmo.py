@@ -15,6 +15,7 @@ from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, 
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
+from ..utils.validation import as_integer_tensor
 from . import pipeline_utils
 from .pipeline_utils import StepEndCallback
 
@@ -77,6 +78,31 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=autoencoder.config.patch_size, do_resize=False, do_normalize=True, do_convert_rgb=True
         )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # diffusers' sampling state, set by `__call__` and read (or changed) by `callback_on_step_end`.
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the current (or last) call; a callback that sets `pipe._guidance_scale` changes it
+        from the next solver step on (e.g. 1.0 switches guidance off)."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """Solver steps of the current (or last) call: `num_inference_steps` for Euler-type solvers, 2N - 1 for Heun."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether sampling stops: a callback that sets `pipe._interrupt = True` ends it after that step."""
+        return self._interrupt
+
+    def _progress_over_timesteps(self, timesteps):
+        # The solver loop lives in FlowMoModel.decode, which hands its timesteps to this wrapper before the first step:
+        # the one moment the pipeline sees the grid, so `num_timesteps` is known to every callback (diffusers sets it
+        # before its loop too).
+        self._num_timesteps = len(timesteps)
+        return self.progress_bar(timesteps)
 
     # ----------------------------------------------------------------------------------------------------------
     def enable_tiling(self, **kwargs) -> None:
@@ -228,8 +254,8 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         if (images is None) == (indices is None):
             raise ValueError("pass exactly one of `images` (to reconstruct) or `indices` (to decode)")
         pipeline_utils.check_num_images_per_prompt(num_images_per_prompt)
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if num_inference_steps is not None and (
             isinstance(num_inference_steps, bool)
             or not isinstance(num_inference_steps, (int, np.integer))
@@ -300,7 +326,8 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         Args:
             images (`ImageInput`, *optional*):
                 images to reconstruct (PIL, numpy or torch in [0, 1]). Give either `images` or `indices`.
-            indices (`torch.LongTensor` of shape `(B, num_indices)`): token ids to decode, as from [`encode`].
+            indices (`torch.LongTensor` of shape `(B, num_indices)`): token ids to decode, as from [`encode`]; a numpy
+                array or nested list of ints works too, and one sequence `(num_indices,)` is one image.
             num_inference_steps (`int`, *optional*): solver steps; defaults to the decoder's own
                 (`autoencoder.config.sampling_num_inference_steps`: 25 for the paper's sampler, K for a K-pass
                 student).
@@ -316,7 +343,10 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             latents (`torch.Tensor` of shape `(B * num_images_per_prompt, 3, H, W)`): initial noise; drawn from
                 `generator` when None.
             height, width (`int`): output size when decoding `indices` (default `sample_size`); ignored for `images`.
-            output_type (`str`): `"pil"`, `"np"` (`(B, H, W, 3)` in [0, 1]) or `"pt"` (`(B, 3, H, W)` in [0, 1]).
+            output_type (`str`): `"pil"`, `"np"` (`(B, H, W, 3)` in [0, 1]), `"pt"` (`(B, 3, H, W)` in [0, 1]) or
+                `"latent"`: the sampler's result before postprocessing, float32 `(B, 3, H, W)` in the model's range
+                [-1, 1] (FlowMo's decoder samples pixels, so its "latents" are the image; `"pt"` is `latent / 2 +
+                0.5`). Intermediate states, unclamped, reach `callback_on_step_end`.
             return_dict (`bool`): return a [`FlowMoPipelineOutput`] rather than a tuple.
             max_image_size (`int`, *optional*, defaults to 4 x `sample_size`): the largest height or width accepted
                 for `images`, `height`, `width` and `latents`; checked before anything is allocated.
@@ -325,6 +355,10 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
                 every solver step as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`, where
                 `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`; it returns a dict,
                 and a `"latents"` tensor in it replaces the current latents (the sample at the next flow time).
+                diffusers' conventions hold: setting `pipe._guidance_scale` changes the guidance from the next step on
+                (1.0 turns it off, one decoder pass per step), setting `pipe._interrupt = True` stops sampling after
+                this step (the output is then the current latents, clamped), and `pipe.num_timesteps` is the number
+                of solver steps.
             callback_on_step_end_tensor_inputs (`List[str]`, *optional*, defaults to `["latents"]`): the tensors
                 passed to the callback, from `_callback_tensor_inputs`.
 
@@ -332,6 +366,11 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             [`FlowMoPipelineOutput`] with `images` and `num_decoder_passes` (decoder evaluations per image).
         """
         max_image_size = self._tiled_max_image_size(max_image_size)
+        if indices is not None:
+            # Lists and arrays become a tensor here, so that every later check reads one kind of value.
+            indices = as_integer_tensor("indices", indices)
+            if indices.ndim == 1 and indices.numel() and not self.autoencoder.use_tiling:
+                indices = indices[None]  # one sequence is one image, as one prompt or one PIL image is in diffusers
         callback_on_step_end_tensor_inputs = pipeline_utils.check_callback(
             self, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
@@ -349,10 +388,6 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
             height, width = pixels.shape[-2:]
             code = model.encode(pixels.to(dtype)).code
         else:
-            if not isinstance(indices, torch.Tensor):
-                indices = torch.as_tensor(np.asarray(indices))
-                if indices.ndim >= 1 and indices.shape[0] == 0:
-                    raise ValueError(f"indices holds no image (batch size 0, shape {tuple(indices.shape)})")
             code = model.indices_to_code(indices.to(device), dtype=dtype)
         # Each input is encoded once; its code is repeated for its num_images_per_prompt decodings.
         code = code.repeat_interleave(num_images_per_prompt, dim=0)
@@ -368,26 +403,30 @@ class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
         step_callback = pipeline_utils.prepare_step_callback(
             self, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
+        self._guidance_scale = float(model.config.sampling_guidance_scale if guidance_scale is None else guidance_scale)
+        self._num_timesteps = 0
+        self._interrupt = False
 
         decoded = model.decode(
             code,
             num_inference_steps=None if num_inference_steps is None else int(num_inference_steps),
-            guidance_scale=None if guidance_scale is None else float(guidance_scale),
+            # Read before every step, so that a callback's `pipe._guidance_scale = ...` applies from the next one.
+            guidance_scale=lambda step_index: self._guidance_scale,
             generator=generator,
             latents=latents,
             height=height,
             width=width,
             scheduler=self.scheduler,
             step_callback=step_callback,
-            progress_bar=self.progress_bar,
+            progress_bar=self._progress_over_timesteps,
             max_image_size=max_image_size,
             max_inference_steps=max_inference_steps,
+            interrupt=lambda: self._interrupt,
         )
-        latents = decoded.sample
-        images = latents
+        images = decoded.sample
         if output_type == "pt":
             images = images / 2 + 0.5
-        else:
+        elif output_type != "latent":
             images = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -14,6 +14,7 @@ from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
 from ..utils.hub import HubPipelineMixin
+from ..utils.validation import as_integer_tensor, check_float
 from . import pipeline_utils
 from .pipeline_flowmo import FlowMoPipeline
 from .pipeline_utils import StepEndCallback
@@ -71,6 +72,25 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         )
 
     # ----------------------------------------------------------------------------------------------------------
+    # diffusers' sampling state of the unmasking loop, set by `generate_indices` and read (or changed) by
+    # `callback_on_step_end`; the decoder's own sampler that follows is not part of it.
+    @property
+    def guidance_scale(self) -> float:
+        """The prior's guidance scale g of the current (or last) call; a callback that sets `pipe._guidance_scale`
+        changes it from the next unmasking step on (the scheduler's guidance schedule still applies to it)."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """Unmasking steps of the current (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether unmasking stops: a callback that sets `pipe._interrupt = True` ends it after that step."""
+        return self._interrupt
+
+    # ----------------------------------------------------------------------------------------------------------
     def check_components(self) -> None:
         """Raise ValueError unless the transformer, scheduler and autoencoder agree on the token format."""
         config = self.transformer.config
@@ -90,14 +110,9 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         num_classes = self.transformer.config.num_classes
         if isinstance(class_labels, (bool, np.bool_)) or class_labels is None:
             raise ValueError(f"class_labels must be class ids in [0, {num_classes}), got {class_labels!r}")
-        if isinstance(class_labels, torch.Tensor):
-            labels = class_labels
-        else:
-            labels = torch.as_tensor(np.asarray(class_labels))
+        labels = as_integer_tensor("class_labels", class_labels)
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: give at least one class id")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
         labels = labels.reshape(1) if labels.ndim == 0 else labels
         if labels.ndim != 1:
             raise ValueError(f"class_labels must be an int or a 1-D sequence of ints, got shape {tuple(labels.shape)}")
@@ -115,20 +130,34 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
         guidance_scale: float,
         generator=None,
         step_callback: Callable[[int, torch.Tensor, torch.LongTensor], torch.LongTensor | None] | None = None,
-    ) -> torch.LongTensor:
-        """MaskGiT sampling: validated labels `(B,)` -> token ids `(B, num_indices)`. `step_callback(step_index,
-        timestep, ids)` runs after every unmasking step; ids it returns replace the current ones."""
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """MaskGiT sampling: validated labels `(B,)` -> token ids `(B, num_indices)`.
+
+        `step_callback(step_index, timestep, ids)` runs after every unmasking step; ids it returns replace the current
+        ones. The guidance scale is read from `self._guidance_scale` before every step (set here to
+        `guidance_scale`), and `self._interrupt` stops the loop after a step.
+
+        Returns:
+            `(ids, complete_ids)`, both `(B, num_indices)`: the ids as the loop left them (`mask_token_id` where still
+            masked, which happens only when interrupted) and the same with every masked position filled by the last
+            step's prediction (the scheduler's `pred_original_sample`), which can be decoded.
+        """
         transformer = self.transformer
         device = self._execution_device
         batch_size = class_labels.shape[0]
-        ids = torch.full(
-            (batch_size, transformer.config.num_indices), transformer.mask_token_id, dtype=torch.long, device=device
-        )
+        mask_id = transformer.mask_token_id
+        ids = torch.full((batch_size, transformer.config.num_indices), mask_id, dtype=torch.long, device=device)
+        prediction = ids
         null_labels = torch.full_like(class_labels, transformer.null_class_id)
         both_labels = torch.cat([class_labels, null_labels])
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._guidance_scale = guidance_scale
+        self._num_timesteps = len(self.scheduler.timesteps)
+        self._interrupt = False
         for step_index in self.progress_bar(self.scheduler.timesteps):
-            weight = self.scheduler.guidance_scale_at(step_index, guidance_scale)
+            if self.interrupt:
+                break
+            weight = self.scheduler.guidance_scale_at(step_index, check_float("guidance_scale", self._guidance_scale))
             if weight != 1.0:
                 # Conditional and null-class passes share one batched forward.
                 logits = transformer(torch.cat([ids, ids]), both_labels).logits.float()
@@ -136,12 +165,13 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
                 logits = unconditional + weight * (conditional - unconditional)
             else:
                 logits = transformer(ids, class_labels).logits.float()
-            ids = self.scheduler.step(logits, step_index, ids, generator=generator).prev_sample
+            output = self.scheduler.step(logits, step_index, ids, generator=generator)
+            ids, prediction = output.prev_sample, output.pred_original_sample
             if step_callback is not None:
                 replaced = step_callback(step_index, self.scheduler.timesteps[step_index], ids)
                 if replaced is not None:
                     ids = replaced
-        return ids
+        return ids, torch.where(ids == mask_id, prediction, ids)
 
     @torch.no_grad()
     def __call__(
@@ -173,8 +203,9 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
             generator (`torch.Generator` or `List[torch.Generator]`, *optional*): for the token draws and then the
                 decoder's noise: one for the whole batch, or one per output image
                 (`len(class_labels) * num_images_per_prompt`).
-            output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1], as [`FlowMoPipeline`]) or `"latent"`
-                (the token ids, not decoded).
+            output_type (`str`): `"pil"`, `"np"`, `"pt"` (images in [0, 1], as [`FlowMoPipeline`]) or `"latent"`:
+                the sampled token ids `(B, num_indices)` int64, not decoded (the prior's "latents", as in diffusers'
+                aMUSEd pipeline); after an interrupt they still hold `mask_token_id` where unmasking had not reached.
             decoder_num_inference_steps (`int`, *optional*), decoder_guidance_scale (`float`, *optional*): the FlowMo
                 decoder's sampler; by default the decoder's own (the paper's 25 steps with guidance 1.5, or K
                 unguided passes for a distilled student).
@@ -183,7 +214,9 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
                 every unmasking step as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`, where
                 `callback_kwargs["latents"]` is the current token ids `(B * num_images_per_prompt, num_indices)` (mask
                 id where still masked); a `"latents"` tensor in the dict it returns replaces them. The decoder's
-                steps that follow are not part of it.
+                steps that follow are not part of it. diffusers' conventions hold: setting `pipe._guidance_scale`
+                changes g from the next unmasking step on, and `pipe._interrupt = True` stops unmasking after this
+                step; decoded outputs then fill the positions still masked with that step's prediction.
             callback_on_step_end_tensor_inputs (`List[str]`, *optional*, defaults to `["latents"]`): the tensors
                 passed to the callback, from `_callback_tensor_inputs`.
         """
@@ -211,11 +244,14 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
             self, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
 
-        indices = self.generate_indices(labels, num_inference_steps, guidance_scale, generator, step_callback)
+        indices, complete_indices = self.generate_indices(
+            labels, num_inference_steps, guidance_scale, generator, step_callback
+        )
 
         if output_type == "latent":
             images = indices
         else:
+            indices = complete_indices
             # Decoding is FlowMoPipeline's, on our components (a light wrapper: no weights are copied).
             decoder = FlowMoPipeline(autoencoder=self.autoencoder, scheduler=self.decoder_scheduler)
             decoder.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))

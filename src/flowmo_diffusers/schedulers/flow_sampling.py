@@ -98,12 +98,9 @@ def evaluation_flow_times(scheduler) -> list[float]:
     return [float(t) for t in scheduler.sigmas[: len(scheduler.timesteps)].detach().cpu()]
 
 
-def guided_evaluations(
-    flow_times: Sequence[float], guidance_scale: float, guidance_interval: tuple[float, float] | None
-) -> list[bool]:
-    """For each model evaluation, whether it is guided (`guidance_scale != 1` and t inside the EDM-sigma interval)."""
-    if guidance_scale == 1.0:
-        return [False] * len(flow_times)
+def guidance_interval_mask(flow_times: Sequence[float], guidance_interval: tuple[float, float] | None) -> list[bool]:
+    """For each model evaluation, whether its flow time lies inside the EDM-sigma guidance interval (it is guided
+    there unless that step's guidance scale is 1)."""
     return [in_guidance_interval(t, guidance_interval) for t in flow_times]
 
 
@@ -116,6 +113,6 @@ __all__ = [
     "check_flow_scheduler",
     "count_decoder_passes",
     "evaluation_flow_times",
-    "guided_evaluations",
+    "guidance_interval_mask",
     "set_flow_timesteps",
 ]

@@ -10,6 +10,9 @@ import argparse
 import numbers
 from typing import Any
 
+import numpy as np
+import torch
+
 
 def is_integer(value: Any) -> bool:
     """Whether `value` is an integer (Python or numpy), not a bool."""
@@ -84,6 +87,79 @@ def non_negative_int(text: str) -> int:
 
 
 __all__ = ["check_bool", "check_float", "check_int", "is_integer", "is_real", "non_negative_int", "positive_int"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tensors given to models and pipelines (shapes and dtypes only: never a tensor value, so nothing waits on the device)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_tensor(name: str, value: Any, shape: tuple[int | None, ...] | None = None) -> torch.Tensor:
+    """`value` if it is a `torch.Tensor` of `shape` (`None` entries take any size), else an error naming `name`.
+
+    Raises:
+        TypeError: `value` is not a tensor (a numpy array says how to convert it).
+        ValueError: the tensor's shape is not `shape`.
+    """
+    if not isinstance(value, torch.Tensor):
+        hint = ": convert it with torch.from_numpy(...)" if isinstance(value, np.ndarray) else ""
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}{hint}")
+    if shape is not None and (
+        value.ndim != len(shape) or any(size is not None and size != got for size, got in zip(shape, value.shape))
+    ):
+        sizes = ", ".join("*" if size is None else str(size) for size in shape)
+        raise ValueError(f"{name} must have shape ({sizes}{',' if len(shape) == 1 else ''}), got {tuple(value.shape)}")
+    return value
+
+
+def check_floating_dtype(name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise ValueError unless the float tensor `value` can meet weights of `dtype`.
+
+    Without autocast a matmul needs one dtype on both sides (otherwise PyTorch fails deep inside the first layer);
+    under autocast half and single precision are cast for it, float64 never is.
+    """
+    if value.dtype == dtype:
+        return
+    if value.dtype != torch.float64 and torch.is_autocast_enabled(value.device.type):
+        return
+    raise ValueError(
+        f"{name} must have the model's dtype {dtype}, got {value.dtype}: pass {name}.to({dtype}) (or run under "
+        "autocast for half / single precision)"
+    )
+
+
+def as_integer_tensor(name: str, value: Any) -> torch.Tensor:
+    """Integer ids given as a tensor, a numpy array or a (nested) list of ints -> a tensor (tensors pass unchanged).
+
+    Raises:
+        TypeError: strings (`"1,2"`, `["1", "2"]`) or other non-numbers.
+        ValueError: a ragged nested list (rows of different lengths), or numbers that are not integers (floats,
+            bools).
+    """
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, (str, bytes)):
+            raise TypeError(
+                f"{name} must be integer ids (a tensor, an array or a nested list of ints), got the string {value!r:.60}"
+            )
+        try:
+            array = np.asarray(value)
+        except ValueError:  # numpy (>= 1.24) refuses ragged nesting
+            raise ValueError(
+                f"{name} must be a rectangular (batch, length) array of ids, got a nested list whose rows have "
+                "different lengths"
+            ) from None
+        if array.size == 0 and array.dtype.kind == "f":
+            array = array.astype(np.int64)  # `[]` is float to numpy; the caller says that no id was given
+        if array.dtype.kind in "USO":
+            kinds = sorted({type(item).__name__ for item in np.asarray(array, dtype=object).reshape(-1)})
+            raise TypeError(f"{name} must be integer ids, got elements of type {kinds}")
+        value = torch.from_numpy(array)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers (an integer tensor of ids), got dtype {value.dtype}")
+    return value
+
+
+__all__ += ["as_integer_tensor", "check_floating_dtype", "check_tensor"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
