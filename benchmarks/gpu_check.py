@@ -59,7 +59,8 @@ PRESETS = ("flowmo-lo", "flowmo-hi", "flowmo-tiny")
 DEFAULT_BACKENDS = {
     # The `*_hub` backends download kernels from the Hub: not tried. A backend whose package is absent fails its row.
     "cuda": "native,_native_math,_native_efficient,_native_flash,_native_cudnn,flash,_flash_3,sage,xformers",
-    "cpu": "native,_native_math,_native_flash,flash",
+    "cpu": "native,flash,_native_math,_native_flash",  # flash (not installed) before others: the CI run sees a
+    # failed row followed by rows that still run
 }
 #: Dense bf16 peak TFLOP/s of cards by `torch.cuda.get_device_name()` substring (first match), for MFU.
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0),
@@ -290,9 +291,10 @@ def agreement_row(check, args):
 
 
 def row_specs(args) -> List[RowSpec]:
-    """Every row, in the order they run: inference rows first (the training rows change the weights), the row
-    likeliest to run out of memory (stage 1B with per-call checkpointing, ~107 GiB estimated at batch 8, section 4)
-    last."""
+    """Every row, in the order they run: inference rows first (the training rows change the weights), then the
+    training rows, the one likeliest to run out of memory (stage 1B with per-call checkpointing, ~107 GiB estimated at
+    batch 8, section 4) last among them, and the attention backends at the end: a third-party kernel that faults can
+    leave the CUDA context unusable, which would fail every row after it (an out-of-memory error does not)."""
     b = args.batch_size
     specs = [
         RowSpec("reconstruct_paper_bf16", f"reconstruction, paper sampler (25 steps, guidance 1.5), bf16, batch {b}",
@@ -309,11 +311,6 @@ def row_specs(args) -> List[RowSpec]:
                 decoder_floor_row(1)),
         RowSpec("fp32_vs_bf16_agreement", f"fp32 vs bf16 reconstruction (paper sampler), batch {min(b, 2)}", "agreement", 60,
                 agreement_row),
-    ]
-    for backend in args.attention_backends:
-        specs.append(RowSpec(f"attention_{backend}", f"one decoder forward, attention backend `{backend}`, bf16, "
-                             f"batch {b}", "attention", 10, attention_row(backend)))
-    specs += [
         RowSpec("train_1a_bf16", f"stage 1A step (LPIPS-VGG), bf16, batch {b}", "train", 30, train_row("1a", "call")),
         RowSpec("train_1b_block_bf16", f"stage 1B step, k = 8, per-block checkpointing, bf16, batch {b}", "train", 45,
                 train_row("1b", "block")),
@@ -324,6 +321,9 @@ def row_specs(args) -> List[RowSpec]:
         RowSpec("train_1b_call_bf16", f"stage 1B step, k = 8, per-call checkpointing (the original's), bf16, batch {b}",
                 "train", 45, train_row("1b", "call")),
     ]
+    for backend in args.attention_backends:
+        specs.append(RowSpec(f"attention_{backend}", f"one decoder forward, attention backend `{backend}`, bf16, "
+                             f"batch {b}", "attention", 10, attention_row(backend)))
     return specs
 
 
@@ -435,7 +435,15 @@ class Check:
         print(common.format_environment(self.report["environment"]), flush=True)
         with self.lock:
             self.save()
-        self.build()
+        try:
+            self.build()
+        except Exception as error:  # noqa: BLE001 - say so in the JSON, which every row then refers to
+            watchdog.cancel()
+            with self.lock:
+                for row in self.report["rows"]:
+                    row.update(status="failed", error=f"the model was not built: {type(error).__name__}: {error}")
+                self.finish(stopped_by="build failed")
+            raise
         print(f"model: {self.report['preset']} ({self.report['parameters'] / 1e6:.1f}M parameters), "
               f"batch {self.args.batch_size}, built at {time.perf_counter() - START:.1f} s", flush=True)
         try:

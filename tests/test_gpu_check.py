@@ -94,6 +94,9 @@ def test_cpu_run_records_every_row_with_figures(smoke_run):
     # A backend that cannot run here is a failed row with its error, and the rows after it still ran.
     if not importlib.util.find_spec("flash_attn"):
         assert rows["attention_flash"]["status"] == "failed" and "flash" in rows["attention_flash"]["error"].lower()
+        names = [row["name"] for row in report["rows"]]
+        after = names[names.index("attention_flash") + 1:]
+        assert after and all(rows[name]["status"] == "ok" for name in after)
     assert report["environment"]["device"] == "cpu" and report["preset"] == "flowmo-tiny"
     assert "| row | what | status | result |" in smoke_run["stdout"]
 
@@ -220,3 +223,18 @@ def test_time_function_stops_at_the_deadline_after_one_run():
     assert 1 <= timing["runs"] < 1000
     timing = script.common.time_function(lambda: None, "cpu", warmup=0, repeats=5, deadline=time.perf_counter() - 1)
     assert timing["runs"] == 1
+
+
+def test_a_model_that_cannot_be_built_is_recorded_in_every_row(tmp_path, monkeypatch):
+    script = load_gpu_check()
+
+    def fail(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB")
+
+    monkeypatch.setattr(script.flowmo_bench, "build_model", fail)
+    output = tmp_path / "check.json"
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        script.main(SMOKE + ["--output", str(output)])
+    report = json.loads(output.read_text())
+    assert report["stopped_by"] == "build failed" and not report["complete"]
+    assert all(row["status"] == "failed" and "OutOfMemoryError" in row["error"] for row in report["rows"])
