@@ -519,19 +519,20 @@ def summarize_row(row: Dict[str, Any]) -> str:
         return (f"max abs diff {f['max_abs_diff']:.2e}, mean {f['mean_abs_diff']:.2e}, PSNR {f['psnr_db']:.1f} dB "
                 f"(images in [0, 1]); fp32 {_ms(f['fp32_latency_s'])}, bf16 {_ms(f['bf16_latency_s'])} per call")
     if "images_per_s" in f:
-        parts.append(f"**{f['images_per_s']:.2f} images/s**" if kind in ("throughput", "train") else
-                     f"{f['images_per_s']:.2f} images/s")
+        parts.append(f"**{f['images_per_s']:.3g} images/s**" if kind in ("throughput", "train") else
+                     f"{f['images_per_s']:.3g} images/s")
     if "latency_s" in f:
         spread = f" ({_ms(f['latency_min_s'])}-{_ms(f['latency_max_s'])})" if "latency_min_s" in f else ""
         label = "step" if kind == "train" else "median"
-        parts.append(f"{label} {_ms(f['latency_s'])}{spread}, {int(f.get('runs', 0))} runs")
+        runs = int(f.get("runs", 0))
+        parts.append(f"{label} {_ms(f['latency_s'])}{spread}, {runs} run{'s' if runs != 1 else ''}")
     if "num_decoder_passes" in f:
         passes = int(f["num_decoder_passes"])
         parts.append(f"{passes} decoder pass{'es' if passes != 1 else ''} / image")
     if "tflops_per_s" in f:
         parts.append(f"{f['tflops_per_s']:.3g} TFLOP/s")
     if "mfu" in f:
-        parts.append(f"**MFU {100 * f['mfu']:.1f} %** of {f['peak_tflops']:g}")
+        parts.append(f"**MFU {100 * f['mfu']:.3g} %** of {f['peak_tflops']:g} TFLOP/s")
     elif kind == "mfu":
         parts.append("MFU: no peak known for this device (--peak_tflops)")
     if "floor_fraction" in f:
