@@ -80,9 +80,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--preset", default="flowmo-lo", choices=PRESETS)
     parser.add_argument("--pretrained", default=None, help="a local pipeline folder to measure instead of random weights")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row at most (fewer if its budget is spent)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default 8 on cuda, 1 on cpu")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 1 on cuda, 0 on cpu)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per row at most, fewer if its budget is spent (default 3 on cuda, 1 on cpu)")
     parser.add_argument("--time_limit_s", type=float, default=450.0, help="global deadline, from process start")
     parser.add_argument("--budget_scale", type=float, default=1.0, help="multiplies every row's time budget")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all; see --list_rows)")
@@ -97,6 +98,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     if args.attention_backends is None:
         args.attention_backends = DEFAULT_BACKENDS[args.device]
+    # The CPU run is a smoke test of the code path (under a minute), not a measurement.
+    for name, on_cuda, on_cpu in (("batch_size", 8, 1), ("warmup", 1, 0), ("repeats", 3, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if args.device == "cuda" else on_cpu)
     args.attention_backends = [name.strip() for name in args.attention_backends.split(",") if name.strip()]
     if args.list_rows:
         return args

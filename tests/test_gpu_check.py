@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- gpu_check:begin -->", "<!-- gpu_check:end -->"
-#: The CPU run: tiny model, one image, one timed run per row (the deadline and budgets are the GPU defaults).
-SMOKE = ["--device", "cpu", "--preset", "flowmo-tiny", "--batch_size", "1", "--warmup", "0", "--repeats", "1",
-         "--threads", "1"]
+#: The CPU run as documented (its defaults: one image, no warm-up, one timed run per row; the GPU's deadline and
+#: budgets).
+SMOKE = ["--device", "cpu", "--preset", "flowmo-tiny", "--threads", "1"]
 
 
 def load_gpu_check():
@@ -98,6 +98,7 @@ def test_cpu_run_records_every_row_with_figures(smoke_run):
         after = names[names.index("attention_flash") + 1:]
         assert after and all(rows[name]["status"] == "ok" for name in after)
     assert report["environment"]["device"] == "cpu" and report["preset"] == "flowmo-tiny"
+    assert report["batch_size"] == 1 and report["arguments"]["repeats"] == 1 and report["arguments"]["warmup"] == 0
     assert "| row | what | status | result |" in smoke_run["stdout"]
 
 
