@@ -48,13 +48,14 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_flowmo as flowmo_bench  # noqa: E402
 import benchmark_utils as common  # noqa: E402
+from gpu_check_report import (  # noqa: E402
+    RESULTS_PATH, check_results_file, load_report, results_block, summarize_row, write_results,
+)
 
 from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler  # noqa: E402
 from flowmo_diffusers.training.distillation import make_student_config  # noqa: E402
 from flowmo_diffusers.utils.files import atomic_write  # noqa: E402
 
-RESULTS_PATH = os.path.join(common.BENCHMARKS_DIR, "RESULTS.md")
-BEGIN_MARKER, END_MARKER = "<!-- gpu_check:begin -->", "<!-- gpu_check:end -->"
 PRESETS = ("flowmo-lo", "flowmo-hi", "flowmo-tiny")
 DEFAULT_BACKENDS = {
     # The `*_hub` backends download kernels from the Hub: not tried. A backend whose package is absent fails its row.
@@ -109,7 +110,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if args.output is not None or args.write_results:
             parser.error("--from_json writes --results_path from a saved run and measures nothing: leave out --output "
                          "and --write_results")
-        args.report = read_report(args.from_json, parser)
+        try:
+            args.report = load_report(args.from_json)
+        except ValueError as error:
+            parser.error(f"--from_json: {error}")
         check_results_path(args.results_path, args.report.get("environment", {}).get("device"), parser)
         return args
     if args.output is None:
@@ -142,6 +146,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def check_results_path(path: str, device: Optional[str], parser: argparse.ArgumentParser) -> None:
+    try:
+        check_results_file(path, device)
+    except ValueError as error:
+        parser.error(f"--results_path: {error}")
+
+
 def check_output_path(path: str, parser: argparse.ArgumentParser) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -150,46 +161,6 @@ def check_output_path(path: str, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--output: folder {folder!r} does not exist (create it first)")
     if not os.access(folder, os.W_OK):
         parser.error(f"--output: folder {folder!r} is not writable")
-
-
-def check_results_path(path: str, device: Optional[str], parser: argparse.ArgumentParser) -> None:
-    """The file must exist with one begin and one end marker, in order; CPU figures never go into this folder's
-    RESULTS.md (section 5 holds GPU figures; a CPU smoke run writes to a copy)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as error:
-        parser.error(f"--results_path: cannot read {path!r} ({error.strerror or error})")
-    try:
-        common.replace_marked_block(text, BEGIN_MARKER, END_MARKER, "")
-    except ValueError as error:
-        parser.error(f"--results_path {path!r}: {error}")
-    if device == "cpu" and os.path.abspath(path) == os.path.abspath(RESULTS_PATH):
-        parser.error(f"--results_path: refusing to put CPU figures in {RESULTS_PATH} (section 5 holds GPU figures); "
-                     "pass --results_path COPY.md to write a CPU run elsewhere")
-
-
-def read_report(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """A saved run: `{"rows": [...], ...}` as written by this script, or a bare JSON list of rows."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except OSError as error:
-        parser.error(f"--from_json: cannot read {path!r} ({error.strerror or error})")
-    except json.JSONDecodeError as error:
-        parser.error(f"--from_json: {path!r} is not JSON ({error})")
-    report = {"rows": data} if isinstance(data, list) else data
-    rows = report.get("rows") if isinstance(report, dict) else None
-    if not isinstance(rows, list) or not rows:
-        parser.error(f"--from_json: {path!r} must hold a non-empty JSON list of rows or {{\"rows\": [...]}}")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("name"), str) or row.get("status") not in STATUSES:
-            parser.error(f"--from_json: row {index} of {path!r} must be an object with a string 'name' and a 'status' "
-                         f"of {STATUSES}, got {str(row)[:120]}")
-    return report
-
-
-STATUSES = ("ok", "failed", "skipped")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -506,83 +477,6 @@ class Check:
         gc.collect()
         if self.args.device == "cuda":
             torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Report
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
-
-
-def summarize_row(row: Dict[str, Any]) -> str:
-    """One line of figures for the results table (from the row's `figures` only, so a saved JSON gives the same)."""
-    if row.get("status") != "ok":
-        return (row.get("error") or row.get("status", "")).replace("|", "\\|").replace("\n", " ")
-    f, kind = row.get("figures", {}), row.get("kind")
-    parts = []
-    if kind == "agreement":
-        return (f"max abs diff {f['max_abs_diff']:.2e}, mean {f['mean_abs_diff']:.2e}, PSNR {f['psnr_db']:.1f} dB "
-                f"(images in [0, 1]); fp32 {_ms(f['fp32_latency_s'])}, bf16 {_ms(f['bf16_latency_s'])} per call")
-    if "images_per_s" in f:
-        parts.append(f"**{f['images_per_s']:.3g} images/s**" if kind in ("throughput", "train") else
-                     f"{f['images_per_s']:.3g} images/s")
-    if "latency_s" in f:
-        spread = f" ({_ms(f['latency_min_s'])}-{_ms(f['latency_max_s'])})" if "latency_min_s" in f else ""
-        label = "step" if kind == "train" else "median"
-        runs = int(f.get("runs", 0))
-        parts.append(f"{label} {_ms(f['latency_s'])}{spread}, {runs} run{'s' if runs != 1 else ''}")
-    if "num_decoder_passes" in f:
-        passes = int(f["num_decoder_passes"])
-        parts.append(f"{passes} decoder pass{'es' if passes != 1 else ''} / image")
-    if "tflops_per_s" in f:
-        parts.append(f"{f['tflops_per_s']:.3g} TFLOP/s")
-    if "mfu" in f:
-        parts.append(f"**MFU {100 * f['mfu']:.3g} %** of {f['peak_tflops']:g} TFLOP/s")
-    elif kind == "mfu":
-        parts.append("MFU: no peak known for this device (--peak_tflops)")
-    if "floor_fraction" in f:
-        parts.append(f"floor {_ms(f['floor_s'])} = **{100 * f['floor_fraction']:.0f} %** of the decoder, at most "
-                     f"{f['max_speedup_same_kernels']:.2f}x with the same kernels")
-    if "speedup_vs_native" in f:
-        parts.append(f"{f['speedup_vs_native']:.2f}x native")
-    if "peak_memory_bytes" in f and kind in ("train", "throughput"):
-        parts.append(f"peak {'**' if kind == 'train' else ''}{common.gib(f['peak_memory_bytes'])}"
-                     f"{'**' if kind == 'train' else ''}")
-    return "; ".join(parts) or "-"
-
-
-def results_block(report: Dict[str, Any]) -> str:
-    """The text between the markers: where and how it was measured, then one table line per row."""
-    env = report.get("environment", {})
-    rows = report["rows"]
-    ok = sum(row.get("status") == "ok" for row in rows)
-    where = f"{env.get('gpu')} (CUDA {env.get('cuda')})" if env.get("gpu") and env.get("device") == "cuda" else (
-        f"{env.get('device', 'unknown device')} ({env.get('cpu', '?')})")
-    lines = [
-        f"Measured by `{report.get('command', 'benchmarks/gpu_check.py')}` on {where}, "
-        f"{report.get('started_at', '?')}: {report.get('preset', '?')}, batch {report.get('batch_size', '?')}, bf16 "
-        f"autocast over float32 weights; torch {env.get('torch', '?')}, diffusers {env.get('diffusers', '?')}. "
-        f"{ok} of {len(rows)} rows ok"
-        + (f", {report['elapsed_s']:.0f} s in all" if isinstance(report.get("elapsed_s"), (int, float)) else "")
-        + (f"; stopped by: {report['stopped_by']}" if report.get("stopped_by") else "") + ".",
-        "",
-        common.markdown_table(
-            ["row", "what", "status", "result", "wall s (budget)"],
-            [[f"`{row['name']}`", row.get("title", ""), row["status"], summarize_row(row),
-              f"{row['wall_s']:.1f} ({row.get('budget_s', 0):.0f})" if isinstance(row.get("wall_s"), (int, float))
-              else f"- ({row.get('budget_s', 0):.0f})"] for row in rows],
-        ),
-    ]
-    return "\n".join(lines)
-
-
-def write_results(report: Dict[str, Any], path: str) -> None:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    text = common.replace_marked_block(text, BEGIN_MARKER, END_MARKER, results_block(report))
-    with atomic_write(path) as handle:
-        handle.write(text.encode("utf-8"))
-    print(f"section between {BEGIN_MARKER} and {END_MARKER} of {path} rewritten", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
