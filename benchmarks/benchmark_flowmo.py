@@ -32,6 +32,11 @@ What is measured (`--what`, comma separated):
   from noise at per-sample random times, backpropagated through the whole chain. `--posttrain_checkpointing call`
   checkpoints each decoder call of the chain (the original's scheme); `block` instead turns on
   `enable_gradient_checkpointing` (one checkpoint per transformer block, in every decoder forward of the step).
+  Distillation (`--stages distill`): one step of `--stage distill` (`training.distillation.distillation_losses`):
+  a frozen teacher (the model) decodes with its own sampler (25 steps, guidance 1.5, 31 passes, no grad), a
+  `--distill_k`-pass student (a copy of it, encoder frozen) decodes the same code from the same noise, and the MSE
+  plus 0.1 x LPIPS-VGG between the two is backpropagated through the student's chain; `--posttrain_checkpointing
+  call` checkpoints each student call, `block` every transformer block instead (train.py's `--gradient_checkpointing`).
   `--optimizer sgd` swaps Adam for stateless SGD, to measure how a step's memory grows with the batch on a machine
   too small for Adam's state (which adds 8 bytes per trained parameter, whatever the batch).
   The perceptual networks run with random weights (`--perceptual random`: the pretrained weights are not bundled,
@@ -42,8 +47,10 @@ What is measured (`--what`, comma separated):
 """
 
 import argparse
+import copy
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -52,10 +59,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_utils as common  # noqa: E402
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config  # noqa: E402
+from flowmo_diffusers.training.distillation import distillation_losses, make_student_config  # noqa: E402
 from flowmo_diffusers.training.losses import flowmo_training_losses  # noqa: E402
 from flowmo_diffusers.training.recipe import InitialNormFixer  # noqa: E402
 
 WHAT = ("encode", "decoder_step", "decoder_floor", "reconstruct", "train_step")
+STAGES = ("1a", "1b", "distill")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -69,14 +78,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="Euler steps of a reconstruction")
     parser.add_argument("--guidance_scale", type=float, default=1.5)
     parser.add_argument("--what", default=",".join(WHAT), help=f"comma-separated subset of {','.join(WHAT)}")
-    parser.add_argument("--stages", default="1a,1b", help="training stages for train_step: 1a, 1b or both")
+    parser.add_argument(
+        "--stages", default="1a,1b", help=f"comma-separated training stages for train_step, of {','.join(STAGES)}"
+    )
     parser.add_argument("--posttrain_k", type=int, default=8, help="Euler steps of the stage-1B sample chain")
+    parser.add_argument("--distill_k", type=int, default=4, help="decoder passes of the student (--stages distill)")
     parser.add_argument(
         "--posttrain_checkpointing",
         default="call",
         choices=["call", "block"],
-        help="stage 1B: checkpoint each decoder call of the chain (the original's scheme) or every transformer block "
-        "of every decoder forward of the step (enable_gradient_checkpointing)",
+        help="stage 1B and distill: checkpoint each decoder call of the chain (the original's scheme) or every "
+        "transformer block of every decoder forward of the step (enable_gradient_checkpointing)",
     )
     parser.add_argument(
         "--perceptual",
@@ -108,8 +120,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown --what entries {sorted(unknown)}; choose from {WHAT}")
     args.stages = [item.strip().lower() for item in args.stages.split(",") if item.strip()]
-    if set(args.stages) - {"1a", "1b"}:
-        parser.error("--stages takes 1a, 1b or 1a,1b")
+    if not args.stages or set(args.stages) - set(STAGES):
+        parser.error(f"--stages takes a comma-separated subset of {','.join(STAGES)}, got {','.join(args.stages)!r}")
+    if args.distill_k < 1:
+        parser.error(f"--distill_k must be a positive integer, got {args.distill_k}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
     return args
@@ -153,7 +167,9 @@ def measure(fn, args) -> tuple:
     """Warm-up runs of `fn`, then the timed runs, over which the peak memory is taken."""
     common.time_function(fn, args.device, warmup=args.warmup, repeats=0)
     with common.peak_memory(args.device) as memory:
-        timing = common.time_function(fn, args.device, warmup=0, repeats=args.repeats)
+        timing = common.time_function(
+            fn, args.device, warmup=0, repeats=args.repeats, deadline=getattr(args, "deadline", None)
+        )
     return timing, memory
 
 
@@ -211,13 +227,18 @@ def bench_decoder_floor(model, images, args):
     for _ in range(args.warmup):
         decoder_call()
         floor_round()
-    decoder_times, floor_times, op_times = [], [], []
+    decoder_times, floor_times, op_times, round_times = [], [], [], []
     with common.peak_memory(args.device) as memory:
         for _ in range(args.repeats):
+            deadline = getattr(args, "deadline", None)  # as in common.time_function: at least one round
+            if deadline is not None and round_times and time.perf_counter() + max(round_times) > deadline:
+                break
+            round_start = time.perf_counter()
             decoder_times += common.time_function(decoder_call, args.device, warmup=0, repeats=1)["times_s"]
             seconds = floor_round()
             op_times.append(seconds)
             floor_times.append(sum(s * entry["count"] for s, entry in zip(seconds, entries)))
+            round_times.append(time.perf_counter() - round_start)
     timing = common.summarize(decoder_times)
     timing["times_s"] = decoder_times
     floor = common.summarize(floor_times)
@@ -275,19 +296,25 @@ def bench_reconstruct(model, images, args):
     generator = torch.Generator("cpu").manual_seed(args.seed + 1)
     noise = torch.randn(images.shape, generator=generator).to(images.device)
     pixels01 = images / 2 + 0.5
+    passes = []
 
     def run():
         with common.autocast_context(args.device, args.dtype):
-            return pipeline(
+            out = pipeline(
                 images=pixels01,
                 latents=noise,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale,
                 output_type="pt",
-            ).images
+            )
+        passes.append(out.num_decoder_passes)
+        return out.images
 
     timing, memory = measure(run, args)
-    return _row("reconstruct", args, timing, memory, len(images), steps=args.steps, guidance_scale=args.guidance_scale)
+    return _row(
+        "reconstruct", args, timing, memory, len(images), steps=args.steps, guidance_scale=args.guidance_scale,
+        num_decoder_passes=passes[-1],
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,7 +331,7 @@ def perceptual_network(stage: str, kind: str, device: str):
         try:
             from flowmo_diffusers.training.perceptual import build_perceptual_loss
 
-            name = "lpips-vgg" if stage == "1a" else "resnet50"
+            name = "resnet50" if stage == "1b" else "lpips-vgg"
             return build_perceptual_loss(name, pretrained=False).to(device), f"{name} (random weights)"
         except Exception as error:  # noqa: BLE001 - fall back to the stand-in, and say so
             print(f"perceptual network unavailable ({type(error).__name__}: {error}); using an MSE stand-in")
@@ -377,6 +404,71 @@ def bench_train_step(model, images, args, stage: str):
     return _row(f"train_step_{stage}", args, timing, memory, len(images), **extra)
 
 
+def make_student(model: FlowMoModel, num_steps: int) -> FlowMoModel:
+    """A `num_steps`-pass student of `model`, as `train.py --stage distill` starts one: a copy of it whose config
+    decodes in `num_steps` unguided passes on the linear grid (its pipeline's defaults)."""
+    student = copy.deepcopy(model)
+    make_student_config(student, num_steps, teacher="benchmark teacher (the model measured)")
+    return student.eval()
+
+
+def bench_distill_step(student: FlowMoModel, teacher: FlowMoModel, images, args):
+    """One optimizer step of `--stage distill`: see the module docstring."""
+    device = args.device
+    generator = torch.Generator(device).manual_seed(args.seed + 3)
+    perceptual, perceptual_name = perceptual_network("distill", "mse" if args.perceptual == "none" else args.perceptual,
+                                                     device)
+    per_call = args.posttrain_checkpointing == "call"
+    teacher.eval().requires_grad_(False)
+    student.train()
+    student.requires_grad_(True)
+    student.encoder.requires_grad_(False)  # the token ids must not change: train.py freezes the encoder too
+    params = [p for p in student.parameters() if p.requires_grad]
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer_name = "Adam(betas=(0.9, 0.95))"
+    else:
+        optimizer = torch.optim.SGD(params, lr=5e-5)
+        optimizer_name = "SGD (no optimizer state)"
+    if not per_call:
+        student.enable_gradient_checkpointing()
+        student.encoder.gradient_checkpointing = False
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with common.autocast_context(device, args.dtype):
+            loss = distillation_losses(
+                student,
+                teacher,
+                images,
+                perceptual_loss=perceptual,
+                perceptual_weight=0.1,
+                gradient_checkpointing=per_call,
+                generator=generator,
+            )["loss"]
+        loss.backward()
+        optimizer.step()
+
+    try:
+        timing, memory = measure(step, args)
+    finally:
+        student.disable_gradient_checkpointing()
+        optimizer.zero_grad(set_to_none=True)
+        student.requires_grad_(False)
+        student.eval()
+    return _row(
+        "train_step_distill", args, timing, memory, len(images),
+        stage="distill",
+        optimizer=optimizer_name,
+        losses="flowmo_diffusers.training.distillation",
+        perceptual=perceptual_name,
+        trained_parameters=sum(p.numel() for p in params),
+        distill_k=student.config.sampling_num_inference_steps,
+        teacher_passes=teacher.config.sampling_num_inference_steps,
+        posttrain_checkpointing=args.posttrain_checkpointing,
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 def format_rows(rows: List[Dict[str, Any]]) -> str:
     table = []
@@ -394,6 +486,8 @@ def format_rows(rows: List[Dict[str, Any]]) -> str:
             extra.append(f"perceptual {row['perceptual']}")
         if row.get("posttrain_k"):
             extra.append(f"k={row['posttrain_k']}, ckpt {row['posttrain_checkpointing']}")
+        if row.get("distill_k"):
+            extra.append(f"K={row['distill_k']} student, ckpt {row['posttrain_checkpointing']}")
         memory = row["memory"]
         table.append(
             [
@@ -437,7 +531,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             rows.append(bench_reconstruct(model, images, args))
         elif what == "train_step":
             for stage in args.stages:
-                rows.append(bench_train_step(model, images, args, stage))
+                if stage == "distill":
+                    rows.append(bench_distill_step(make_student(model, args.distill_k), model, images, args))
+                else:
+                    rows.append(bench_train_step(model, images, args, stage))
         for last in rows[start:]:
             print(
                 f"{last['measurement']}: median {last['latency_s'] * 1e3:.1f} ms "

@@ -119,13 +119,22 @@ def summarize(times: List[float]) -> Dict[str, float]:
     }
 
 
-def time_function(fn: Callable[[], Any], device: str, warmup: int = 1, repeats: int = 5) -> Dict[str, Any]:
-    """Run `fn` `warmup` times untimed, then `repeats` times timed; returns the summary plus every time."""
+def time_function(
+    fn: Callable[[], Any], device: str, warmup: int = 1, repeats: int = 5, deadline: Optional[float] = None
+) -> Dict[str, Any]:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed; returns the summary plus every time.
+
+    `deadline` (a `time.perf_counter()` value) cuts the timed runs short: another run is started only if one as long as
+    the slowest so far would end before it. At least one timed run is made whenever `repeats` > 0, so a row always has
+    a figure (benchmarks/gpu_check.py gives every row a time budget this way).
+    """
     for _ in range(warmup):
         fn()
         synchronize(device)
     times = []
     for _ in range(repeats):
+        if deadline is not None and times and time.perf_counter() + max(times) > deadline:
+            break
         synchronize(device)
         start = time.perf_counter()
         fn()
@@ -352,6 +361,19 @@ def record(records: List[Dict[str, Any]], output: Optional[str]) -> Optional[str
             handle.write(json.dumps(dict(item, recorded_at=stamp), sort_keys=True) + "\n")
     print(f"recorded {len(records)} rows in {output}")
     return output
+
+
+def replace_marked_block(text: str, begin: str, end: str, block: str) -> str:
+    """`text` with what lies between the markers `begin` and `end` replaced by `block`; the markers and everything
+    outside them stay. Raises `ValueError` unless each marker occurs exactly once, `begin` first."""
+    counts = text.count(begin), text.count(end)
+    if counts != (1, 1):
+        raise ValueError(f"must hold the markers {begin} and {end} once each, found them {counts[0]} and {counts[1]} "
+                         "times")
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    if stop < start:
+        raise ValueError(f"the marker {end} comes before {begin}")
+    return text[:start] + "\n" + block.strip("\n") + "\n" + text[stop:]
 
 
 def markdown_table(headers: List[str], rows: List[List[Any]]) -> str:

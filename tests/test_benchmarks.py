@@ -176,3 +176,30 @@ def test_fast_decoding_benchmark_measures_every_decoder(tmp_path, capsys):
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
     assert script.high_frequency_energy(blurred) < 0.5 * script.high_frequency_energy(images)
+
+
+def test_distill_step_trains_a_copy_and_leaves_the_teacher_and_encoder_alone():
+    """`--stages distill`: the student (a copy of the model, K passes in its config) is trained, its encoder frozen
+    (token ids must not move), and the teacher it distils from is unchanged."""
+    import argparse
+
+    import torch
+
+    from testing_utils import tiny_flowmo_model
+
+    script = load_script("benchmark_flowmo")
+    teacher = tiny_flowmo_model(0)
+    student = script.make_student(teacher, 2)
+    assert student.config.sampling_num_inference_steps == 2 and teacher.config.sampling_num_inference_steps == 25
+    before = {name: p.clone() for name, p in student.named_parameters()}
+    teacher_before = [p.clone() for p in teacher.parameters()]
+    args = argparse.Namespace(device="cpu", dtype="fp32", seed=0, perceptual="mse", posttrain_checkpointing="block",
+                              optimizer="adam", warmup=0, repeats=1, preset="flowmo-tiny", pretrained=None,
+                              resolution=32)
+    row = script.bench_distill_step(student, teacher, torch.rand(2, 3, 32, 32) * 2 - 1, args)
+    assert row["measurement"] == "train_step_distill" and row["distill_k"] == 2 and row["teacher_passes"] == 25
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
+    changed = {name for name, p in student.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("decoder.") for name in changed)
+    assert row["trained_parameters"] == sum(p.numel() for p in student.decoder.parameters())
+    assert not student.training and not any(p.requires_grad for p in student.parameters())
