@@ -17,6 +17,7 @@ from ..schedulers.flow_sampling import (
     set_flow_timesteps,
 )
 from ..schedulers.scheduling_flowmo import TIME_SCHEDULES, FlowMoScheduler
+from ..utils.files import FollowUmaskSaveMixin
 from ..utils.validation import (
     BoolRule,
     FloatPairRule,
@@ -148,7 +149,7 @@ def bits_per_pixel(config, resolution: int | None = None) -> float:
     return config.code_length * config.context_dim / resolution**2
 
 
-class FlowMoModel(StrictLoadingMixin, ModelMixin, ConfigMixin, FromOriginalModelMixin):
+class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMixin, FromOriginalModelMixin):
     r"""
     FlowMo (Sargent et al., 2025, "Flow to the Mode"): a transformer-only diffusion autoencoder. The encoder turns an
     image into `code_length` tokens of `context_dim` channels, the lookup-free quantizer binarizes them (token ids of

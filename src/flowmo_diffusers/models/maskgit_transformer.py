@@ -20,6 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from ..utils.files import FollowUmaskSaveMixin
 from ..utils.validation import FloatRule, IntRule, validate_config
 from .modeling_utils import StrictLoadingMixin
 
@@ -52,7 +53,7 @@ CONFIG_RULES = {
 }
 
 
-class FlowMoMaskGiTTransformer(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class FlowMoMaskGiTTransformer(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMixin):
     r"""
     MaskGiT transformer (Chang et al., 2022) over the `num_indices` token ids of an image, conditioned on a class.
 

@@ -13,6 +13,7 @@ from ..conversion.single_file import FromSingleFileMixin
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..models.modeling_utils import MAX_IMAGE_SIZE_FACTOR, check_decode_bounds, resolve_max_image_size
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
+from ..utils.files import FollowUmaskSaveMixin
 from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
 from ..utils.validation import as_integer_tensor
@@ -42,7 +43,7 @@ ImageInput = (
 )
 
 
-class FlowMoPipeline(HubPipelineMixin, FromSingleFileMixin, DiffusionPipeline):
+class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin, DiffusionPipeline):
     r"""
     Tokenize and reconstruct images with FlowMo.
 

@@ -13,6 +13,7 @@ from ..models.autoencoder_flowmo import FlowMoModel
 from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
+from ..utils.files import FollowUmaskSaveMixin
 from ..utils.hub import HubPipelineMixin
 from ..utils.validation import as_integer_tensor, check_float
 from . import pipeline_utils
@@ -36,7 +37,7 @@ class FlowMoMaskGiTPipelineOutput(BaseOutput):
     indices: torch.LongTensor
 
 
-class FlowMoMaskGiTPipeline(HubPipelineMixin, DiffusionPipeline):
+class FlowMoMaskGiTPipeline(HubPipelineMixin, FollowUmaskSaveMixin, DiffusionPipeline):
     r"""
     Class-conditional generation with a MaskGiT prior over FlowMo tokens.
 

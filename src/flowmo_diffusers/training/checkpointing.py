@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..utils.files import apply_default_mode
 from ..utils.output_lock import OutputDirLock
 from ..utils.safe_loading import UnsafeCheckpointError
 from .divergence import check_finite_weights, optimizer_state_tensors, state_tensors
@@ -125,12 +126,14 @@ def publish_checkpoint(output_dir: str, step: int) -> str:
     """Atomically turn `checkpoint-<step>.tmp` into `checkpoint-<step>` (`os.replace`); returns the final path.
 
     An existing `checkpoint-<step>` (a run resumed from before it) is first moved aside to `.old`, then deleted
-    after the rename, so that some complete copy exists at every moment.
+    after the rename, so that some complete copy exists at every moment. Before the rename, the folder and every file
+    in it get the modes of the umask: safetensors writes `model.safetensors` and `training_states.safetensors` 0600.
     """
     temporary = temporary_checkpoint_path(output_dir, step)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if not os.path.isdir(temporary):
         raise FileNotFoundError(f"no temporary checkpoint at {temporary}")
+    apply_default_mode(temporary, recursive=True)
     old = None
     if os.path.exists(final):
         old = final + ".old"
