@@ -10,7 +10,6 @@ batch, so that the kill lands between saves.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,14 @@ from flowmo_diffusers.evaluation.resume import PARTIAL_STATE_DIR, PartialEvaluat
 from flowmo_diffusers.evaluation.sampling import SamplingConfig, sample_to_folder  # noqa: E402
 from flowmo_diffusers.metrics import GenerationMetrics, ReferenceStatistics  # noqa: E402
 
-from testing_utils import EXAMPLES, free_port, tiny_flowmo_model, tiny_maskgit_pipeline, tiny_maskgit_transformer  # noqa: E402
+from testing_utils import (  # noqa: E402
+    EXAMPLES,
+    free_port,
+    kill_process_tree,
+    tiny_flowmo_model,
+    tiny_maskgit_pipeline,
+    tiny_maskgit_transformer,
+)
 
 EVALUATE_SCRIPT = EXAMPLES / "train_maskgit" / "evaluate_generation.py"
 CLASS_IDS, IMAGES_PER_CLASS = [1, 4, 7, 9, 2], 2
@@ -111,8 +117,7 @@ def _run_and_kill(arguments, output_dir, num_processes=1, images_before_kill=4):
         else:
             raise AssertionError("no partial state appeared in time")
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_process_tree(process)  # the launcher and its workers (torchrun gives each a session of its own)
     assert not (output_dir / "results.json").exists(), "killed too late: the evaluation had finished"
 
 

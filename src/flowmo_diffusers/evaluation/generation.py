@@ -539,12 +539,15 @@ def resume_metrics(partial: PartialEvaluationState | None, metrics, accelerator,
                 "--overwrite to start over"
             )
     saved = partial.load()
+    images_done = partial.images_done_by_all()
+    # Every process has read the records before any of them saves again (the log's count is the saved one).
+    accelerator.wait_for_everyone()
     if saved is None:
         return 0
     record, tensors = saved
     metrics.load_state_dict(tensors)
     if accelerator.is_main_process:
-        logger.info("resuming at image %d of %s", partial.images_done_by_all(), "?" if total is None else total)
+        logger.info("resuming at image %d of %s", images_done, "?" if total is None else total)
     return int(record["batches_done"])
 
 
