@@ -109,6 +109,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def kill_process_tree(process):
+    """SIGKILL a launched process and every process under it, and wait for them all.
+
+    `os.killpg` of the launcher's group is not enough: torchrun (`accelerate launch --multi_gpu`) starts each worker in
+    a session of its own, so the workers would survive the kill and go on writing. The launcher goes first (no
+    restarts), then the tree listed before it died. psutil comes with accelerate."""
+    import psutil
+
+    tree = psutil.Process(process.pid).children(recursive=True)
+    process.kill()
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+    process.wait()
+
+
 def launch(script, arguments, num_processes=1, env=None, timeout=300):
     """`accelerate launch SCRIPT ARGUMENTS` with `num_processes` CPU processes; returns stdout + stderr, raises on failure."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",

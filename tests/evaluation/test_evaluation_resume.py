@@ -7,7 +7,6 @@ batches of one image and a state save after every batch, so that the kill lands 
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from flowmo_diffusers.evaluation.reconstruction import EvaluationConfig, evaluat
 from flowmo_diffusers.evaluation.resume import PARTIAL_STATE_DIR, PartialEvaluationState, ResumeRefusedError  # noqa: E402
 from flowmo_diffusers.metrics import ReconstructionMetrics, StreamingFeatureStatistics  # noqa: E402
 
-from testing_utils import EXAMPLES, free_port, tiny_flowmo_model, tiny_flowmo_pipeline  # noqa: E402
+from testing_utils import EXAMPLES, free_port, kill_process_tree, tiny_flowmo_model, tiny_flowmo_pipeline  # noqa: E402
 
 EVALUATE_SCRIPT = EXAMPLES / "evaluate_flowmo" / "evaluate.py"
 NUM_IMAGES = 6
@@ -93,8 +92,7 @@ def _run_and_kill(arguments, output_dir, num_processes=1, images_before_kill=2):
         else:
             raise AssertionError("no partial state appeared in time")
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_process_tree(process)  # the launcher and its workers (torchrun gives each a session of its own)
     assert not (output_dir / "results.json").exists(), "killed too late: the evaluation had finished"
 
 

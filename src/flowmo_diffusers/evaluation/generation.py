@@ -23,13 +23,14 @@ evaluator (pytorch-fid's port and resize) are close to, not bit-identical with, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,11 +44,13 @@ from ..utils.output_lock import lock_output_dir
 from .options import (
     FeatureNetworkOptions,
     ImageDatasetOptions,
+    ResumeOptions,
     check_positive,
     create_accelerator,
     start_command,
 )
 from .reconstruction import build_evaluation_loader, load_evaluation_dataset
+from .resume import RESUME_INDEPENDENT_OPTIONS, PartialEvaluationState, ResumeRefusedError, resume_fingerprint
 from .reports import format_number, library_versions, not_comparable_banner, warning_lines, write_json_and_markdown
 from .sampling import (
     SAMPLING_CONFIG_NAME,
@@ -72,6 +75,9 @@ PUBLISHED_NUM_IMAGES = 50_000
 NOT_COMPARABLE_BANNER = not_comparable_banner("INCEPTION", "gFID and IS below come from a network")
 
 MODES = ("samples", "pipeline", "reference_statistics")
+#: Options that change no figure: a rerun may change them and still resume (where the samples' own statistics go is
+#: decided at the end, from the complete state).
+GENERATION_RESUME_INDEPENDENT_OPTIONS = RESUME_INDEPENDENT_OPTIONS | {"save_sample_statistics"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -80,14 +86,15 @@ MODES = ("samples", "pipeline", "reference_statistics")
 
 
 @dataclass(kw_only=True)
-class GenerationEvaluationConfig(FeatureNetworkOptions, ImageDatasetOptions, SamplingOptions):
+class GenerationEvaluationConfig(ResumeOptions, FeatureNetworkOptions, ImageDatasetOptions, SamplingOptions):
     """Settings of `evaluate_generation.py`; each field is the command-line flag of the same name (`--help`).
 
     Exactly one of `samples` (mode "samples"), `pretrained_model_name_or_path` (mode "pipeline": sample on the fly
     with `sample.py`'s class and sampler options, [`~flowmo_diffusers.evaluation.sampling.SamplingOptions`]) and
     `compute_reference_statistics` (mode "reference_statistics": real images from `dataset_name` / `train_data_dir`,
     center-cropped to `resolution`) says what is evaluated. `inception_score_shuffle_seed` is held as None when
-    negative (contiguous splits in sample order).
+    negative (contiguous splits in sample order). Every mode resumes where a killed run stopped
+    (`resume_every_batches`, `overwrite`: docs/evaluation.md).
     """
 
     command_description = (
@@ -376,8 +383,14 @@ def sample_file_batches(
     num_processes: int = 1,
     num_workers: int = 0,
     max_samples: int | None = None,
+    skip_batches: int = 0,
 ) -> tuple[torch.utils.data.DataLoader, int]:
     """Batches `(global indices [b], images [b, 3, H, W] uint8)` of this process' share of a folder or `.npz`.
+
+    Args:
+        skip_batches (`int`, *optional*, defaults to `0`):
+            This process' first batches to leave out (resuming): they are not read at all, and the batches that follow
+            are composed as in a run that starts at the beginning.
 
     Returns:
         The loader and the total number of images (all processes).
@@ -387,14 +400,23 @@ def sample_file_batches(
     else:
         source = locate_npz_images(samples)
     dataset = SampleImages(source, process_index, num_processes, max_samples)
+    remaining = torch.utils.data.Subset(dataset, range(min(skip_batches * batch_size, len(dataset)), len(dataset)))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_CollateSamples(dataset)
+        remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_CollateSamples(dataset)
     )
     return loader, dataset.num_total
 
 
-def pipeline_sample_batches(config: GenerationEvaluationConfig, accelerator) -> tuple[Iterator, int, dict[str, Any]]:
+def pipeline_sample_batches(
+    config: GenerationEvaluationConfig, accelerator, skip_batches: int = 0
+) -> tuple[Iterator, int, dict[str, Any]]:
     """Generate `sample.py`'s images of `config` (this process' share) as metric batches.
+
+    Args:
+        skip_batches (`int`, *optional*, defaults to `0`):
+            This process' first batches to leave out (resuming). Every image has its own generator, seeded by `(seed,
+            class, index in class)`, so the remaining images are those of an uninterrupted run: there is no generator
+            state to restore.
 
     Returns:
         `tuple[Iterator, int, dict]`: Batches of `(global indices [b], images [b, 3, H, W] uint8)`, the total number
@@ -406,6 +428,7 @@ def pipeline_sample_batches(config: GenerationEvaluationConfig, accelerator) -> 
     if config.max_samples is not None:
         plan = plan[: config.max_samples]
     my_batches = batches_of_process(plan, config.batch_size, accelerator.process_index, accelerator.num_processes)
+    my_batches = itertools.islice(my_batches, skip_batches, None)
     generated = generate_batches(pipeline, my_batches, config, autocast=accelerator.autocast)
 
     def to_tensors():
@@ -438,10 +461,14 @@ def accumulate(
     total: int | None = None,
     description: str = "evaluating",
     value_range: tuple[float, float] = (0.0, 1.0),
+    batches_done: int = 0,
+    save_state: Callable[[int], None] | None = None,
+    save_every_batches: int | None = None,
 ):
     """Feed `(global indices [b], images [b, 3, H, W])` batches to `metrics`, then gather over processes.
 
-    Call on every process.
+    Call on every process. Resuming: `metrics` already holds this process' first `batches_done` batches (loaded from
+    a saved state) and `batches` yields the rest.
 
     Args:
         metrics ([`~flowmo_diffusers.metrics.GenerationMetrics`]):
@@ -456,6 +483,12 @@ def accumulate(
             Progress-bar label.
         value_range (`tuple[float, float]`, *optional*, defaults to `(0.0, 1.0)`):
             Range of float images.
+        batches_done (`int`, *optional*, defaults to `0`):
+            Batches of this process already in `metrics` (numbering continues from them).
+        save_state (`Callable[[int], None]`, *optional*):
+            Called with the number of batches done (this process) after every `save_every_batches`-th batch.
+        save_every_batches (`int`, *optional*):
+            See `save_state`.
 
     Returns:
         The gathered `metrics`.
@@ -465,19 +498,82 @@ def accumulate(
     show = accelerator is None or accelerator.is_local_main_process
     num_processes = accelerator.num_processes if accelerator is not None else 1
     local_total = None if total is None else math.ceil(total / num_processes)
-    with tqdm(total=local_total, desc=description, unit="img", disable=not show) as progress:
-        for indices, images in batches:
+    initial = int(metrics.num_images)
+    with tqdm(total=local_total, initial=initial, desc=description, unit="img", disable=not show) as progress:
+        for batch_number, (indices, images) in enumerate(batches, start=batches_done + 1):
             metrics.update(images, value_range=value_range, sample_indices=indices)
             progress.update(images.shape[0])
+            if save_state is not None and batch_number % save_every_batches == 0:
+                save_state(batch_number)
     metrics.gather(accelerator)
     return metrics
 
 
-def compute_reference_statistics(config: GenerationEvaluationConfig, accelerator=None):
+def resume_metrics(partial: PartialEvaluationState | None, metrics, accelerator, total: int | None) -> int:
+    """Load this process' saved state (if any) into `metrics`; call on every process, after [`PartialEvaluationState.check`].
+
+    Args:
+        partial ([`~flowmo_diffusers.evaluation.resume.PartialEvaluationState`], *optional*):
+            The run's partial state; None: no resuming.
+        metrics ([`~flowmo_diffusers.metrics.GenerationMetrics`]):
+            Replaced by the saved sums, feature statistics and logits.
+        total (`int`, *optional*):
+            Images of the whole run (all processes), when known: a saved state of another number (a samples folder
+            that grew or shrank) is refused.
+
+    Returns:
+        `int`: This process' batches already in `metrics` (0 without a saved state).
+
+    Raises:
+        ResumeRefusedError: The saved state covers another number of images.
+    """
+    if partial is None:
+        return 0
+    for index in range(partial.num_processes):  # every process reads the same files: all refuse together
+        record = partial.read_record(index)
+        saved_total = None if record is None else record.get("num_images_total")
+        if saved_total is not None and total is not None and saved_total != total:
+            raise ResumeRefusedError(
+                f"the partial evaluation in {partial.folder} was started on {saved_total} images, there are {total} "
+                f"now (--samples / --max_samples: {saved_total} images in the saved state, {total} now); pass "
+                "--overwrite to start over"
+            )
+    saved = partial.load()
+    images_done = partial.images_done_by_all()
+    # Every process has read the records before any of them saves again (the log's count is the saved one).
+    accelerator.wait_for_everyone()
+    if saved is None:
+        return 0
+    record, tensors = saved
+    metrics.load_state_dict(tensors)
+    if accelerator.is_main_process:
+        logger.info("resuming at image %d of %s", images_done, "?" if total is None else total)
+    return int(record["batches_done"])
+
+
+def state_saver(partial: PartialEvaluationState | None, metrics, total: int | None) -> Callable[[int], None] | None:
+    """`save(batches_done)`: this process' metric state and position into `partial` (None without `partial`)."""
+    if partial is None:
+        return None
+
+    def save(batches_done: int) -> None:
+        position = {"batches_done": batches_done, "images_done": int(metrics.num_images), "num_images_total": total}
+        partial.save(position, metrics.state_dict())
+
+    return save
+
+
+def compute_reference_statistics(
+    config: GenerationEvaluationConfig, accelerator=None, partial: PartialEvaluationState | None = None
+):
     """`mu`/`sigma` of the real images of `config`, saved to `config.compute_reference_statistics`.
 
     Images are resized (shorter side, antialiased `config.interpolation`) and center-cropped to `config.resolution` by
     the evaluation data pipeline, split over processes and summed once at the end.
+
+    Args:
+        partial ([`~flowmo_diffusers.evaluation.resume.PartialEvaluationState`], *optional*):
+            Resume from and save into it every `config.resume_every_batches` batches.
 
     Returns:
         `tuple[ReferenceStatistics, int]`: The statistics and the number of undecodable images skipped.
@@ -498,10 +594,24 @@ def compute_reference_statistics(config: GenerationEvaluationConfig, accelerator
         num_workers=config.dataloader_num_workers,
         interpolation=InterpolationMode(config.interpolation),
     )
+    total = len(dataset) if hasattr(dataset, "__len__") else config.max_samples
+    if total is not None and config.max_samples is not None:
+        total = min(total, config.max_samples)
+    batches_done = resume_metrics(partial, metrics, accelerator, total)
     # "labels" carries the global image index; pixel_values are uint8 mapped to [-1, 1] (x / 127.5 - 1).
     batches = ((batch["labels"], batch["pixel_values"]) for batch in loader)
+    # The done batches are read again but not evaluated: the loader cannot seek in a stream, and reading them keeps
+    # the count of undecodable images and the composition of the later batches those of an uninterrupted run.
     accumulate(
-        metrics, batches, accelerator, total=config.max_samples, description="reference statistics", value_range=(-1, 1)
+        metrics,
+        itertools.islice(batches, batches_done, None),
+        accelerator,
+        total=total,
+        description="reference statistics",
+        value_range=(-1, 1),
+        batches_done=batches_done,
+        save_state=state_saver(partial, metrics, total),
+        save_every_batches=config.resume_every_batches,
     )
     skipped = torch.tensor(loader.skipped_images.count, dtype=torch.int64)
     num_skipped = int(sum_across_processes(skipped, accelerator))
@@ -553,11 +663,19 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
     config.validate()
     if accelerator is None:
         accelerator = create_accelerator(config)
+    fingerprint = resume_fingerprint(config, accelerator, GENERATION_RESUME_INDEPENDENT_OPTIONS)
+    partial = PartialEvaluationState(
+        config.output_dir, fingerprint, accelerator.process_index, accelerator.num_processes
+    )
+    discard = partial.check(overwrite=config.overwrite)  # small JSON files: refuses before anything heavy is built
     lock_output_dir(config.output_dir, accelerator, purpose="generation evaluation", log=logger.warning)
+    if discard and accelerator.is_main_process:
+        partial.discard()  # under the lock
+    accelerator.wait_for_everyone()
     start = time.perf_counter()
     source: dict[str, Any]
     if config.mode == "reference_statistics":
-        statistics, num_skipped = compute_reference_statistics(config, accelerator)
+        statistics, num_skipped = compute_reference_statistics(config, accelerator, partial)
         results = {"num_images": statistics.num_samples, "num_skipped_images": num_skipped}
         source = {
             "dataset_name": config.dataset_name,
@@ -572,6 +690,9 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
     else:
         with accelerator.main_process_first():  # one weights download; also fails before samples are touched
             metrics = build_generation_metrics(config, accelerator.device)
+        # Where this process stopped, from its saved record (its tensors are loaded once the total is known).
+        saved_record = partial.read_record()
+        skip_batches = 0 if saved_record is None else int(saved_record["batches_done"])
         if config.mode == "samples":
             loader, total = sample_file_batches(
                 config.samples,
@@ -580,6 +701,7 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
                 accelerator.num_processes,
                 config.dataloader_num_workers,
                 config.max_samples,
+                skip_batches=skip_batches,
             )
             source = {"samples": os.path.abspath(config.samples)}
             sampling_record = Path(config.samples) / SAMPLING_CONFIG_NAME
@@ -587,9 +709,18 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
                 source["sampling"] = json.loads(sampling_record.read_text(encoding="utf-8"))
             batches: Any = loader
         else:
-            batches, total, sampling = pipeline_sample_batches(config, accelerator)
+            batches, total, sampling = pipeline_sample_batches(config, accelerator, skip_batches=skip_batches)
             source = {"sampling": sampling}
-        accumulate(metrics, batches, accelerator, total=total)
+        batches_done = resume_metrics(partial, metrics, accelerator, total)
+        accumulate(
+            metrics,
+            batches,
+            accelerator,
+            total=total,
+            batches_done=batches_done,
+            save_state=state_saver(partial, metrics, total),
+            save_every_batches=config.resume_every_batches,
+        )
         results = metrics.compute()
         if config.save_sample_statistics is not None:
             if accelerator.is_main_process:
@@ -626,6 +757,8 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
         paths = write_report(report, config.output_dir)
         logger.info("report written: %s", ", ".join(str(path) for path in paths.values()))
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        partial.clear()  # after the results: a kill in between leaves finished results, which a rerun reports
     return report
 
 
@@ -687,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config, accelerator = start_command(parse_args, argv)
     try:
         report = evaluate_generation(config, accelerator)
-    except (MissingPretrainedWeightsError, FileNotFoundError) as error:
+    except (MissingPretrainedWeightsError, FileNotFoundError, ResumeRefusedError) as error:
         raise SystemExit(f"error: {error}") from None  # the message says what to do
     if accelerator.is_main_process:
         print(format_markdown_report(report))
@@ -695,6 +828,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 __all__ = [
+    "GENERATION_RESUME_INDEPENDENT_OPTIONS",
     "GenerationEvaluationConfig",
     "NOT_COMPARABLE_BANNER",
     "NpzImageArray",
@@ -710,6 +844,8 @@ __all__ = [
     "main",
     "parse_args",
     "pipeline_sample_batches",
+    "resume_metrics",
     "sample_file_batches",
+    "state_saver",
     "write_report",
 ]

@@ -54,7 +54,7 @@ from .options import (
     decoder_sampler_options,
     start_command,
 )
-from .resume import PartialEvaluationState, ResumeRefusedError
+from .resume import PartialEvaluationState, ResumeRefusedError, resume_fingerprint
 from .reports import (
     format_number,
     library_versions,
@@ -553,7 +553,7 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> dict[str,
     partial = PartialEvaluationState(
         config.output_dir, resume_fingerprint(config, accelerator), accelerator.process_index, accelerator.num_processes
     )
-    partial.check(overwrite=config.overwrite)  # reads two small files: refuses before anything heavy is built
+    discard = partial.check(overwrite=config.overwrite)  # small JSON files: refuses before anything heavy is built
     warnings_for_report = report_warnings(config)
     for warning in warnings_for_report:
         logger.warning(warning)
@@ -562,8 +562,8 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> dict[str,
         metrics = build_reconstruction_metrics(config, accelerator.device)
     # After the fail-fast weight checks (which leave no folder behind), before any work whose results it holds.
     lock_output_dir(config.output_dir, accelerator, purpose="tokenizer evaluation", log=logger.warning)
-    if config.overwrite and accelerator.is_main_process:
-        partial.clear()
+    if discard and accelerator.is_main_process:
+        partial.discard()
     accelerator.wait_for_everyone()
     saved = partial.load()
     record, saved_tensors = saved if saved is not None else ({}, {})
@@ -670,23 +670,6 @@ def evaluate_tokenizers(config: EvaluationConfig, accelerator=None) -> dict[str,
     if accelerator.is_main_process:
         partial.clear()  # after the results: a kill in between leaves finished results, which a rerun reports
     return report
-
-
-#: Options that do not change any figure: a rerun may change them and still resume.
-RESUME_INDEPENDENT_OPTIONS = frozenset(
-    {"output_dir", "overwrite", "resume_every_batches", "dataloader_num_workers", "cache_dir", "hub_token"}
-)
-
-
-def resume_fingerprint(config: EvaluationConfig, accelerator) -> dict[str, Any]:
-    """The arguments that determine the figures (every option but [`RESUME_INDEPENDENT_OPTIONS`]), plus the
-    mixed precision Accelerate resolved; a saved partial state is continued only with equal ones."""
-    options = {
-        field.name: getattr(config, field.name)
-        for field in dataclasses.fields(config)
-        if field.name not in RESUME_INDEPENDENT_OPTIONS
-    }
-    return dict(options, mixed_precision=accelerator.mixed_precision)
 
 
 def _unique_names(names: list[str]) -> list[str]:
@@ -936,6 +919,5 @@ __all__ = [
     "main",
     "parse_args",
     "plot_rate_distortion",
-    "resume_fingerprint",
     "write_report",
 ]

@@ -10,12 +10,14 @@ Every `resume_every_batches` batches each process writes, into `<output_dir>/par
 
 The initial noise of an image depends on `(seed, global image index)` only, so the position alone determines the noise
 of the rest of the run. A rerun with the same arguments continues from the saved position; one with other arguments,
-another process count or into a folder with finished results is refused (naming the difference) unless `overwrite`.
+another process count or into a folder with finished results is refused (naming the difference) unless `overwrite`,
+which discards them (a partial state that fits is resumed, with or without `overwrite`).
 The folder is removed once the final results are written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +33,26 @@ logger = logging.getLogger(__name__)
 
 PARTIAL_STATE_DIR = "partial_evaluation"
 RESULTS_NAME = "results.json"
+RESULTS_MARKDOWN_NAME = "results.md"
+
+
+#: Options that never change a figure: a rerun may change them and still resume.
+RESUME_INDEPENDENT_OPTIONS = frozenset(
+    {"output_dir", "overwrite", "resume_every_batches", "dataloader_num_workers", "cache_dir", "hub_token"}
+)
+
+
+def resume_fingerprint(
+    config: Any, accelerator: Any, independent_options: frozenset[str] = RESUME_INDEPENDENT_OPTIONS
+) -> dict[str, Any]:
+    """The arguments that determine the figures: every field of the dataclass `config` but `independent_options`,
+    plus the mixed precision Accelerate resolved; a saved partial state is continued only with equal ones."""
+    options = {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(config)
+        if field.name not in independent_options
+    }
+    return dict(options, mixed_precision=accelerator.mixed_precision)
 
 
 class ResumeRefusedError(ValueError):
@@ -81,41 +103,64 @@ class PartialEvaluationState:
             return None
         return json.loads(path.read_text(encoding="utf-8"))
 
-    def check(self, overwrite: bool = False) -> None:
+    def check(self, overwrite: bool = False) -> bool:
         """Refuse (cheaply, before any heavy work) finished results or partial state that does not fit.
 
-        Every process reads the same files (process 0's record decides), so all of them refuse or go on together.
+        Every process reads the same files (every process' record), so all of them refuse or go on together.
+
+        Args:
+            overwrite (`bool`, *optional*, defaults to `False`):
+                Instead of refusing, say that the folder's contents must be discarded ([`discard`]). A partial state
+                that fits is never discarded: a run with `--overwrite` that is killed resumes when run again.
+
+        Returns:
+            `bool`: True when `overwrite` and the folder holds finished results or partial state that does not fit.
 
         Raises:
             ResumeRefusedError: Finished results, other arguments or another process count, without `overwrite`.
         """
-        if overwrite:
-            return
+        try:
+            self._refuse_what_does_not_fit()
+        except ResumeRefusedError:
+            if overwrite:
+                return True
+            raise
+        return False
+
+    def _refuse_what_does_not_fit(self) -> None:
         results = self.output_dir / RESULTS_NAME
         if results.is_file():
             raise ResumeRefusedError(
                 f"{self.output_dir} already holds finished results ({results}); pass --overwrite to replace them or "
                 "choose another --output_dir"
             )
-        saved = self.read_record(0)
-        if saved is None:
-            return
-        if saved["num_processes"] != self.num_processes:
-            raise ResumeRefusedError(
-                f"the partial evaluation in {self.folder} was run by {saved['num_processes']} processes, this run has "
-                f"{self.num_processes} (--num_processes: {saved['num_processes']} in the saved state, "
-                f"{self.num_processes} now); launch as many processes to resume, or pass --overwrite to start over"
-            )
-        listed = differences(saved["fingerprint"], self.fingerprint)
-        if listed:
-            raise ResumeRefusedError(
-                f"the partial evaluation in {self.folder} was started with other arguments ({'; '.join(listed)}); "
-                "rerun with the saved arguments to resume, or pass --overwrite to start over"
-            )
+        # Every process' record, not only process 0's: a run killed before process 0 first saved can leave another
+        # process' state alone, which that process would otherwise load under other arguments.
+        for path in sorted(self.folder.glob("process-*.json")):
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved["num_processes"] != self.num_processes:
+                raise ResumeRefusedError(
+                    f"the partial evaluation in {self.folder} was run by {saved['num_processes']} processes, this run "
+                    f"has {self.num_processes} (--num_processes: {saved['num_processes']} in the saved state, "
+                    f"{self.num_processes} now); launch as many processes to resume, or pass --overwrite to start over"
+                )
+            listed = differences(saved["fingerprint"], self.fingerprint)
+            if listed:
+                raise ResumeRefusedError(
+                    f"the partial evaluation in {self.folder} was started with other arguments ({'; '.join(listed)}); "
+                    "rerun with the saved arguments to resume, or pass --overwrite to start over"
+                )
 
     def clear(self) -> None:
         """Remove the partial state of every process (call on the main process, under the output lock)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove finished results (`results.json`, `results.md`) and every process' partial state (`--overwrite`;
+        call on the main process, under the output lock)."""
+        for name in (RESULTS_NAME, RESULTS_MARKDOWN_NAME):
+            (self.output_dir / name).unlink(missing_ok=True)
+        self.clear()
 
     def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         """This process' record and metric tensors, or None when it saved nothing yet."""
@@ -165,4 +210,11 @@ class PartialEvaluationState:
         return sum(int(record.get("images_done", 0)) for record in records if record is not None)
 
 
-__all__ = ["PARTIAL_STATE_DIR", "PartialEvaluationState", "ResumeRefusedError", "differences"]
+__all__ = [
+    "PARTIAL_STATE_DIR",
+    "RESUME_INDEPENDENT_OPTIONS",
+    "PartialEvaluationState",
+    "ResumeRefusedError",
+    "differences",
+    "resume_fingerprint",
+]

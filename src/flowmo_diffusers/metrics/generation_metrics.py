@@ -345,6 +345,43 @@ class GenerationMetrics:
         self.statistics.update(features)
         self.num_images += images.shape[0]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This process' accumulated images (CPU tensors, bit for bit), to save and resume from.
+
+        Returns:
+            `dict[str, torch.Tensor]`: `num_images` [] int64, `statistics.*` (float64 feature sums, see
+            [`StreamingFeatureStatistics.state_dict`]) and, with the Inception Score, `inception_score.*`
+            ([`InceptionScore.state_dict`]: the float32 logits and global indices of every image).
+        """
+        if self._gathered:
+            raise RuntimeError("state_dict() after gather(): the sums include other processes")
+        state = {"num_images": self.num_images.clone()}
+        state.update({f"statistics.{key}": value for key, value in self.statistics.state_dict().items()})
+        if self.inception_score is not None:
+            state.update({f"inception_score.{key}": value for key, value in self.inception_score.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a [`state_dict`] of metrics with the same settings: the sums and logits are replaced exactly.
+
+        Raises:
+            ValueError: The state was saved with(out) the Inception Score where these metrics compute it (not), or
+                with another feature dimension.
+        """
+        saved_score = any(key.startswith("inception_score.") for key in state)
+        if saved_score != (self.inception_score is not None):
+            raise ValueError(
+                "the saved state was accumulated " + ("with" if saved_score else "without") + " the Inception Score, "
+                "these metrics compute it " + ("not" if saved_score else "too")
+            )
+        self.reset()
+        self.num_images = state["num_images"].clone().to(torch.int64)
+        self.statistics.load_state_dict({key.split(".", 1)[1]: v for key, v in state.items() if key.startswith("statistics.")})
+        if self.inception_score is not None:
+            self.inception_score.load_state_dict(
+                {key.split(".", 1)[1]: v for key, v in state.items() if key.startswith("inception_score.")}
+            )
+
     def gather(self, accelerator: Any | None = None) -> GenerationMetrics:
         """Combine all processes' images, in place (call once, on every process).
 

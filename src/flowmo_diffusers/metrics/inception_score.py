@@ -199,6 +199,36 @@ class InceptionScore:
             return torch.zeros((0, 0), dtype=torch.float32), torch.zeros(0, dtype=torch.int64)
         return torch.cat(self._logits), torch.cat(self._indices)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This process' samples, to save and resume from (float32 logits kept bit for bit).
+
+        Returns:
+            `dict[str, torch.Tensor]`: `logits` [n, C] float32 (`[0, 0]` before the first batch), `indices` [n] int64
+            global positions, `next_local_index` [] int64 (the arrival counter used when no indices are given).
+        """
+        if self._gathered:
+            raise RuntimeError("state_dict() after gather(): it holds other processes' samples")
+        logits, indices = self._stacked()
+        return {
+            "logits": logits.clone(),
+            "indices": indices.clone(),
+            "next_local_index": torch.tensor(self._next_local_index, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a [`state_dict`]: the samples it holds replace this one's."""
+        logits, indices = state["logits"], state["indices"]
+        if logits.ndim != 2 or indices.shape != (logits.shape[0],):
+            raise ValueError(
+                f"saved Inception Score state has logits {tuple(logits.shape)} and indices {tuple(indices.shape)}; "
+                "expected [n, C] and [n]"
+            )
+        self.reset()
+        if logits.shape[0]:
+            self._logits.append(logits.to("cpu", torch.float32).clone())
+            self._indices.append(indices.to("cpu", torch.int64).clone())
+        self._next_local_index = int(state["next_local_index"])
+
     def gather(self, accelerator: Any | None = None) -> InceptionScore:
         """Collect every process' samples on every process (call once, on every process).
 
