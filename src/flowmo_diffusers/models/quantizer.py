@@ -1,5 +1,6 @@
 """Lookup-free quantization (LFQ) of FlowMo codes and the token-id layout of the original implementation."""
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -112,8 +113,10 @@ class LookupFreeQuantizer(nn.Module):
 
         Returns `(per_sample_entropy, codebook_entropy, entropy_loss)`.
         """
-        # Float32 even under autocast, which would run the logits' matmul in half precision (see `forward`).
-        with torch.autocast(rows.device.type, enabled=False):
+        # Float32 even under autocast, which would run the logits' matmul in half precision (see `forward`). The meta
+        # device (shape-only checks) has no autocast to switch off.
+        no_autocast = nullcontext() if rows.device.type == "meta" else torch.autocast(rows.device.type, enabled=False)
+        with no_autocast:
             rows = rows.float()
             # 2 x . c equals -|x - c|^2 up to a per-row constant, so these are distance-based logits.
             logits = 2 * rows @ self.codebook(rows.dtype, rows.device).T
