@@ -1,11 +1,15 @@
 """What the tests share: repository paths, the tiny models and pipelines, the pickle payload of the hostile-file tests
-and `accelerate launch` of the example scripts. Each test folder mirrors a subpackage of `flowmo_diffusers`."""
+and `accelerate launch` of the example scripts (also held at a step, for the preemption tests). Each test folder mirrors
+a subpackage of `flowmo_diffusers`."""
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +23,12 @@ from flowmo_diffusers import (
     MaskGiTScheduler,
     get_maskgit_preset_config,
     get_preset_config,
+)
+from flowmo_diffusers.training.preemption import (
+    PREEMPTED_EXIT_STATUS,
+    PREEMPTED_MARKER,
+    TEST_HOLD_ENV,
+    preempted_message,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,20 +138,107 @@ def kill_process_tree(process):
     process.wait()
 
 
-def launch(script, arguments, num_processes=1, env=None, timeout=300):
-    """`accelerate launch SCRIPT ARGUMENTS` with `num_processes` CPU processes; returns stdout + stderr, raises on failure."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+def accelerate_command(script, arguments, num_processes=1, env=None, machine=None):
+    """`(command, env)` of `accelerate launch SCRIPT ARGUMENTS` with `num_processes` CPU processes in all.
+
+    `machine` is `(machine_rank, num_machines, port)` for one of several Accelerate "machines" on this host (they meet
+    at 127.0.0.1:port, all given the same port); `num_processes` then counts the processes of every machine."""
+    num_machines = 1 if machine is None else machine[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", str(num_machines),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     env = dict(os.environ if env is None else env)
     # One thread per process: on a small shared CPU, OpenMP thread pools of 2+ threads can stall for seconds per step.
     env.setdefault("OMP_NUM_THREADS", "1")
     if num_processes > 1:
         # Several CPU processes: the multi-GPU launcher (torchrun) plus ACCELERATE_USE_CPU selects gloo DDP.
-        command += ["--multi_gpu", "--main_process_port", str(free_port())]
+        command += ["--multi_gpu"]
         env["ACCELERATE_USE_CPU"] = "true"
-    result = subprocess.run(command + [str(script)] + [str(a) for a in arguments], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
+        if machine is None:
+            command += ["--main_process_port", str(free_port())]
+        else:
+            command += ["--machine_rank", str(machine[0]), "--main_process_ip", "127.0.0.1",
+                        "--main_process_port", str(machine[2])]
+    return command + [str(script)] + [str(a) for a in arguments], env
+
+
+def launch(script, arguments, num_processes=1, env=None, timeout=300):
+    """`accelerate launch SCRIPT ARGUMENTS` with `num_processes` CPU processes; returns stdout + stderr, raises on failure."""
+    command, env = accelerate_command(script, arguments, num_processes, env)
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"{Path(script).name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-6000:]}")
     return result.stdout + result.stderr
+
+
+class HeldLaunch:
+    """`accelerate launch` in a session of its own whose training processes each stop at their `hold_step`-th
+    optimizer step (`flowmo_diffusers.training.preemption.TEST_HOLD_ENV`) until [`release`]: a test signals a run at a
+    known step without sleeping. Output (stdout + stderr) is read as it comes, so a test can wait for a line.
+
+    A Popen and not [`launch`]: the test needs the launcher's pid and the run alive while it signals."""
+
+    def __init__(self, script, arguments, hold_dir, num_processes=1, env=None, machine=None, hold_step=2):
+        command, env = accelerate_command(script, arguments, num_processes, env, machine)
+        env[TEST_HOLD_ENV] = f"{hold_step}:{hold_dir}"
+        self.hold_dir = Path(hold_dir)
+        self.hold_dir.mkdir(exist_ok=True)
+        self._lines = []
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, start_new_session=True)
+        self._reader = threading.Thread(target=lambda: self._lines.extend(self.process.stdout), daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        """The launcher's pid (and its process group's id: a session of its own)."""
+        return self.process.pid
+
+    def output(self) -> str:
+        return "".join(list(self._lines))
+
+    def wait_for(self, text, count=1, timeout=120):
+        """Wait until `text` was printed `count` times (e.g. a handler's `received SIGTERM`)."""
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            assert time.monotonic() < deadline, f"never printed {text!r} {count} time(s):\n{self.output()[-4000:]}"
+            time.sleep(0.05)
+
+    def finish(self, timeout=240):
+        """Release the held processes, wait for the launcher; returns `(exit status, output)`."""
+        release(self.hold_dir)
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return self.process.returncode, self.output()
+
+
+def wait_until_held(runs, num_processes, timeout=240):
+    """Wait until `num_processes` training processes of `runs` (HeldLaunch's sharing one hold folder) are held;
+    returns their pids."""
+    hold_dir = runs[0].hold_dir
+    deadline = time.monotonic() + timeout
+    while len(list(hold_dir.glob("ready-*"))) < num_processes:
+        for run in runs:
+            assert run.process.poll() is None, run.output()[-6000:]
+        assert time.monotonic() < deadline, "the run never reached its held step"
+        time.sleep(0.05)
+    return [int(path.name.split("-")[1]) for path in hold_dir.glob("ready-*")]
+
+
+def release(hold_dir):
+    """Let every process held on `hold_dir` go on."""
+    (Path(hold_dir) / "release").touch()
+
+
+def assert_preempted_at(step, output_dir, output, signal_names):
+    """What a preemption at `step` leaves: the log line, `checkpoint-<step>`, the marker and no final pipeline.
+
+    `signal_names`: what the marker's `signal` may be, the signal the main process received (None where only
+    other processes were signalled)."""
+    assert preempted_message(step) in output, output[-6000:]
+    output_dir = Path(output_dir)
+    assert (output_dir / f"checkpoint-{step}").is_dir() and not (output_dir / "model_index.json").exists()
+    marker = json.loads((output_dir / PREEMPTED_MARKER).read_text())
+    assert marker["signal"] in signal_names, marker
+    assert marker == {"step": step, "checkpoint": f"checkpoint-{step}", "exit_status": PREEMPTED_EXIT_STATUS,
+                      "signal": marker["signal"]}, marker

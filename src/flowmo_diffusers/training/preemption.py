@@ -15,9 +15,9 @@ without a collective or a host-device sync of its own (the loop's `.item()` of t
             preemption.stop(accelerator, step, save=..., already_saved=step % checkpointing_steps == 0)
 
 What the launchers do with signals (docs/cluster.md): `accelerate launch` of one process forwards SIGTERM/SIGINT to
-its child and SIGKILLs it 5 s later (fixed in Accelerate); of several processes (torch elastic) it forwards the
-signals named in `TORCHELASTIC_SIGNALS_TO_HANDLE` (default SIGTERM,SIGINT,SIGHUP,SIGQUIT: add SIGUSR1 for SLURM) and
-SIGKILLs after `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds (default 30). A second signal is only a repeated flag here.
+its child and SIGKILLs it 5 s later (fixed in Accelerate); of several processes (torch elastic) it forwards
+SIGTERM,SIGINT,SIGHUP,SIGQUIT (`PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGUSR1` adds USR1 for SLURM) and SIGKILLs
+after `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds (default 30). A second signal is only a repeated flag here.
 """
 
 from __future__ import annotations
