@@ -115,10 +115,13 @@ def main(argv=None):
             f"{len(tokens)} images tokenized ({totals['num_skipped']} undecodable images skipped) -> "
             f"{os.path.join(args.output_dir, 'dataset')}; chunks kept in {os.path.join(args.output_dir, CHUNKS_FOLDER)}"
         )
+    # Every process leaves together before the main one counts and pushes: collectives this late in the run left
+    # gloo (torch 2.5) hanging in destroy_process_group, so the main process counts the assembled ids alone, after
+    # the process group is gone (reading them is cheap beside tokenizing them).
     accelerator.wait_for_everyone()
-    statistics = write_token_codebook_statistics(args.output_dir, accelerator)
-
+    accelerator.end_training()
     if accelerator.is_main_process:
+        statistics = write_token_codebook_statistics(args.output_dir)
         if statistics is not None:
             logger.info(
                 f"codebook usage {statistics['codebook_usage']:.4f}, entropy {statistics['codebook_entropy_bits']:.3f} "
@@ -140,7 +143,6 @@ def main(argv=None):
                         path_in_repo=name, repo_id=repo_id, repo_type="dataset", token=args.hub_token,
                     )
             logger.info(f"Pushed to https://huggingface.co/datasets/{repo_id}")
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

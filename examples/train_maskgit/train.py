@@ -415,6 +415,8 @@ def main(argv=None):
                 ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "validation/*", LOCK_FILES_PATTERN],
             )
             logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+    # Every process leaves together: the others must not tear down the process group while the main one saves.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

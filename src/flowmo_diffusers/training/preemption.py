@@ -138,6 +138,9 @@ class PreemptionGuard:
             with open(os.path.join(output_dir, PREEMPTED_MARKER), "w") as f:
                 json.dump(marker, f)
         log(preempted_message(step))
+        # Every process leaves together: one tearing down the process group while the main one still writes the
+        # marker can leave the main process hanging in destroy_process_group (gloo, torch 2.5).
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -376,7 +376,8 @@ def token_codebook_statistics(
 
 def write_token_codebook_statistics(output_dir: str, accelerator: Any | None = None) -> dict[str, float | int] | None:
     """[`token_codebook_statistics`] of the assembled `output_dir/dataset`, saved beside its `tokenization.json` as
-    `codebook_statistics.json` (by the main process). Call it on every process after [`assemble_token_dataset`].
+    `codebook_statistics.json` (by the main process). With an `accelerator`, call it on every process after
+    [`assemble_token_dataset`]; without one (as `pretokenize.py` does, on the main process), one process counts all.
 
     Returns:
         `dict` or `None`: the figures, or `None` (and no file) when the dataset holds no image.
