@@ -4,6 +4,7 @@ resume that refuses every file it cannot load without the risk of running code, 
 import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -124,8 +125,12 @@ def test_corrupt_states_file_names_it(checkpoint):
     accelerator, _, _, _, path = checkpoint
     with open(os.path.join(path, STATES_TENSORS_NAME), "wb") as file:
         file.write(b"\x00" * 20)
-    with pytest.raises(UnsafeCheckpointError, match="cannot read the training states"):
+    # load_checkpoint finds it while checking every file (tests/training/test_checkpoint_faults.py: the damage kinds);
+    # load_training_states on its own names it too.
+    with pytest.raises(UnsafeCheckpointError, match=f"{STATES_TENSORS_NAME} is damaged"):
         load_checkpoint(accelerator, path, training_setup(seed=1)[3])
+    with pytest.raises(UnsafeCheckpointError, match="cannot read the training states"):
+        load_training_states(training_setup(seed=1)[3], path)
 
 
 def test_ema_mismatch_names_the_flag(tmp_path):
@@ -159,6 +164,9 @@ def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, mon
         raise failure
 
     monkeypatch.setattr(torch, "save", full_disk)  # accelerate's writer of optimizer.bin and random_states_*.pkl
+    # torch's C++ writer loses the errno: a bare "iostream error" is a full disk when the disk is full (see
+    # test_checkpoint_faults.py for the same error on a disk with space left).
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
     with pytest.raises(OSError, match="no space left .* writing checkpoint-4.*checkpoint-2 is intact") as info:
         save_checkpoint(accelerator, str(tmp_path), 4, states=states)
     assert info.value.errno == errno.ENOSPC

@@ -11,9 +11,14 @@ runs whatever code the file names. A checkpoint folder received from someone els
 
 [`load_checkpoint`] checks the whole folder before Accelerate touches it: every torch pickle must load with
 `weights_only=True` (Accelerate's own allow-list of numpy types for the RNG states); a `custom_checkpoint_*.pkl` or
-a file that cannot be read that way stops the resume with an error naming it, before anything is loaded. Accelerate
+a file that cannot be read that way stops the resume with an error naming it, before anything is loaded; so does a
+damaged safetensors or JSON file (empty, truncated, bad header: [`DamagedCheckpointError`]), each read in full. Accelerate
 swallows any failure to restore the RNG states (exact resume is then silently lost), so the restored states are
 compared with the file afterwards and a mismatch is an error too.
+
+A save that fails (a full disk above all, however the writer reports it: `ENOSPC`, `EIO`, or wrapped in torch's or
+safetensors' own exception) fails on every process together, removes the incomplete folder and says how much space is
+left and which earlier checkpoint is intact; nothing half-written is ever published.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -29,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..utils.files import apply_default_mode
@@ -47,6 +54,15 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _UNSAFE_CUSTOM_STATE_RE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 # Formats that hold data only: nothing in them is executed when read.
 _DATA_ONLY_SUFFIXES = (".safetensors", ".json")
+# A write error is a full disk when the errno says so, when the text of an exception that lost the errno says so
+# (safetensors: "IoError(Os { code: 28, kind: StorageFull, ...})"), or when the disk has less than this left.
+_OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_OUT_OF_SPACE_SIGNS = ("No space left", "Disk quota exceeded", "StorageFull", "QuotaExceeded", "os error 28")
+_NEARLY_FULL_BYTES = 2**20
+
+
+class DamagedCheckpointError(UnsafeCheckpointError):
+    """A file of a checkpoint is empty, truncated or malformed, so the checkpoint is not resumed from (a `ValueError`)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -139,7 +155,12 @@ def publish_checkpoint(output_dir: str, step: int) -> str:
         old = final + ".old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-    os.replace(temporary, final)
+    try:
+        os.replace(temporary, final)
+    except BaseException:
+        if old is not None:  # put the complete copy back: a `.old` folder is deleted as a leftover at the next start
+            os.replace(old, final)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -277,18 +298,85 @@ def load_training_states(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _is_out_of_space(error: BaseException, folder: str) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch.save's C++ writer reports a full disk as a RuntimeError ("basic_ios::clear: iostream error",
-    # "PytorchStreamWriter failed writing file ..."), safetensors as a SafetensorError, both without the errno.
-    text = str(error)
-    if any(sign in text for sign in ("iostream error", "failed writing", "file write failed", "No space left")):
-        return True
+def _error_chain(error: BaseException) -> list[BaseException]:
+    """`error` and every exception behind it (`__cause__`, `__context__`), each once: wrappers such as safetensors'
+    `SafetensorError` or a `RuntimeError` raised while handling an `OSError` keep the real fault there."""
+    chain, pending = [], [error]
+    while pending:
+        link = pending.pop()
+        if link is None or any(link is seen for seen in chain):
+            continue
+        chain.append(link)
+        pending += [link.__context__, link.__cause__]
+    return chain
+
+
+def _free_bytes(folder: str) -> int | None:
+    """Bytes an unprivileged process can still write on the file system of `folder` (None if unknown)."""
     try:
-        return shutil.disk_usage(folder).free < 2**20
+        return shutil.disk_usage(folder).free
     except OSError:
-        return False
+        return None
+
+
+def _is_out_of_space(error: BaseException, free_bytes: int | None) -> bool:
+    """Whether `error`, raised while writing with `free_bytes` left on the disk, means the disk (or quota) is full.
+
+    Said so by an errno or a message anywhere in the chain of `error`; or any write error on a disk with less than
+    1 MiB left: network file systems report a full disk as `EIO`, and torch's C++ writer as a bare
+    `RuntimeError` ("basic_ios::clear: iostream error", "PytorchStreamWriter failed writing file").
+    """
+    for link in _error_chain(error):
+        if isinstance(link, OSError) and link.errno in _OUT_OF_SPACE_ERRNOS:
+            return True
+        if any(sign in str(link) for sign in _OUT_OF_SPACE_SIGNS):
+            return True
+    return free_bytes is not None and free_bytes < _NEARLY_FULL_BYTES
+
+
+def _describe_write_failure(error: BaseException, output_dir: str, step: int) -> tuple[int, str]:
+    """`(errno, message)` of the OSError that a failed save of `checkpoint-<step>` raises (see [`save_checkpoint`])."""
+    free = _free_bytes(output_dir)
+    previous = [path for _, path in list_checkpoints(output_dir)]
+    intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    cause = f"{type(error).__name__}: {error}"
+    if _is_out_of_space(error, free):
+        left = f"{free} bytes free" if free is not None else "free space unknown"
+        return errno.ENOSPC, (
+            f"no space left on {output_dir} ({left}) while writing checkpoint-{step}; the incomplete checkpoint was "
+            f"removed and {intact}. Free some space (or lower --checkpoints_total_limit) and resume with "
+            f"--resume_from_checkpoint latest ({cause})"
+        )
+    code = next((link.errno for link in _error_chain(error) if isinstance(link, OSError) and link.errno), errno.EIO)
+    return code, (
+        f"could not write checkpoint-{step} in {output_dir}; the incomplete checkpoint was removed and {intact} ({cause})"
+    )
+
+
+def _write_on_every_process(accelerator, write: Callable[[], Any], output_dir: str, step: int) -> None:
+    """Run `write` on every process; if it fails on any, remove the incomplete checkpoint and raise the same OSError
+    on all of them (the first failing process' description), instead of leaving the others waiting for it.
+
+    The outcome is exchanged in one `gather_object`, so `write` must reach it on every process: it holds no
+    collective that a failure on one process could skip while the others enter it.
+    """
+    failure, mine = None, None
+    try:
+        write()
+    except Exception as error:  # noqa: BLE001 - torch, safetensors and the OS report write failures differently
+        failure, mine = error, _describe_write_failure(error, output_dir, step)
+    described = [mine]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        described = gather_object(described)
+    first = next((item for item in described if item is not None), None)
+    if first is None:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary_checkpoint_path(output_dir, step), ignore_errors=True)
+    code, message = mine if mine is not None else (first[0], f"another process failed: {first[1]}")
+    raise OSError(code, message) from failure
 
 
 def save_checkpoint(
@@ -320,8 +408,10 @@ def save_checkpoint(
     Raises:
         TrainingDivergedError: the model, optimizer state or an EMA in `states` holds a NaN or an infinity; nothing
             is written (a `FloatingPointError`, see [`~flowmo_diffusers.training.divergence.check_finite_weights`]).
-        OSError: the save failed (`errno.ENOSPC` when the disk is full); the incomplete folder is removed and the
-            previous checkpoints are untouched.
+        OSError: the save failed, on this process or another (the same error on all of them): `errno.ENOSPC` with
+            `no space left on <output_dir> (<N> bytes free)` when the disk or quota is full, however the writer
+            reported it; the message names the intact previous checkpoint. The incomplete folder is removed, nothing
+            is published, and the previous checkpoints are untouched.
     """
     if accelerator._custom_objects:
         raise ValueError(
@@ -341,28 +431,18 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(temporary)
-        save_training_states(states or {}, temporary, accelerator.is_main_process)
-    except Exception as error:  # noqa: BLE001 - torch, safetensors and the OS report write failures differently
-        shutil.rmtree(temporary, ignore_errors=True)
-        previous = [path for _, path in list_checkpoints(output_dir)]
-        intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        if _is_out_of_space(error, output_dir):
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on the device of {output_dir} while writing checkpoint-{step}; the incomplete "
-                f"checkpoint was removed and {intact}. Free some space (or lower --checkpoints_total_limit) and "
-                f"resume with --resume_from_checkpoint latest ({type(error).__name__}: {error})",
-            ) from error
-        raise OSError(
-            getattr(error, "errno", None) or errno.EIO,
-            f"could not write checkpoint-{step} in {output_dir}; the incomplete checkpoint was removed and {intact} "
-            f"({type(error).__name__}: {error})",
-        ) from error
-    accelerator.wait_for_everyone()
+    # Three steps, each ending with every process agreeing on its outcome: Accelerate's files (no collective after its
+    # first write in DDP; FSDP2 gathers before writing), then the package's states (their `state_dict` may gather),
+    # then the publishing rename, done by the main process.
+    _write_on_every_process(accelerator, lambda: accelerator.save_state(temporary), output_dir, step)
+    _write_on_every_process(
+        accelerator, lambda: save_training_states(states or {}, temporary, accelerator.is_main_process), output_dir, step
+    )
+    _write_on_every_process(
+        accelerator, lambda: publish_checkpoint(output_dir, step) if accelerator.is_main_process else None,
+        output_dir, step,
+    )
     if accelerator.is_main_process:
-        publish_checkpoint(output_dir, step)
         for removed in prune_checkpoints(output_dir, total_limit):
             if log is not None:
                 log(f"Removed old checkpoint {removed}")
@@ -380,18 +460,61 @@ def _load_torch_pickle_safely(path: str) -> Any:
     return load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+def _earlier_checkpoint_advice(folder: str) -> str:
+    """What to resume from instead of the damaged `folder`: the newest other checkpoint beside it, if any."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    others = [path for _, path in list_checkpoints(parent) if os.path.abspath(path) != os.path.abspath(folder)]
+    if not others:
+        return f"no other checkpoint exists in {parent}"
+    return f"resume from an earlier one with --resume_from_checkpoint {others[-1]}, or delete {folder}"
+
+
+def _damaged(folder: str, path: str, what: str, error: BaseException | None = None) -> DamagedCheckpointError:
+    detail = f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})" if error else ""
+    return DamagedCheckpointError(
+        f"refusing to resume from {folder}: {path} is damaged: {what}{detail}. Nothing of the checkpoint was loaded; "
+        f"{_earlier_checkpoint_advice(folder)}"
+    )
+
+
+def _verify_data_file(folder: str, path: str) -> None:
+    """Read a safetensors or JSON file of a checkpoint in full; raise [`DamagedCheckpointError`] if it is damaged."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise _damaged(folder, path, "it is empty (0 bytes; a save cut short, or a full disk)")
+    try:
+        if path.endswith(".safetensors"):
+            # safe_open checks the header and that its offsets cover the file exactly (a truncated file fails here);
+            # reading every tensor, one at a time, also surfaces unreadable blocks before Accelerate loads anything.
+            with safe_open(path, framework="pt", device="cpu") as file:
+                for key in file.keys():
+                    file.get_tensor(key)
+        else:
+            with open(path, encoding="utf-8") as file:
+                json.load(file)
+    except Exception as error:  # noqa: BLE001 - safetensors, json and the OS raise several types for damaged files
+        kind = "safetensors" if path.endswith(".safetensors") else "JSON"
+        raise _damaged(folder, path, f"{size} bytes that do not read as a {kind} file (truncated or corrupt)", error) from None
+
+
 def verify_checkpoint_files(folder: str) -> dict[str, Any]:
-    """Check that nothing in `folder` needs a code-running unpickle; returns the RNG states of the folder by file name.
+    """Check every file of `folder` before anything is loaded; returns the RNG states of the folder by file name.
+
+    Safetensors and JSON files are read in full; torch pickles are loaded with `weights_only=True` (their index only:
+    a truncated zip archive has lost its central directory and fails there).
 
     Raises:
         UnsafeCheckpointError: naming the first file that is a `custom_checkpoint_*.pkl`, or a pickle that
-            `torch.load(weights_only=True)` refuses (it names a global outside the allow-list, or is corrupt).
+            `torch.load(weights_only=True)` refuses (it names a global outside the allow-list).
+        DamagedCheckpointError: naming the first file (and the checkpoint) that is empty, truncated or malformed,
+            and the earlier checkpoint to resume from instead. Both are `ValueError`s.
     """
     rng_states = {}
     for root, _, names in os.walk(folder):
         for name in sorted(names):
             path = os.path.join(root, name)
             if name.endswith(_DATA_ONLY_SUFFIXES):
+                _verify_data_file(folder, path)
                 continue
             if _UNSAFE_CUSTOM_STATE_RE.match(name):
                 raise UnsafeCheckpointError(
@@ -406,14 +529,19 @@ def verify_checkpoint_files(folder: str) -> dict[str, Any]:
                     "(SHARDED_STATE_DICT), whose .metadata torch unpickles without restriction. Save checkpoints with "
                     "--fsdp_state_dict_type FULL_STATE_DICT"
                 )
+            if os.path.getsize(path) == 0:
+                raise _damaged(folder, path, "it is empty (0 bytes; a save cut short, or a full disk)")
             try:
                 loaded = _load_torch_pickle_safely(path)
-            except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ... for bad files
+            except pickle.UnpicklingError as error:  # weights_only refused a global: the file would run code
                 raise UnsafeCheckpointError(
                     f"refusing to resume from {folder}: {path} cannot be loaded with torch.load(weights_only=True) "
-                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). It is corrupt, "
-                    "or a pickle that would run code; it is not loaded"
+                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). It is a pickle "
+                    "that would run code, or corrupt; it is not loaded"
                 ) from None
+            except Exception as error:  # noqa: BLE001 - torch raises RuntimeError, OSError, ... for damaged archives
+                raise _damaged(folder, path, f"{os.path.getsize(path)} bytes that torch cannot read (truncated or "
+                               "corrupt)", error) from None
             if name.startswith("random_states_"):
                 rng_states[name] = loaded
     return rng_states
@@ -459,6 +587,8 @@ def load_checkpoint(
 
     Raises:
         UnsafeCheckpointError: a file cannot be loaded safely, or the RNG states are damaged.
+        DamagedCheckpointError: a file is empty, truncated or malformed (named, with the checkpoint and the earlier
+            checkpoint to use instead), found before any weight is loaded.
         ValueError: the checkpoint holds other states than `states` (e.g. saved without `--use_ema`).
     """
     if accelerator._custom_objects:
@@ -523,6 +653,7 @@ class _Discard:
 
 
 __all__ = [
+    "DamagedCheckpointError",
     "STATES_JSON_NAME",
     "STATES_TENSORS_NAME",
     "StreamPositions",
