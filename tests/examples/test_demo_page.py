@@ -1,0 +1,96 @@
+"""examples/demo/app.py in a real headless browser: the system's Chromium, driven by Playwright, loads the page,
+submits an example image and sees the reconstructions, the bits per pixel, the variance map, the timings and the ids."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+import torch
+
+from flowmo_diffusers.pipelines.demo import prepare_image
+from testing_utils import EXAMPLES, tiny_flowmo_model, tiny_flowmo_pipeline
+
+DEMO = EXAMPLES / "demo"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def load_screenshot_script():
+    """examples/demo/screenshot.py as a module: the test drives the page with the functions the screenshot uses."""
+    spec = importlib.util.spec_from_file_location("demo_screenshot", DEMO / "screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_app_refuses_a_missing_default_pipeline_with_the_command_to_make_it(tmp_path):
+    # Run where outputs/train_flowmo does not exist: the error names the training command (no Gradio needed).
+    result = subprocess.run([sys.executable, str(DEMO / "app.py")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "no pipeline in outputs/train_flowmo/" in result.stderr
+    assert "accelerate launch examples/train_flowmo/train.py" in result.stderr
+    result = subprocess.run([sys.executable, str(DEMO / "app.py"), "--pretrained_model_name_or_path", str(tmp_path),
+                             "--num_variance_samples", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--num_variance_samples must be 0 or at least 2, got 1" in result.stderr
+
+
+@torch.no_grad()
+def test_the_page_reconstructs_an_example_in_a_headless_browser(tmp_path):
+    pytest.importorskip("gradio", reason='the demo page needs Gradio (pip install -e ".[demo]")')
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs Playwright (the test extra)")
+    if not os.path.isfile(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    screenshot = load_screenshot_script()
+
+    pipeline = tiny_flowmo_pipeline()
+    pipeline.save_pretrained(tmp_path / "pipeline")
+    student = tiny_flowmo_model(seed=1, sampling_num_inference_steps=2, sampling_guidance_scale=1.0,
+                                distilled_from=str(tmp_path / "pipeline"))
+    tiny_flowmo_pipeline(student).save_pretrained(tmp_path / "student")
+    example = sorted(DEMO.glob("images/*.png"))[0]
+    expected_ids = pipeline.encode(prepare_image(PIL.Image.open(example), 32))[0].tolist()
+
+    port = screenshot.free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}  # Gradio's copies of the images stay here
+    arguments = ["--pretrained_model_name_or_path", tmp_path / "pipeline", "--student", tmp_path / "student",
+                 "--device", "cpu", "--solvers", "dpm", "heun", "--solver_steps", "2", "--num_variance_samples", "3"]
+    with open(tmp_path / "app.log", "w") as log:
+        process = screenshot.start_app(arguments, port, env=env, log=log)
+    try:
+        screenshot.wait_until_serving(url, process, timeout=180)
+        with sync_api.sync_playwright() as playwright:
+            browser = screenshot.launch_chromium(playwright, CHROMIUM)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url, timeout=120_000)
+            page.get_by_text("FlowMo: tokenize and reconstruct").first.wait_for(timeout=60_000)  # the page loaded
+            assert page.title() == "FlowMo: tokenize and reconstruct"
+            # Nothing to reconstruct yet: the page says so instead of failing.
+            page.locator("#run").click()
+            page.get_by_text("Upload an image or pick an example first.").first.wait_for(timeout=60_000)
+
+            screenshot.reconstruct_example(page, url, example=0, timeout_ms=180_000)
+            rate = page.locator("#bits_per_pixel textarea, #bits_per_pixel input").first.input_value()
+            assert rate == "0.0938 bits per pixel (24 ids x 4 bits for a 32x32 image)"
+            # The input as the model reads it, the paper sampler, DPM-Solver++ 2, Heun 2 and the student.
+            page.wait_for_function("() => document.querySelectorAll('#reconstructions img').length >= 5",
+                                   timeout=60_000)
+            assert page.locator("#reconstructions img").count() == 5
+            captions = page.locator("#reconstructions").inner_text()
+            for caption in ("input (as the model reads it)", "paper sampler (25 steps, guidance 1.5): 31 passes",
+                            "DPM-Solver++ 2 steps: 3 passes", "Heun 2 steps: 3 passes",
+                            "distilled student (2 passes): 2 passes"):
+                assert caption in captions
+            page.locator("#variance img").first.wait_for(timeout=60_000)
+            timings = page.locator("#timings").inner_text()
+            assert "encode (token ids)" in timings and "variance: 3 paper-sampler samples" in timings
+            ids = page.locator("#token_ids textarea").first.input_value()
+            assert [int(i) for i in ids.split()] == expected_ids  # the ids of the example, as the package computes
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert process.returncode is not None
