@@ -28,6 +28,13 @@ LPIPS = "lpips>=0.1.4"
 SCIKIT_IMAGE = "scikit-image>=0.24.0"  # 0.22 and 0.23 are built against numpy 1 and fail to import with numpy 2
 EVALUATE = "evaluate>=0.4.0"
 PYTORCH_FID = "pytorch-fid>=0.3.0"
+# gradio: the demo page (examples/demo/app.py). 6.0 moved `theme` from Blocks to launch(), which the page uses; 6.0.0
+# installs at the floors (with huggingface_hub 1.3.0 and torch 2.5.1; pip then takes Pillow 11.3) and the browser
+# test passes there.
+GRADIO = "gradio>=6.0.0"
+# playwright: the browser test drives the system's Chromium with it (`executable_path`; Playwright's own browser
+# download is never used). 1.50.0 is tested against Debian's Chromium 156.
+PLAYWRIGHT = "playwright>=1.50.0"
 
 setup(
     name="flowmo-diffusers",
@@ -73,8 +80,11 @@ setup(
             TORCHDATA,
             "matplotlib",
         ],
+        "demo": [GRADIO],
         "test": [
             "pytest>=7.0.0",
+            GRADIO,  # tests/examples/test_demo_page.py: the demo page in a headless browser
+            PLAYWRIGHT,
             ACCELERATE,
             DATASETS,
             TORCHDATA,

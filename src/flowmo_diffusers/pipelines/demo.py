@@ -131,7 +131,7 @@ class DemoResult:
             return None
         peak = float(self.variance.max())
         scaled = self.variance / peak if peak > 0 else np.zeros_like(self.variance)
-        return PIL.Image.fromarray((scaled * 255).round().clip(0, 255).astype(np.uint8), mode="L")
+        return PIL.Image.fromarray((scaled * 255).round().clip(0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
     def timings(self) -> list[list]:
         """Rows `[what, decoder passes per image, milliseconds]`: the encoding, every reconstruction and the variance
