@@ -99,8 +99,8 @@ def build_page(gr, pipeline, student, args):
             raise gr.Error(str(error))  # the package names the bad setting; show it on the page
         size = args.display_size
         gallery = [(enlarge(result.image, size), "input (as the model reads it)")]
-        gallery += [(enlarge(r.image, size), f"{r.name}: {r.num_decoder_passes} passes, {r.seconds * 1000:.0f} ms")
-                    for r in result.reconstructions]
+        # Captions are one line under each image: the decoder's short name; passes and times are in the table.
+        gallery += [(enlarge(r.image, size), r.name.split(" (")[0]) for r in result.reconstructions]
         variance = result.variance_image()
         rate = (f"{result.bits_per_pixel:.4f} bits per pixel ({len(result.indices)} ids x {result.bits_per_index} "
                 f"bits for a {result.image.width}x{result.image.height} image)")
@@ -124,14 +124,15 @@ def build_page(gr, pipeline, student, args):
                                 elem_id="examples")
             with gr.Column(scale=2):
                 rate = gr.Textbox(label="Bits per pixel", elem_id="bits_per_pixel", interactive=False)
+                # PNG, not Gradio's default WebP: the panels are compared pixel by pixel.
                 gallery = gr.Gallery(label="Reconstructions (same token ids, same noise)", elem_id="reconstructions",
-                                     columns=4, height="auto", object_fit="contain")
+                                     columns=4, height="auto", object_fit="contain", format="png")
+                timings = gr.Dataframe(headers=["what", "decoder passes", "ms"], label="Time taken",
+                                       elem_id="timings", interactive=False)
                 with gr.Row():
                     variance = gr.Image(label="Per-pixel variance (white = most)", elem_id="variance",
-                                        type="pil", interactive=False, scale=1)
-                    timings = gr.Dataframe(headers=["what", "decoder passes", "ms"], label="Time taken",
-                                           elem_id="timings", interactive=False, scale=2)
-                ids = gr.Textbox(label="Token ids", elem_id="token_ids", lines=4, interactive=False)
+                                        type="pil", interactive=False, format="png", scale=1)
+                    ids = gr.Textbox(label="Token ids", elem_id="token_ids", lines=8, interactive=False, scale=2)
         button.click(run, inputs=[image, solvers, steps, seed, variance_samples],
                      outputs=[rate, gallery, variance, timings, ids])
     return page
@@ -146,7 +147,9 @@ def main(argv=None):
     # System fonts: the default theme would fetch Google Fonts, which an offline machine cannot reach.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
-    page.launch(server_name=args.host, server_port=args.port, theme=theme, show_error=True)
+    # Gradio's gallery keeps a 450 px minimum height on wide screens, blank below one row of reconstructions.
+    css = "#reconstructions .fixed-height { min-height: 0 !important; }"
+    page.launch(server_name=args.host, server_port=args.port, theme=theme, css=css, show_error=True)
 
 
 if __name__ == "__main__":
