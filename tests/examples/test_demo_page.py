@@ -44,6 +44,28 @@ def load_screenshot_script():
     return module
 
 
+def load_app():
+    spec = importlib.util.spec_from_file_location("demo_app", DEMO / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_app_loads_a_pipeline_by_hub_id(local_hub, tmp_path):
+    pipeline = tiny_flowmo_pipeline()
+    pipeline.save_pretrained(tmp_path / "pipeline")
+    local_hub.add_repo("user/flowmo-tiny", tmp_path / "pipeline")
+    app = load_app()
+    args = app.parse_args(["--pretrained_model_name_or_path", "user/flowmo-tiny", "--device", "cpu"])
+    loaded = app.load(args.pretrained_model_name_or_path, args.device)
+    for name, weight in pipeline.autoencoder.state_dict().items():
+        assert torch.equal(loaded.autoencoder.state_dict()[name], weight), name
+    assert app.describe(loaded, "user/flowmo-tiny") == (
+        "`user/flowmo-tiny`: 32x32 images, 24 ids of 4 bits each (0.0938 bits per pixel)"
+    )
+    assert args.examples and all(path.endswith(".png") for path in args.examples)  # the shipped examples
+
+
 def test_the_app_refuses_a_missing_default_pipeline_with_the_command_to_make_it(tmp_path):
     # Run where outputs/train_flowmo does not exist: the error names the training command (no Gradio needed).
     result = subprocess.run([sys.executable, str(DEMO / "app.py")], cwd=tmp_path, capture_output=True, text=True,
