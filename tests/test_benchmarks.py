@@ -203,3 +203,18 @@ def test_distill_step_trains_a_copy_and_leaves_the_teacher_and_encoder_alone():
     assert changed and all(name.startswith("decoder.") for name in changed)
     assert row["trained_parameters"] == sum(p.numel() for p in student.decoder.parameters())
     assert not student.training and not any(p.requires_grad for p in student.parameters())
+
+
+def test_step_reduce_benchmark_counts_one_collective_for_the_stacked_reduce(tmp_path):
+    """Two real processes: the stacked reduce (the loops' one per step) is one all-reduce with or without the
+    preemption flag and gives the figures of `accelerator.reduce` per entry, which runs one per entry."""
+    from testing_utils import launch
+
+    output = tmp_path / "reduce.jsonl"
+    log = launch(BENCHMARKS / "benchmark_step_reduce.py", ["--terms", "3", "--rounds", "1", "--calls", "2",
+                                                          "--output", str(output)], num_processes=2)
+    records = {r["contender"]: r for r in read_records(output)}
+    assert {name: r["collectives"] for name, r in records.items()} == {
+        "stacked, with the preemption flag": 1, "stacked, without the flag": 1,
+        "accelerator.reduce per entry, with the flag": 4, "accelerator.reduce per entry, without the flag": 3}, log
+    assert all(r["processes"] == 2 and len(r["runs_us"]) == 1 for r in records.values())

@@ -58,7 +58,7 @@ from flowmo_diffusers.training.checkpointing import (
     save_checkpoint,
 )
 from flowmo_diffusers.training.distillation import FlowMoDistillationModule, make_student_config
-from flowmo_diffusers.training.distributed import full_tensor
+from flowmo_diffusers.training.distributed import full_tensor, mean_across_processes
 from flowmo_diffusers.training.divergence import (
     DivergenceGuard,
     check_finite_weights,
@@ -564,7 +564,7 @@ def main(argv=None):
         # fp16: the GradScaler skips steps with infinite gradients itself (normal training); only the loss counts.
         running["nonfinite"] = nonfinite_flag(running["loss"], grad_norm if accelerator.scaler is None else None)
         running["preempted"] = preemption.flag(accelerator.device)  # a signal on any process stops all of them
-        logs = {k: v.item() for k, v in accelerator.reduce(running, reduction="mean").items()}
+        logs = mean_across_processes(accelerator, running)  # one collective, one sync
         preempted = preemption.agreed(logs.pop("preempted"))
         running = {}
         if not divergence_guard.admit(global_step + 1, logs.pop("nonfinite")):

@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from flowmo_diffusers.training.preemption import PREEMPTED_MARKER, PreemptionGuard, preempted_message
 
@@ -66,3 +67,61 @@ def test_sigusr1_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     launch(RUN + ["--resume_from_checkpoint", "latest", "--output_dir", str(output_dir)], num_processes=2)
     for rank in (0, 1):
         assert checksums(output_dir, rank) == checksums(tmp_path / "reference", rank)
+
+
+def _accelerate_forwards_sigterm() -> bool:
+    """Whether this Accelerate's one-process launcher forwards SIGTERM to its child (it then SIGKILLs it 5 s later);
+    older ones (the floor, 1.3) die of it and leave the child training on, so the signal must go to the process group
+    or to the training process."""
+    from accelerate.commands import launch as accelerate_launch
+
+    return hasattr(accelerate_launch, "_terminate_process_tree")
+
+
+def _torchrun_forwards_chosen_signals() -> bool:
+    """Whether torch elastic takes `PET_SIGNALS_TO_HANDLE` (torchrun's `--signals_to_handle`; not in torch 2.5)."""
+    from torch.distributed.run import get_args_parser
+
+    return any("--signals_to_handle" in action.option_strings for action in get_args_parser()._actions)
+
+
+@pytest.mark.skipif(not _accelerate_forwards_sigterm(), reason="this Accelerate's one-process launcher does not "
+                    "forward SIGTERM (docs/cluster.md: signal the process group or the training process)")
+def test_sigterm_to_the_one_process_launcher_alone_is_forwarded_and_checkpoints(tmp_path):
+    """The launcher forwards SIGTERM and kills its child 5 s later: a tiny checkpoint is saved within that window."""
+    output_dir = tmp_path / "out"
+    run = HeldLaunch(SCRIPT, RUN + ["--output_dir", output_dir], tmp_path / "hold")
+    wait_until_held([run], 1)
+    os.kill(run.pid, signal.SIGTERM)
+    run.wait_for("received SIGTERM")  # the child's own handler: the launcher forwarded the signal
+    status, output = run.finish()
+    assert status != 0, output
+    assert_preempted_at(2, output_dir, output, ["SIGTERM"])
+
+
+@pytest.mark.skipif(not _torchrun_forwards_chosen_signals(), reason="this torch's elastic launcher has no "
+                    "PET_SIGNALS_TO_HANDLE: SIGUSR1 must go to the training processes (docs/cluster.md)")
+def test_sigusr1_to_the_multi_process_launcher_alone_is_forwarded_with_pet_signals_to_handle(tmp_path):
+    """The documented launch for SLURM's `--signal=B:USR1@...` (batch shell and launcher only): torch elastic forwards
+    USR1 to every worker when PET_SIGNALS_TO_HANDLE names it; both processes checkpoint the same step."""
+    output_dir = tmp_path / "out"
+    env = {**os.environ, "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGUSR1"}
+    run = HeldLaunch(SCRIPT, RUN + ["--output_dir", output_dir], tmp_path / "hold", num_processes=2, env=env)
+    wait_until_held([run], 2)
+    os.kill(run.pid, signal.SIGUSR1)
+    run.wait_for("received SIGUSR1", count=2)
+    status, output = run.finish()
+    assert status != 0, output
+    assert_preempted_at(2, output_dir, output, ["SIGUSR1"])
+
+
+def test_the_step_reduce_returns_floats_by_name_and_refuses_a_non_scalar():
+    from accelerate import Accelerator
+
+    from flowmo_diffusers.training.distributed import mean_across_processes
+
+    accelerator = Accelerator(cpu=True)
+    values = {"loss": torch.tensor(0.25), "nonfinite": torch.tensor(0.0), "preempted": torch.tensor(1.0)}
+    assert mean_across_processes(accelerator, values) == {"loss": 0.25, "nonfinite": 0.0, "preempted": 1.0}
+    with pytest.raises(RuntimeError):
+        mean_across_processes(accelerator, {"loss": torch.ones(2)})

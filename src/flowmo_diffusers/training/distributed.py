@@ -1,4 +1,5 @@
-"""FSDP2 helpers: training code that must work on sharded ``DTensor`` parameters and on plain tensors alike."""
+"""Distributed helpers: the per-step reduce of the training loops, and FSDP2 helpers for training code that must work
+on sharded ``DTensor`` parameters and on plain tensors alike."""
 
 import torch
 
@@ -6,6 +7,22 @@ try:  # public from torch 2.5; torch 2.4 has it under _tensor
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover - depends on the torch version
     from torch.distributed._tensor import DTensor, distribute_tensor
+
+
+def mean_across_processes(accelerator, scalars: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean over processes of each scalar tensor of `scalars`, as Python floats, in one collective.
+
+    The training loops' one host sync per optimizer step: the loss terms, the non-finite flag and the preemption flag
+    are stacked into one tensor `(len(scalars),)`, reduced once and read once (`tolist`). `accelerator.reduce` of the
+    dict itself would run one all-reduce per entry, so each flag added to the dict would add a collective per step.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): reduces across its processes (a copy with one process).
+        scalars (`dict[str, torch.Tensor]`): tensors of one element each, on `accelerator.device`.
+    """
+    names = list(scalars)
+    stacked = torch.stack([scalars[name].detach().float().reshape(()) for name in names])
+    return dict(zip(names, accelerator.reduce(stacked, reduction="mean").tolist()))
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -25,4 +42,4 @@ def like_shard(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-__all__ = ["DTensor", "full_tensor", "like_shard", "local_tensor"]
+__all__ = ["DTensor", "full_tensor", "like_shard", "local_tensor", "mean_across_processes"]

@@ -1,14 +1,15 @@
 """Preemption-safe training: a signal (SIGTERM, SIGINT, SIGUSR1) makes every process finish its optimizer step,
 agree on it, checkpoint there and exit with [`PREEMPTED_EXIT_STATUS`].
 
-The handler only sets a flag. The training loop puts [`PreemptionGuard.flag`] (a 0/1 float tensor) into the dict it
-already reduces across processes once per optimizer step, so every process sees the same verdict at the same step
-without a collective or a host-device sync of its own (the loop's `.item()` of the reduced losses is the sync)::
+The handler only sets a flag. The training loop puts [`PreemptionGuard.flag`] (a 0/1 float tensor) into the scalars
+it already reduces across processes once per optimizer step (stacked into one tensor, one all-reduce:
+`training.distributed.mean_across_processes`), so every process sees the same verdict at the same step without a
+collective or a host-device sync of its own: one more element in the step's one reduce::
 
     with PreemptionGuard() as preemption:
         ...
         running["preempted"] = preemption.flag(accelerator.device)
-        logs = {k: v.item() for k, v in accelerator.reduce(running, reduction="mean").items()}
+        logs = mean_across_processes(accelerator, running)
         preempted = preemption.agreed(logs.pop("preempted"))
         ...  # the scheduled checkpoint of this step, if any
         if preempted:
