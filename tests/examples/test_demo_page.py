@@ -124,8 +124,9 @@ def test_the_page_reconstructs_an_example_in_a_headless_browser(tmp_path):
             page.locator("#variance img").first.wait_for(timeout=60_000)
             timings = page.locator("#timings")
             timings.get_by_text("variance: 3 paper-sampler samples").first.wait_for(timeout=60_000)
-            # The table reads as its header, then each row's three cells on lines of their own.
-            cells = [line for line in timings.inner_text().split("\nms\n", 1)[1].splitlines() if line.strip()]
+            # The table reads as its header, then each row's three cells on lines of their own (Gradio 6.0 renders a
+            # sticky copy of the header and a sizing row first: the rows are what follows the last header).
+            cells = [line for line in timings.inner_text().rsplit("\nms\n", 1)[1].splitlines() if line.strip()]
             rows = [cells[start : start + 3] for start in range(0, len(cells), 3)]
             assert {name: passes for name, passes, _ in rows} == {
                 "encode (token ids)": "0", "paper sampler (25 steps, guidance 1.5)": "31", "DPM-Solver++ 2 steps": "3",
