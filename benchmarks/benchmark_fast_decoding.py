@@ -150,6 +150,27 @@ def train_teacher(args, crops_dir) -> str:
     return output_dir
 
 
+def add_small_model_arguments(parser, output_name: str) -> None:
+    """The options of the scripts measured on this benchmark's small FlowMo (half precision, tiling): the model (a
+    folder, or trained once into `--work_dir`), the sampler's steps, threads, seed and the `.jsonl` record."""
+    parser.add_argument("--pipeline", default=None, help="Pipeline folder (default: the small CPU FlowMo, trained once).")
+    parser.add_argument("--work_dir", default=os.path.join(REPO, "outputs", "small_tokenizer"))
+    parser.add_argument("--teacher_steps", type=int, default=1500, help="Training steps when the model is trained here.")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the model's own (25).")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", f"{output_name}.jsonl"))
+
+
+def start_small_model_run(args) -> tuple[int, dict, str]:
+    """Threads set, the environment printed and the small FlowMo's folder (`--pipeline`, or trained once into
+    `--work_dir`) for a script parsed with [`add_small_model_arguments`]: `(threads, environment, folder)`."""
+    threads = set_threads(args.threads)
+    env = environment("cpu", threads)
+    print(format_environment(env))
+    return threads, env, args.pipeline or small_flowmo(args.work_dir, args.teacher_steps, args.seed)
+
+
 def small_flowmo(work_dir: str, teacher_steps: int, seed: int = 0) -> str:
     """This benchmark's small FlowMo (the teacher recipe) trained once into `work_dir/teacher` and reused after: the
     model other CPU benchmarks (half precision, tiling) measure on the same held-out photographs."""

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_fast_decoding as fast_decoding  # noqa: E402
-from benchmark_utils import environment, format_environment, markdown_table, record, set_threads  # noqa: E402
+from benchmark_utils import markdown_table, record  # noqa: E402
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_preset_config  # noqa: E402
 from flowmo_diffusers.metrics.agreement import id_agreement, output_agreement  # noqa: E402
@@ -37,17 +37,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pipeline", default=None, help="Pipeline folder (default: the small CPU FlowMo, trained once).")
-    parser.add_argument("--work_dir", default=os.path.join(REPO, "outputs", "small_tokenizer"))
-    parser.add_argument("--teacher_steps", type=int, default=1500, help="Training steps when the model is trained here.")
+    fast_decoding.add_small_model_arguments(parser, "half_precision")
     parser.add_argument("--num_eval_images", type=int, default=48)
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the model's own (25).")
     parser.add_argument("--lo_shape_resolution", type=int, default=0,
                         help="Also compare a randomly initialised FlowMo-Lo-shaped model at this size (0: skip).")
     parser.add_argument("--lo_shape_steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "half_precision.jsonl"))
     args = parser.parse_args(argv)
     if args.num_eval_images < 1:
         parser.error(f"--num_eval_images must be at least 1, got {args.num_eval_images}")
@@ -107,10 +101,7 @@ def print_rows(title, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    threads = set_threads(args.threads)
-    env = environment("cpu", threads)
-    print(format_environment(env))
-    folder = args.pipeline or fast_decoding.small_flowmo(args.work_dir, args.teacher_steps, args.seed)
+    threads, env, folder = fast_decoding.start_small_model_run(args)
     eval_args = fast_decoding.parse_args(["--num_eval_images", str(args.num_eval_images)])
     images = fast_decoding.evaluation_images(eval_args)
     noise = fast_decoding.noise_for(len(images), images.shape[-1], args.seed)

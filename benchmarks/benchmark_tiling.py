@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_fast_decoding as fast_decoding  # noqa: E402
-from benchmark_utils import environment, format_environment, markdown_table, record, set_threads  # noqa: E402
+from benchmark_utils import markdown_table, record  # noqa: E402
 
 from flowmo_diffusers import FlowMoPipeline  # noqa: E402
 from flowmo_diffusers.metrics.psnr import psnr_per_image  # noqa: E402
@@ -40,16 +40,10 @@ LAYOUTS = (("no overlap (each tile alone)", 0.0, "linear"), ("overlap 0.25, line
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pipeline", default=None, help="Pipeline folder (default: the small CPU FlowMo, trained once).")
-    parser.add_argument("--work_dir", default=os.path.join(REPO, "outputs", "small_tokenizer"))
-    parser.add_argument("--teacher_steps", type=int, default=1500, help="Training steps when the model is trained here.")
+    fast_decoding.add_small_model_arguments(parser, "tiling")
     parser.add_argument("--downscale", type=int, default=2)
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the model's own (25).")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figure", default=os.path.join(REPO, "docs", "images", "tiling.png"),
                         help="Where to write the crops figure ('' to skip).")
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "tiling.jsonl"))
     args = parser.parse_args(argv)
     if args.downscale < 1:
         parser.error(f"--downscale must be at least 1, got {args.downscale}")
@@ -70,7 +64,6 @@ def held_out_photographs(downscale: int, tile: int) -> dict:
 
 @torch.no_grad()
 def measure(pipe, photos, args):
-    tile = pipe.autoencoder.config.sample_size
     call = {} if args.num_inference_steps is None else dict(num_inference_steps=args.num_inference_steps)
     rows, outputs = [], {}
     for name, overlap, mode in LAYOUTS:
@@ -126,10 +119,7 @@ def write_figure(path, photos, outputs, tile):
 
 def main(argv=None):
     args = parse_args(argv)
-    threads = set_threads(args.threads)
-    env = environment("cpu", threads)
-    print(format_environment(env))
-    folder = args.pipeline or fast_decoding.small_flowmo(args.work_dir, args.teacher_steps, args.seed)
+    threads, env, folder = fast_decoding.start_small_model_run(args)
     pipe = FlowMoPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     tile = pipe.autoencoder.config.sample_size

@@ -1,19 +1,18 @@
 """The benchmark scripts run on tiny settings and produce their tables and records (no timing assertions)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
+
+from testing_utils import load_script, save_tiny_flowmo_pipeline
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_benchmark_script_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_benchmark(name):
+    return load_script(BENCHMARKS / f"{name}.py")
 
 
 def read_records(path):
@@ -22,7 +21,7 @@ def read_records(path):
 
 def test_benchmark_flowmo_runs_every_measurement(tmp_path, capsys):
     output = tmp_path / "flowmo.jsonl"
-    script = load_script("benchmark_flowmo")
+    script = load_benchmark("benchmark_flowmo")
     rows = script.main(
         ["--preset", "flowmo-tiny", "--device", "cpu", "--batch_size", "1", "--steps", "2", "--posttrain_k", "2",
          "--warmup", "0", "--repeats", "1", "--threads", "1", "--output", str(output)]
@@ -46,7 +45,7 @@ def test_benchmark_flowmo_runs_every_measurement(tmp_path, capsys):
 
 
 def test_benchmark_flowmo_bf16_and_call_checkpointing(tmp_path):
-    script = load_script("benchmark_flowmo")
+    script = load_benchmark("benchmark_flowmo")
     rows = script.main(
         ["--preset", "flowmo-tiny", "--dtype", "bf16", "--what", "train_step", "--stages", "1b",
          "--posttrain_checkpointing", "call", "--posttrain_k", "2", "--warmup", "0", "--repeats", "1",
@@ -59,7 +58,7 @@ def test_benchmark_flowmo_bf16_and_call_checkpointing(tmp_path):
 
 def test_reconstruction_ablation_variants_match_the_straightforward_path(tmp_path, capsys):
     output = tmp_path / "ablation.jsonl"
-    script = load_script("benchmark_reconstruction_ablation")
+    script = load_benchmark("benchmark_reconstruction_ablation")
     rows = script.main(
         ["--preset", "flowmo-tiny", "--batch_size", "1", "--steps", "4", "--warmup", "1", "--repeats", "1",
          "--threads", "1", "--attention_backends", "_native_math,no_such_backend", "--output", str(output)]
@@ -82,7 +81,7 @@ def test_reconstruction_ablation_variants_match_the_straightforward_path(tmp_pat
 
 
 def test_flop_count_of_the_paper_decoder():
-    utils = load_script("benchmark_utils")
+    utils = load_benchmark("benchmark_utils")
     from flowmo_diffusers import get_preset_config
 
     flops = utils.decoder_forward_flops(get_preset_config("flowmo-lo"), batch_size=1, height=256, width=256)
@@ -99,7 +98,7 @@ def test_matmul_inventory_is_what_the_decoder_and_encoder_run(monkeypatch):
     from flowmo_diffusers import FlowMoModel, get_preset_config
     from flowmo_diffusers.models import transformer_flowmo
 
-    utils = load_script("benchmark_utils")
+    utils = load_benchmark("benchmark_utils")
     config = get_preset_config("flowmo-tiny")
     model = FlowMoModel(**config).eval()
     batch_size, side = 2, 32
@@ -138,7 +137,7 @@ def test_matmul_inventory_is_what_the_decoder_and_encoder_run(monkeypatch):
 
 @pytest.mark.parametrize("bad", [["--what", "nothing"], ["--stages", "2"]])
 def test_bad_arguments_are_refused(bad):
-    script = load_script("benchmark_flowmo")
+    script = load_benchmark("benchmark_flowmo")
     with pytest.raises(SystemExit):
         script.parse_args(bad)
 
@@ -158,7 +157,7 @@ def test_fast_decoding_benchmark_measures_every_decoder(tmp_path, capsys):
     make_student_config(student, 1, teacher="teacher")
     FlowMoPipeline(autoencoder=student, scheduler=student.sampling_scheduler()).save_pretrained(tmp_path / "student")
     output = tmp_path / "fast.jsonl"
-    script = load_script("benchmark_fast_decoding")
+    script = load_benchmark("benchmark_fast_decoding")
     script.main(["--teacher", str(tmp_path / "teacher"), "--students", f"1={tmp_path / 'student'}", "--distill_ks", "1",
                  "--solver_steps", "2", "--num_eval_images", "4", "--timing_rounds", "1", "--threads", "1",
                  "--output", str(output)])
@@ -187,7 +186,7 @@ def test_distill_step_trains_a_copy_and_leaves_the_teacher_and_encoder_alone():
 
     from testing_utils import tiny_flowmo_model
 
-    script = load_script("benchmark_flowmo")
+    script = load_benchmark("benchmark_flowmo")
     teacher = tiny_flowmo_model(0)
     student = script.make_student(teacher, 2)
     assert student.config.sampling_num_inference_steps == 2 and teacher.config.sampling_num_inference_steps == 25
@@ -218,3 +217,62 @@ def test_step_reduce_benchmark_counts_one_collective_for_the_stacked_reduce(tmp_
         "stacked, with the preemption flag": 1, "stacked, without the flag": 1,
         "accelerator.reduce per entry, with the flag": 4, "accelerator.reduce per entry, without the flag": 3}, log
     assert all(r["processes"] == 2 and len(r["runs_us"]) == 1 for r in records.values())
+
+
+# --------------------------------------------------------------------------- half precision and tiling
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_flowmo_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+
+
+def test_half_precision_benchmark_compares_every_dtype(tiny_folder, tmp_path, capsys):
+    output = tmp_path / "half.jsonl"
+    script = load_benchmark("benchmark_half_precision")
+    (record,) = script.main(["--pipeline", str(tiny_folder), "--num_eval_images", "4", "--num_inference_steps", "2",
+                             "--threads", "1", "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "| dtype | ids = fp32 |" in printed and "machine:" in printed
+    rows = {row["dtype"]: row for row in record["rows"]}
+    assert list(rows) == ["fp32", "fp16", "bf16"]
+    assert rows["fp32"]["id_agreement"] == 1.0 and rows["fp32"]["reconstruction_vs_fp32"]["max_abs_diff"] == 0.0
+    for name, dtype in (("fp16", "torch.float16"), ("bf16", "torch.bfloat16")):
+        row = rows[name]
+        assert row["weights_dtype"] == dtype and row["output_dtype"] == "torch.float32"
+        assert row["reconstruction_vs_fp32"]["nonfinite"] == 0 and row["decoding_vs_fp32"]["nonfinite"] == 0
+        assert 0 < row["reconstruction_vs_fp32"]["max_abs_diff"] and row["decoding_vs_fp32"]["psnr_db"] > 30
+    (saved,) = [json.loads(line) for line in output.read_text().splitlines()]
+    assert saved["rows"] == json.loads(json.dumps(record["rows"]))
+
+
+def test_tiling_benchmark_scores_every_layout(tiny_folder, tmp_path, capsys):
+    output, figure = tmp_path / "tiling.jsonl", tmp_path / "tiling.png"
+    script = load_benchmark("benchmark_tiling")
+    rows = script.main(["--pipeline", str(tiny_folder), "--downscale", "4", "--num_inference_steps", "1",
+                        "--threads", "1", "--figure", str(figure), "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "| layout | tiles |" in printed and "figure:" in printed
+    assert [row["overlap_factor"] for row in rows] == [0.0, 0.25, 0.25, 0.5]
+    for row in rows:
+        assert [p["photo"] for p in row["photos"]] == ["chelsea.png", "coffee.png"]
+        for photo in row["photos"]:
+            assert photo["size"][0] % 32 == 0 and photo["size"][1] % 32 == 0 and photo["tiles"] >= 4
+            assert photo["seam_score"] == pytest.approx(photo["seam_ratio"] / photo["original_seam_ratio"])
+    # More overlap, more tiles; an exact no-overlap grid has one tile per 32x32 block.
+    assert rows[0]["tiles"] == sum(p["size"][0] * p["size"][1] // 32**2 for p in rows[0]["photos"])
+    assert rows[0]["tiles"] < rows[1]["tiles"] < rows[3]["tiles"]
+    from PIL import Image
+
+    with Image.open(figure) as image:
+        assert image.width > 3 * image.height // 2
+    assert len(output.read_text().splitlines()) == 1
+
+
+def test_held_out_photographs_are_cropped_to_whole_tiles():
+    script = load_benchmark("benchmark_tiling")
+    photos = script.held_out_photographs(2, 32)
+    assert {name: tuple(p.shape) for name, p in photos.items()} == {
+        "chelsea.png": (1, 3, 128, 224), "coffee.png": (1, 3, 192, 288)}
+    assert all(-1 <= float(p.min()) and float(p.max()) <= 1 for p in photos.values())
+    with pytest.raises(ValueError, match="smaller than one"):
+        script.held_out_photographs(64, 32)
+    assert torch.is_tensor(photos["chelsea.png"])

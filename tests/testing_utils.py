@@ -93,12 +93,24 @@ def random_token_ids(batch, generator_seed=0, with_masks=False):
     return torch.randint(0, values, (batch, MASKGIT_TINY_NUM_IDS), generator=generator)
 
 
-def load_conversion_script():
-    """`scripts/convert_flowmo_original_to_diffusers.py` as a module (its `main` runs in this process)."""
-    spec = importlib.util.spec_from_file_location("convert_flowmo_original_to_diffusers", CONVERSION_SCRIPT)
+def load_script(path):
+    """A script (`benchmarks/*.py`, `scripts/*.py`) as a module, so that its functions and `main` run in this process."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"_script_{path.parent.name}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_conversion_script():
+    """`scripts/convert_flowmo_original_to_diffusers.py` as a module (its `main` runs in this process)."""
+    return load_script(CONVERSION_SCRIPT)
+
+
+def save_tiny_flowmo_pipeline(folder) -> Path:
+    """`tiny_flowmo_pipeline(tiny_flowmo_model())` saved into `folder`; returns the folder."""
+    tiny_flowmo_pipeline(tiny_flowmo_model()).save_pretrained(folder)
+    return Path(folder)
 
 
 class WritesAMarker:
@@ -136,6 +148,58 @@ def kill_process_tree(process):
             pass
     psutil.wait_procs(tree, timeout=30)
     process.wait()
+
+
+def save_photographs(folder, size=(56, 44)) -> Path:
+    """Six scikit-image photographs (astronaut, chelsea, coffee, rocket, camera, hubble_deep_field) resized to `size`
+    (width, height) as `photo_<i>.png` in `folder` (created); returns the folder."""
+    from PIL import Image
+    from skimage import data as skimage_data
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee(), skimage_data.rocket(),
+              skimage_data.camera(), skimage_data.hubble_deep_field()]  # fmt: skip
+    for index, photo in enumerate(photos):
+        Image.fromarray(photo).resize(size, Image.BILINEAR).save(folder / f"photo_{index}.png")
+    return folder
+
+
+def kill_at_partial_state(command, env, output_dir, num_processes, images_before_kill, timeout=300):
+    """Start a resumable evaluation (`command`, e.g. from [`accelerate_command`]) and SIGKILL it, launcher and workers,
+    once every process's partial state (`evaluation.resume.PARTIAL_STATE_DIR`) holds `images_before_kill` images;
+    fails if it finishes first."""
+    from flowmo_diffusers.evaluation.resume import PARTIAL_STATE_DIR
+
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    records = [Path(output_dir) / PARTIAL_STATE_DIR / f"process-{rank}.json" for rank in range(num_processes)]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            done = []
+            for path in records:
+                try:
+                    done.append(json.loads(path.read_text())["images_done"])
+                except (OSError, ValueError, KeyError):
+                    done.append(0)
+            if min(done) >= images_before_kill:
+                break
+            assert process.poll() is None, f"the evaluation ended before it was killed: {process.stderr.read()[-3000:]}"
+            time.sleep(0.02)
+        else:
+            raise AssertionError("no partial state appeared in time")
+    finally:
+        kill_process_tree(process)  # the launcher and its workers (torchrun gives each a session of its own)
+    assert not (Path(output_dir) / "results.json").exists(), "killed too late: the evaluation had finished"
+
+
+def generation_workspace(root) -> dict[str, Path]:
+    """A saved tiny MaskGiT pipeline (`root/pipeline`) and six photographs (`root/photos`, [`save_photographs`]): what
+    the generation evaluation's tests sample from and compare with."""
+    root = Path(root)
+    tiny_maskgit_pipeline(tiny_maskgit_transformer(), tiny_flowmo_model()).save_pretrained(root / "pipeline")
+    return {"root": root, "pipeline": root / "pipeline", "photos": save_photographs(root / "photos")}
 
 
 def accelerate_command(script, arguments, num_processes=1, env=None, machine=None):

@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +18,19 @@ pytest.importorskip("lpips")
 pytest.importorskip("pytorch_fid")
 skimage_data = pytest.importorskip("skimage.data")
 
-from PIL import Image  # noqa: E402
-
-from flowmo_diffusers.evaluation.reconstruction import EvaluationConfig, evaluate_tokenizers  # noqa: E402
+from flowmo_diffusers.evaluation.reconstruction import EvaluationConfig  # noqa: E402
 from flowmo_diffusers.evaluation.resume import PARTIAL_STATE_DIR, PartialEvaluationState, ResumeRefusedError  # noqa: E402
 from flowmo_diffusers.metrics import ReconstructionMetrics, StreamingFeatureStatistics  # noqa: E402
 
-from testing_utils import EXAMPLES, free_port, kill_process_tree, tiny_flowmo_model, tiny_flowmo_pipeline  # noqa: E402
+from testing_utils import (  # noqa: E402
+    EXAMPLES,
+    accelerate_command,
+    launch,
+    kill_at_partial_state,
+    save_photographs,
+    tiny_flowmo_model,
+    tiny_flowmo_pipeline,
+)
 
 EVALUATE_SCRIPT = EXAMPLES / "evaluate_flowmo" / "evaluate.py"
 NUM_IMAGES = 6
@@ -35,12 +39,7 @@ NUM_IMAGES = 6
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    images = root / "images"
-    images.mkdir()
-    photos = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee(), skimage_data.rocket(),
-              skimage_data.camera(), skimage_data.hubble_deep_field()]  # fmt: skip
-    for index, photo in enumerate(photos):
-        Image.fromarray(photo).resize((56, 44), Image.BILINEAR).save(images / f"photo_{index}.png")
+    images = save_photographs(root / "images")
     tiny_flowmo_pipeline(tiny_flowmo_model(context_dim=12)).save_pretrained(root / "tiny")
     return {"root": root, "images": images, "pipeline": root / "tiny"}
 
@@ -53,11 +52,8 @@ def _arguments(workspace, output_dir, steps=3):
 
 
 def _command(arguments, num_processes):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--num_processes", str(num_processes)]  # fmt: skip
-    if num_processes > 1:
-        command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    return command + [str(EVALUATE_SCRIPT), *arguments]
+    """`(command, env)` of the script under `accelerate launch`."""
+    return accelerate_command(EVALUATE_SCRIPT, arguments, num_processes, env=_environment())
 
 
 def _environment():
@@ -65,35 +61,13 @@ def _environment():
 
 
 def _run(arguments, num_processes=1):
-    completed = subprocess.run(_command(arguments, num_processes), capture_output=True, text=True, timeout=300,
-                               env=_environment())  # fmt: skip
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return completed.stdout + completed.stderr
+    return launch(EVALUATE_SCRIPT, arguments, num_processes, env=_environment(), timeout=300)
 
 
 def _run_and_kill(arguments, output_dir, num_processes=1, images_before_kill=2):
     """Start the evaluation, SIGKILL its whole process group once a partial state holds `images_before_kill` images."""
-    process = subprocess.Popen(_command(arguments, num_processes), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env=_environment(), start_new_session=True)  # fmt: skip
-    records = [output_dir / PARTIAL_STATE_DIR / f"process-{rank}.json" for rank in range(num_processes)]
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            done = []
-            for path in records:
-                try:
-                    done.append(json.loads(path.read_text())["images_done"])
-                except (OSError, ValueError, KeyError):
-                    done.append(0)
-            if min(done) >= images_before_kill:
-                break
-            assert process.poll() is None, f"the evaluation ended before it was killed: {process.stderr.read()[-3000:]}"
-            time.sleep(0.02)
-        else:
-            raise AssertionError("no partial state appeared in time")
-    finally:
-        kill_process_tree(process)  # the launcher and its workers (torchrun gives each a session of its own)
-    assert not (output_dir / "results.json").exists(), "killed too late: the evaluation had finished"
+    kill_at_partial_state(*_command(arguments, num_processes), output_dir, num_processes, images_before_kill,
+                          timeout=240)
 
 
 def _metrics(output_dir):

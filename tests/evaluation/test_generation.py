@@ -50,7 +50,10 @@ from flowmo_diffusers.metrics import (  # noqa: E402
     inception_score_from_logits,
 )
 
-from testing_utils import EXAMPLES, tiny_flowmo_model, tiny_maskgit_pipeline, tiny_maskgit_transformer  # noqa: E402
+from testing_utils import (  # noqa: E402
+    EXAMPLES,
+    generation_workspace,
+)
 
 SAMPLE_SCRIPT, EVALUATE_SCRIPT = EXAMPLES / "train_maskgit" / "sample.py", EXAMPLES / "train_maskgit" / "evaluate_generation.py"
 CLASS_IDS, IMAGES_PER_CLASS = [1, 4, 7, 9, 2], 2  # 10 images; deliberately unsorted
@@ -68,16 +71,7 @@ def accelerator():
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved tiny MaskGiT pipeline (testing_utils.tiny_maskgit_pipeline) and an image folder of six photographs."""
-    root = tmp_path_factory.mktemp("generation")
-    tiny_maskgit_pipeline(tiny_maskgit_transformer(), tiny_flowmo_model()).save_pretrained(root / "pipeline")
-
-    photos = root / "photos"
-    photos.mkdir()
-    images = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee(), skimage_data.rocket(),
-              skimage_data.camera(), skimage_data.hubble_deep_field()]  # fmt: skip
-    for index, photo in enumerate(images):
-        Image.fromarray(photo).resize((56, 44), Image.BILINEAR).save(photos / f"photo_{index}.png")
-    return {"root": root, "pipeline": root / "pipeline", "photos": photos}
+    return generation_workspace(tmp_path_factory.mktemp("generation"))
 
 
 def _sampling_config(workspace, output_dir, **overrides):

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,8 +22,6 @@ pytest.importorskip("pytorch_fid")
 pytest.importorskip("scipy")
 skimage_data = pytest.importorskip("skimage.data")
 
-from PIL import Image  # noqa: E402
-
 from flowmo_diffusers.evaluation.generation import GenerationEvaluationConfig, evaluate_generation  # noqa: E402
 from flowmo_diffusers.evaluation.resume import PARTIAL_STATE_DIR, PartialEvaluationState, ResumeRefusedError  # noqa: E402
 from flowmo_diffusers.evaluation.sampling import SamplingConfig, sample_to_folder  # noqa: E402
@@ -32,11 +29,10 @@ from flowmo_diffusers.metrics import GenerationMetrics, ReferenceStatistics  # n
 
 from testing_utils import (  # noqa: E402
     EXAMPLES,
-    free_port,
-    kill_process_tree,
-    tiny_flowmo_model,
-    tiny_maskgit_pipeline,
-    tiny_maskgit_transformer,
+    accelerate_command,
+    launch,
+    kill_at_partial_state,
+    generation_workspace,
 )
 
 EVALUATE_SCRIPT = EXAMPLES / "train_maskgit" / "evaluate_generation.py"
@@ -47,15 +43,7 @@ NUM_IMAGES = len(CLASS_IDS) * IMAGES_PER_CLASS
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved tiny MaskGiT pipeline and a folder of six photographs (real images for reference statistics)."""
-    root = tmp_path_factory.mktemp("generation_resume")
-    tiny_maskgit_pipeline(tiny_maskgit_transformer(), tiny_flowmo_model()).save_pretrained(root / "pipeline")
-    photos = root / "photos"
-    photos.mkdir()
-    images = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee(), skimage_data.rocket(),
-              skimage_data.camera(), skimage_data.hubble_deep_field()]  # fmt: skip
-    for index, photo in enumerate(images):
-        Image.fromarray(photo).resize((56, 44), Image.BILINEAR).save(photos / f"photo_{index}.png")
-    return {"root": root, "pipeline": root / "pipeline", "photos": photos}
+    return generation_workspace(tmp_path_factory.mktemp("generation_resume"))
 
 
 # --------------------------------------------------------------------------- real kills of real launches
@@ -70,11 +58,8 @@ def _pipeline_arguments(workspace, output_dir, steps=4, overwrite=False):
 
 
 def _command(arguments, num_processes):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--num_processes", str(num_processes)]  # fmt: skip
-    if num_processes > 1:
-        command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    return command + [str(EVALUATE_SCRIPT), *arguments]
+    """`(command, env)` of the script under `accelerate launch`."""
+    return accelerate_command(EVALUATE_SCRIPT, arguments, num_processes, env=_environment())
 
 
 def _environment():
@@ -82,10 +67,7 @@ def _environment():
 
 
 def _run(arguments, num_processes=1):
-    completed = subprocess.run(_command(arguments, num_processes), capture_output=True, text=True, timeout=400,
-                               env=_environment())  # fmt: skip
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return completed.stdout + completed.stderr
+    return launch(EVALUATE_SCRIPT, arguments, num_processes, env=_environment(), timeout=400)
 
 
 def _refused(arguments):
@@ -98,27 +80,8 @@ def _refused(arguments):
 
 def _run_and_kill(arguments, output_dir, num_processes=1, images_before_kill=4):
     """Start the evaluation, SIGKILL its process group once every process' state holds `images_before_kill` images."""
-    process = subprocess.Popen(_command(arguments, num_processes), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env=_environment(), start_new_session=True)  # fmt: skip
-    records = [output_dir / PARTIAL_STATE_DIR / f"process-{rank}.json" for rank in range(num_processes)]
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            done = []
-            for path in records:
-                try:
-                    done.append(json.loads(path.read_text())["images_done"])
-                except (OSError, ValueError, KeyError):
-                    done.append(0)
-            if min(done) >= images_before_kill:
-                break
-            assert process.poll() is None, f"the evaluation ended before it was killed: {process.stderr.read()[-3000:]}"
-            time.sleep(0.02)
-        else:
-            raise AssertionError("no partial state appeared in time")
-    finally:
-        kill_process_tree(process)  # the launcher and its workers (torchrun gives each a session of its own)
-    assert not (output_dir / "results.json").exists(), "killed too late: the evaluation had finished"
+    kill_at_partial_state(*_command(arguments, num_processes), output_dir, num_processes, images_before_kill,
+                          timeout=300)
 
 
 def _results(output_dir):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from flowmo_diffusers import FlowMoPipeline
 from flowmo_diffusers.models.quantizer import LookupFreeQuantizer
 
-from testing_utils import tiny_flowmo_model, tiny_flowmo_pipeline
+from testing_utils import save_tiny_flowmo_pipeline, tiny_flowmo_model, tiny_flowmo_pipeline
 
 FLOAT16_MAX = torch.finfo(torch.float16).max  # 65504
 # Agreement with float32 on flowmo-tiny (perturbed weights, 5 steps), as bounds. Measured: float16 76 dB, ids 100 %;
@@ -37,9 +37,7 @@ def loaded(folder, dtype) -> FlowMoPipeline:
 
 @pytest.fixture(scope="module")
 def saved_float32(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("float32_pipeline")
-    tiny_flowmo_pipeline(tiny_flowmo_model()).save_pretrained(folder)
-    return folder
+    return save_tiny_flowmo_pipeline(tmp_path_factory.mktemp("float32_pipeline"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

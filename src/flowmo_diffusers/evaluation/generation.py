@@ -753,12 +753,7 @@ def evaluate_generation(config: GenerationEvaluationConfig, accelerator=None) ->
         "comparable_to_published_results": config.comparable_to_published_results,
         "versions": library_versions(),
     }
-    if accelerator.is_main_process:
-        paths = write_report(report, config.output_dir)
-        logger.info("report written: %s", ", ".join(str(path) for path in paths.values()))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        partial.clear()  # after the results: a kill in between leaves finished results, which a rerun reports
+    partial.finish(accelerator, lambda: write_report(report, config.output_dir))
     return report
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -154,6 +155,17 @@ class PartialEvaluationState:
     def clear(self) -> None:
         """Remove the partial state of every process (call on the main process, under the output lock)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def finish(self, accelerator, write_results: Callable[[], dict[str, Path]]) -> None:
+        """End a finished evaluation (call on every process): the main process writes the results (`write_results()`
+        returns the paths it wrote, which are logged); the partial state goes only once every process is past that,
+        so a kill in between leaves finished results, which a rerun reports."""
+        if accelerator.is_main_process:
+            paths = write_results()
+            logger.info("report written: %s", ", ".join(str(path) for path in paths.values()))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.clear()
 
     def discard(self) -> None:
         """Remove finished results (`results.json`, `results.md`) and every process' partial state (`--overwrite`;
