@@ -14,7 +14,7 @@ from flowmo_diffusers.training.checkpointing import DamagedCheckpointError, list
 from flowmo_diffusers.training.recipe import TrainingProgress
 
 
-def setup(seed=0):
+def build_training_state(seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 2)
     accelerator = Accelerator(cpu=True)
@@ -41,7 +41,7 @@ def wrapped_enospc():
 ], ids=["enospc", "eio-full-disk", "wrapped-enospc"])  # fmt: skip
 @pytest.mark.parametrize("writer", ["model", "optimizer"])
 def test_a_full_disk_is_named_and_nothing_half_written_is_published(tmp_path, monkeypatch, failure, free, writer):
-    accelerator, _, states = setup()
+    accelerator, _, states = build_training_state()
     previous = save_checkpoint(accelerator, str(tmp_path), 2, states=states)
 
     def full(*args, **kwargs):
@@ -64,11 +64,11 @@ def test_a_full_disk_is_named_and_nothing_half_written_is_published(tmp_path, mo
     assert [path for _, path in list_checkpoints(str(tmp_path))] == [previous]
     assert not os.path.exists(tmp_path / "checkpoint-4.tmp") and not os.path.exists(tmp_path / "checkpoint-4")
     monkeypatch.undo()
-    load_checkpoint(setup(seed=1)[0], previous, setup(seed=1)[2])
+    load_checkpoint(build_training_state(seed=1)[0], previous, build_training_state(seed=1)[2])
 
 
 def test_an_io_error_with_space_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
-    accelerator, _, states = setup()
+    accelerator, _, states = build_training_state()
 
     def broken(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")
@@ -85,14 +85,14 @@ def test_an_io_error_with_space_left_is_not_called_a_full_disk(tmp_path, monkeyp
     ("optimizer.bin", "truncate"), ("optimizer.bin", "empty"), ("training_states.json", "truncate"),
 ])  # fmt: skip
 def test_a_damaged_file_is_named_with_its_checkpoint_before_anything_is_loaded(tmp_path, name, damage):
-    accelerator, _, states = setup()
+    accelerator, _, states = build_training_state()
     earlier = save_checkpoint(accelerator, str(tmp_path), 2, states=states)
     damaged = save_checkpoint(accelerator, str(tmp_path), 4, states=states)
     path = os.path.join(damaged, name)
     data = open(path, "rb").read()
     with open(path, "wb") as file:
         file.write({"truncate": data[: len(data) // 2], "empty": b"", "header": b"\xff" * 8 + data[8:]}[damage])
-    accelerator2, model2, states2 = setup(seed=1)
+    accelerator2, model2, states2 = build_training_state(seed=1)
     before = [p.detach().clone() for p in model2.parameters()]
     with pytest.raises(ValueError) as info:
         load_checkpoint(accelerator2, damaged, states2)
