@@ -2,7 +2,7 @@
 images: training and evaluation data (`training.data`), sampling folders, generation evaluation and
 [`FlowMoPipeline`]. Depends on PIL and numpy only, so the pipeline can use it without the training extras.
 
-Choices (the README's "Input images" section documents them):
+Choices (documented in docs/pipelines.md, "Inputs, outputs, bounds and errors"):
 
 * EXIF orientation is applied (as `datasets` does when it decodes), so a photograph is read upright everywhere.
 * Transparency (alpha modes, palette or L/RGB images with a `transparency` entry) is composited **onto white**:
@@ -50,7 +50,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def check_unit_range(minimum: float, maximum: float, name: str = "images") -> None:
-    """Raise the README's ValueError unless `[minimum, maximum]` lies in [0, 1] up to [`RANGE_TOLERANCE`].
+    """Raise the documented ValueError (docs/pipelines.md) unless `[minimum, maximum]` lies in [0, 1] up to [`RANGE_TOLERANCE`].
 
     A range such as [-1, 1] is refused rather than reinterpreted: one pixel slightly below 0 must never flip how a
     whole image is read.
