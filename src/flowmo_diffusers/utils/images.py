@@ -50,7 +50,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def check_unit_range(minimum: float, maximum: float, name: str = "images") -> None:
-    """Raise the documented ValueError (docs/pipelines.md) unless `[minimum, maximum]` lies in [0, 1] up to [`RANGE_TOLERANCE`].
+    """Raise the documented ValueError unless `[minimum, maximum]` lies in [0, 1] up to [`RANGE_TOLERANCE`].
 
     A range such as [-1, 1] is refused rather than reinterpreted: one pixel slightly below 0 must never flip how a
     whole image is read.
