@@ -12,7 +12,6 @@ This script holds arguments, the loop and logging only; the recipe lives in `flo
 """
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -23,7 +22,6 @@ import sys
 import time
 
 import diffusers
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -81,7 +79,8 @@ from flowmo_diffusers.training.recipe import (
     freeze_encoder,
     optimizer_param_groups,
 )
-from flowmo_diffusers.training.reporting import validation_grid, write_model_card
+from flowmo_diffusers.training.reporting import write_model_card
+from flowmo_diffusers.training.validation import ReconstructionValidation
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
 
 logger = get_logger(__name__)
@@ -268,6 +267,57 @@ def weights_checksum(parameters) -> str:
     return digest.hexdigest()
 
 
+def write_debug_checksums(output_dir, process_index, global_step, model, ema=None):
+    """OUTPUT_DIR/debug_checksums/rank<i>.json: this process's final live (and EMA) weights, for the tests that
+    compare runs bit for bit across launches."""
+    os.makedirs(os.path.join(output_dir, "debug_checksums"), exist_ok=True)
+    checksums = {"step": global_step, "model": weights_checksum(model.parameters())}
+    if ema is not None:
+        checksums["ema"] = weights_checksum(ema.shadow_params)
+    with open(os.path.join(output_dir, "debug_checksums", f"rank{process_index}.json"), "w") as f:
+        json.dump(checksums, f)
+
+
+def save_final_pipeline(args, accelerator, validation, scheduler, global_step, command, skipped_images):
+    """The run's product (call on every process): the EMA weights when kept, checked finite, saved as a pipeline
+    with its final validation, `reconstructions.png` and a model card; pushed to the Hub with --push_to_hub."""
+    model, ema = validation.model, validation.ema
+    if ema is not None and validation.takes_part:
+        ema.copy_to(model.parameters())  # the run is over: the saved pipeline holds the EMA weights
+    check_finite_weights(accelerator, {"model": model.parameters()}, global_step, args.output_dir,
+                         f"refusing to save the {'EMA ' if ema is not None else ''}pipeline")
+    final_model = validation.final_autoencoder()
+    if not accelerator.is_main_process:
+        return
+    final_model.disable_gradient_checkpointing()
+    pipeline = FlowMoPipeline(autoencoder=final_model, scheduler=FlowMoScheduler.from_config(scheduler.config))
+    pipeline.save_pretrained(args.output_dir)
+    final_metrics = validation.record(
+        global_step, [validation.images, validation.reconstruct(final_model)], ["psnr"], final=True,
+        extra={"skipped_images": skipped_images},
+    )
+    logger.info(f"Saved the {'EMA ' if ema is not None else ''}pipeline to {args.output_dir}")
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    if args.push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    write_model_card(
+        args.output_dir, repo_id=repo_id, stage=args.stage, command=command, model_config=dict(model.config),
+        training_args={k: v for k, v in vars(args).items() if k not in ("hub_token",)},
+        base_model=args.pretrained_model_name_or_path, final_metrics=final_metrics, global_step=global_step,
+        images=["reconstructions.png"], ema=ema is not None,
+    )
+    if args.push_to_hub:
+        upload_folder(
+            repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+            commit_message=f"FlowMo {args.stage}: step {global_step}",
+            ignore_patterns=["checkpoint-*", "step_*", "epoch_*", f"{args.logging_dir}/*", "validation/*",
+                             "debug_checksums/*", LOCK_FILES_PATTERN],
+        )
+        logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     command = "accelerate launch " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
@@ -436,83 +486,11 @@ def main(argv=None):
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
-    def gather_autoencoder():
-        """An unsharded copy of the FSDP2-sharded autoencoder on the main process (None elsewhere); a collective."""
-        state = accelerator.get_state_dict(training_module)
-        if not accelerator.is_main_process:
-            return None
-        prefix = "autoencoder."
-        with torch.random.fork_rng(devices=[]):  # building draws random init weights: keep the training stream intact
-            copy = FlowMoModel.from_config(model.config)
-        copy.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
-        return copy.to(accelerator.device).eval()
-
-    @contextlib.contextmanager
-    def ema_weights():
-        """`model` holds the EMA weights inside the block (call on every process when sharded)."""
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        try:
-            yield
-        finally:
-            ema.restore(model.parameters())
-
-    def reconstruct(autoencoder):
-        """The fixed validation batch through `autoencoder` with the paper's sampler, in [-1, 1]."""
-        was_training = autoencoder.training
-        autoencoder.eval()
-        pipeline = FlowMoPipeline(autoencoder=autoencoder, scheduler=FlowMoScheduler.from_config(scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator(accelerator.device).manual_seed(args.seed)
-        with accelerator.autocast():
-            output = pipeline(
-                images=validation_images / 2 + 0.5, generator=generator, output_type="pt",
-                num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
-            ).images
-        autoencoder.train(was_training)
-        return output.float() * 2 - 1
-
-    def run_validation(step):
-        """Reconstruct the fixed batch with the live (and EMA) weights; log PSNR and a grid.
-
-        Main process only, except when sharded: then every process takes part in gathering the weights, and the
-        main process reconstructs with the gathered copy."""
-        rows = [validation_images]
-
-        def add_row():
-            autoencoder = gather_autoencoder() if sharded else model
-            if accelerator.is_main_process:
-                rows.append(reconstruct(autoencoder))
-
-        add_row()
-        if ema is not None:
-            with ema_weights():
-                add_row()
-        if accelerator.is_main_process:
-            return record_validation(step, rows, ["psnr", "psnr_ema"][: len(rows) - 1])
-
-    def record_validation(step, rows, metric_names, final=False, extra=None):
-        """Main process: PSNR of each reconstruction row against the first row, the grid, the trackers."""
-        from flowmo_diffusers.metrics.psnr import psnr_per_image
-
-        metrics = {name: float(np.mean(psnr_per_image(validation_images, row))) for name, row in zip(metric_names, rows[1:])}
-        grid = validation_grid(rows)
-        name = "reconstructions.png" if final else os.path.join("validation", f"step-{step:08d}.png")
-        os.makedirs(os.path.dirname(os.path.join(args.output_dir, name)), exist_ok=True)
-        grid.save(os.path.join(args.output_dir, name))
-        record = {"step": step, "final": final, **metrics, **(extra or {})}
-        with open(os.path.join(args.output_dir, "validation_metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        logger.info(f"validation {record}")
-        accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation/reconstructions", np.asarray(grid), step, dataformats="HWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"validation/reconstructions": wandb.Image(grid)}, step=step)
-        return metrics
+    validation = ReconstructionValidation(
+        accelerator, training_module, model, scheduler, validation_images, args.output_dir, ema=ema, seed=args.seed,
+        num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
+        sharded=sharded,
+    )
 
     def checkpoint(step):
         save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, log=logger.info, states=states)
@@ -535,8 +513,8 @@ def main(argv=None):
                     f"{args.teacher_guidance_scale or teacher_config.sampling_guidance_scale}")
 
     global_step = progress.global_step
-    if global_step == 0 and (accelerator.is_main_process or sharded):
-        run_validation(0)
+    if global_step == 0 and validation.takes_part:
+        validation.run(0)
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     running = {}
@@ -598,53 +576,16 @@ def main(argv=None):
         if preempted:
             preemption.stop(accelerator, global_step, checkpoint, global_step % args.checkpointing_steps == 0,
                             args.output_dir, log=logger.info)
-        if global_step % args.validation_steps == 0 and (accelerator.is_main_process or sharded):
-            run_validation(global_step)
+        if global_step % args.validation_steps == 0 and validation.takes_part:
+            validation.run(global_step)
     progress_bar.close()
 
     skipped_images = total_skipped_images(accelerator, train_loader)  # all processes; written with the final metrics
     (logger.warning if skipped_images else logger.info)(f"{skipped_images} undecodable training images were skipped")
     accelerator.wait_for_everyone()
     if args.debug_checksums:
-        os.makedirs(os.path.join(args.output_dir, "debug_checksums"), exist_ok=True)
-        checksums = {"step": global_step, "model": weights_checksum(model.parameters())}
-        if ema is not None:
-            checksums["ema"] = weights_checksum(ema.shadow_params)
-        with open(os.path.join(args.output_dir, "debug_checksums", f"rank{accelerator.process_index}.json"), "w") as f:
-            json.dump(checksums, f)
-    if ema is not None and (accelerator.is_main_process or sharded):
-        ema.copy_to(model.parameters())  # the run is over: the saved pipeline holds the EMA weights
-    check_finite_weights(accelerator, {"model": model.parameters()}, global_step, args.output_dir,
-                         f"refusing to save the {'EMA ' if ema is not None else ''}pipeline")
-    final_model = gather_autoencoder() if sharded else model
-    if accelerator.is_main_process:
-        final_model.disable_gradient_checkpointing()
-        pipeline = FlowMoPipeline(autoencoder=final_model, scheduler=FlowMoScheduler.from_config(scheduler.config))
-        pipeline.save_pretrained(args.output_dir)
-        final_metrics = record_validation(
-            global_step, [validation_images, reconstruct(final_model)], ["psnr"], final=True,
-            extra={"skipped_images": skipped_images},
-        )
-        logger.info(f"Saved the {'EMA ' if ema is not None else ''}pipeline to {args.output_dir}")
-        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
-        write_model_card(
-            args.output_dir, repo_id=repo_id, stage=args.stage, command=command, model_config=dict(model.config),
-            training_args={k: v for k, v in vars(args).items() if k not in ("hub_token",)},
-            base_model=args.pretrained_model_name_or_path, final_metrics=final_metrics, global_step=global_step,
-            images=["reconstructions.png"], ema=ema is not None,
-        )
-        if args.push_to_hub:
-            upload_folder(
-                repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                commit_message=f"FlowMo {args.stage}: step {global_step}",
-                ignore_patterns=["checkpoint-*", "step_*", "epoch_*", f"{args.logging_dir}/*", "validation/*", "debug_checksums/*",
-                                 LOCK_FILES_PATTERN],
-            )
-            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+        write_debug_checksums(args.output_dir, accelerator.process_index, global_step, model, ema)
+    save_final_pipeline(args, accelerator, validation, scheduler, global_step, command, skipped_images)
     # Every process leaves together: the others must not tear down the process group while the main one saves.
     accelerator.wait_for_everyone()
     accelerator.end_training()
