@@ -1,21 +1,16 @@
 """Load a pipeline whose components live in *this* package from a Hub repo id: one ``snapshot_download``.
 
-Our ``model_index.json`` names components from our own package (``"autoencoder": ["flowmo_diffusers",
-"FlowMoModel"]``). diffusers loads those from a local folder, but ``DiffusionPipeline.from_pretrained("<user>/<repo>")``
-first runs ``DiffusionPipeline.download``, whose ``_get_custom_components_and_folders`` (diffusers 0.42.1,
-``pipelines/pipeline_loading_utils.py:1101``) only accepts components from diffusers / transformers / onnxruntime, a
-diffusers pipeline module or code shipped in the repo: ``ValueError: autoencoder/flowmo_diffusers.py as defined in
-`model_index.json` does not exist in <user>/<repo> and is not a module in 'diffusers/pipelines'.``
+Our ``model_index.json`` names components of our own package (``["flowmo_diffusers", "FlowMoModel"]``). diffusers
+loads those from a folder, but ``DiffusionPipeline.from_pretrained("<user>/<repo>")`` first runs its ``download``,
+whose ``_get_custom_components_and_folders`` (diffusers 0.42.1, ``pipelines/pipeline_loading_utils.py:1101``)
+refuses them: ``ValueError: autoencoder/flowmo_diffusers.py as defined in `model_index.json` does not exist in
+<user>/<repo> and is not a module in 'diffusers/pipelines'.`` So :class:`HubPipelineMixin` downloads the snapshot
+itself -- one ``huggingface_hub.snapshot_download``, whose revision, token, cache, ``local_files_only`` /
+``HF_HUB_OFFLINE`` and unreachable-Hub fallback are huggingface_hub's -- and hands diffusers the folder.
 
-:class:`HubPipelineMixin` therefore downloads the snapshot itself -- one ``huggingface_hub.snapshot_download``, whose
-revision, token, cache, ``local_files_only`` / ``HF_HUB_OFFLINE`` and unreachable-Hub fallback are huggingface_hub's
--- and hands diffusers the folder. Its ``allow_patterns`` name the component folders of the pipeline class's
-``__init__`` (the components diffusers loads), so nothing has to be fetched before the snapshot.
-
-Also, diffusers 0.42.1 records a component from outside diffusers under its full module path
-(``["flowmo_diffusers.models.flowmo", "FlowMoModel"]``) and resolves it from ``sys.modules`` only
-(``_get_library_or_raise``, ``pipeline_loading_utils.py:347-375``): the mixin imports, before loading, the component
-modules of the pipeline class's own package (installed code we already run, never a module chosen by the repo).
+diffusers 0.42.1 also resolves a component recorded under its full module path (``["flowmo_diffusers.models.flowmo",
+"FlowMoModel"]``) from ``sys.modules`` only (``_get_library_or_raise``, ``pipeline_loading_utils.py:347-375``): the
+mixin imports those modules of the pipeline class's own package first (installed code, never one the repo chooses).
 """
 
 from __future__ import annotations
@@ -30,13 +25,8 @@ import typing
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 __all__ = ["HubPipelineMixin", "check_component_classes"]
@@ -49,32 +39,26 @@ _NEVER_FETCHED = ["*.py", "*.bin", "*.pth", "*.pt", "*.ckpt", "*.pkl", "*.msgpac
                   "*.pb", "*.gguf", "*.flashpack"]
 
 
-def _model_index(folder: str) -> dict | None:
+def _components(folder: str, skip: typing.Iterable[str] = ()) -> dict[str, tuple[str, str]]:
+    """``name: (module, class)`` of the components ``folder/model_index.json`` declares."""
     try:
         with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-            return json.load(f)
+            index = json.load(f)
     except (OSError, ValueError):
-        return None  # diffusers reports a missing / broken model_index.json itself
-
-
-def _components(model_index: dict, skip: typing.Iterable[str] = ()) -> dict[str, tuple[str, str]]:
-    """``name: (module, class)`` of the components ``model_index.json`` declares."""
-    return {name: tuple(value) for name, value in model_index.items() if not name.startswith("_") and name not in skip
+        return {}  # diffusers reports a missing / broken model_index.json itself
+    return {name: tuple(value) for name, value in index.items() if not name.startswith("_") and name not in skip
             and isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)}
 
 
 class HubPipelineMixin:
-    """Make ``from_pretrained("<user>/<repo>")`` (and ``download``) work for a ``DiffusionPipeline`` whose components
-    come from a package other than diffusers (see the module docstring). Put it *before* ``DiffusionPipeline``::
+    """``from_pretrained("<user>/<repo>")`` and ``download`` for a ``DiffusionPipeline`` whose components come from
+    another package than diffusers; list it *before* ``DiffusionPipeline`` in the bases.
 
-        class FlowMoPipeline(HubPipelineMixin, DiffusionPipeline): ...
-
-    A repo id is downloaded with ``snapshot_download`` (``cache_dir``, ``revision``, ``token``, ``local_files_only``,
-    ``force_download``; ``subfolder``): ``model_index.json`` and the folders of the components ``__init__`` takes,
-    minus those passed as objects (``from_pretrained(repo, scheduler=my_scheduler)``); of the weights, safetensors
-    only, a ``variant``'s only on request (then every safetensors of a component: patterns cannot say "the plain
-    weights only where the variant is missing", and diffusers picks). ``DiffusionPipeline.from_pretrained`` then
-    loads the folder with the other arguments. A local folder is used as is.
+    A repo id is fetched by ``snapshot_download`` (``cache_dir``, ``revision``, ``token``, ``local_files_only``,
+    ``force_download``; ``subfolder``): ``model_index.json`` and the folders of the components ``__init__`` takes
+    (so nothing is read first), less those passed as objects; of the weights, safetensors only, a ``variant``'s on
+    request (then all its safetensors: patterns cannot say "the plain ones only where the variant is missing").
+    ``DiffusionPipeline.from_pretrained`` loads the folder with the other arguments; a local folder is used as is.
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -94,7 +78,10 @@ class HubPipelineMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         folder = cls._pipeline_folder(pretrained_model_name_or_path, kwargs)  # takes the download arguments
-        _import_own_component_modules(cls, folder)
+        package = cls.__module__.split(".")[0]
+        for module, _ in _components(folder).values():  # see the module docstring ("... has not been imported")
+            if module.split(".")[0] == package and module not in sys.modules:
+                importlib.import_module(module)
         check_component_classes(cls, folder, skip=tuple(kwargs))
         return super().from_pretrained(folder, **kwargs)
 
@@ -121,8 +108,9 @@ class HubPipelineMixin:
         ignore = _NEVER_FETCHED + ([f"{f}*.*.safetensors" for f in folders] if kwargs.get("variant") is None else [])
         where = f"'{path}'" + (f" (revision '{hub['revision']}')" if hub.get("revision") else "")
         try:
-            snapshot = snapshot_download(path, allow_patterns=[f"{prefix}model_index.json"] + [f"{f}*" for f in folders],
-                                         ignore_patterns=ignore, **hub)
+            snapshot = snapshot_download(
+                path, allow_patterns=[f"{prefix}model_index.json", *(f"{f}*" for f in folders)], ignore_patterns=ignore,
+                **hub)
         except LocalEntryNotFoundError as e:
             reason = ("offline mode is enabled (HF_HUB_OFFLINE=1)" if hf_constants.HF_HUB_OFFLINE else
                       "local_files_only=True" if hub.get("local_files_only") else "the Hub could not be reached")
@@ -133,18 +121,8 @@ class HubPipelineMixin:
             raise
         folder = os.path.join(snapshot, subfolder) if subfolder else str(snapshot)
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            raise EntryNotFoundError(f"Repository {where} has no {prefix}model_index.json: it is not a diffusers "
-                                     "pipeline.")
+            raise EntryNotFoundError(f"Repository {where} has no {prefix}model_index.json: not a diffusers pipeline.")
         return folder
-
-
-def _import_own_component_modules(pipeline_cls: type, folder: str) -> None:
-    """Import the component modules ``model_index.json`` names that belong to ``pipeline_cls``'s package (diffusers
-    0.42.1 refuses a module that is not in ``sys.modules``: "... has not been imported"; ours may be lazily imported)."""
-    package = pipeline_cls.__module__.split(".")[0]
-    for module, _ in _components(_model_index(folder) or {}).values():
-        if module.split(".")[0] == package and module not in sys.modules:
-            importlib.import_module(module)
 
 
 def check_component_classes(pipeline_cls: type, folder: str, skip: typing.Iterable[str] = ()) -> None:
@@ -156,7 +134,7 @@ def check_component_classes(pipeline_cls: type, folder: str, skip: typing.Iterab
     except (NameError, TypeError):
         return
     own = pipeline_cls.__module__.split(".")[0]
-    for name, (module_name, class_name) in _components(_model_index(folder) or {}, skip).items():
+    for name, (module_name, class_name) in _components(folder, skip).items():
         if name not in hints or (module_name.split(".")[0] not in (own, "diffusers", "transformers")
                                  and module_name not in sys.modules):
             continue
