@@ -44,15 +44,15 @@ _HUB_SHORT_RE = re.compile(r"^(?P<repo>[^/:]+/[^/]+)/(?P<file>[^:]+)$")
 
 
 def parse_single_file_link(link: str) -> tuple[str, str, str | None]:
-    """``(repo_id, filename, revision)`` of a file on the Hub given as a link.
+    """`(repo_id, filename, revision)` of a file on the Hub given as a link.
 
-    Accepted: ``https://huggingface.co/<namespace>/<name>/blob/<revision>/<path>`` (also ``/resolve/``, ``hf.co``,
-    without the scheme; a ``revision`` such as ``refs%2Fpr%2F1`` is unquoted), and ``<namespace>/<name>/<path>``
-    (revision ``None``: the caller's ``revision`` or ``main``).
+    Accepted: `https://huggingface.co/<namespace>/<name>/blob/<revision>/<path>` (also `/resolve/`, `hf.co`,
+    without the scheme; a `revision` such as `refs%2Fpr%2F1` is unquoted), and `<namespace>/<name>/<path>`
+    (revision `None`: the caller's `revision` or `main`).
 
-    Written here because diffusers' own parser (``_extract_repo_id_and_weights_name`` in
-    ``diffusers.loaders.single_file_utils``) is private and only understands ``blob/main``: a link to another
-    branch or a commit would silently load ``main``.
+    Written here because diffusers' own parser (`_extract_repo_id_and_weights_name` in
+    `diffusers.loaders.single_file_utils`) is private and only understands `blob/main`: a link to another
+    branch or a commit would silently load `main`.
     """
     link = str(link).split("?", 1)[0].split("#", 1)[0]
     match = _HUB_URL_RE.match(link)
@@ -82,14 +82,13 @@ def download_single_file(
     token: str | bool | None = None,
     local_files_only: bool | None = None,
     force_download: bool = False,
-    user_agent: dict | str | None = None,
 ) -> str:
-    """Local path of one file: ``link_or_path`` itself when it is a local file, else the Hub file it links to
-    (see :func:`parse_single_file_link`), downloaded with ``hf_hub_download`` into the huggingface_hub cache
-    (``cache_dir``), so a second call, ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` reuse it.
+    """Local path of one file: `link_or_path` itself when it is a local file, else the Hub file it links to
+    (see :func:`parse_single_file_link`), downloaded with `hf_hub_download` into the huggingface_hub cache
+    (`cache_dir`), so a second call, `local_files_only=True` or `HF_HUB_OFFLINE=1` reuse it.
 
-    ``revision`` applies to ``<namespace>/<name>/<file>`` links; a ``blob/<revision>`` link carries its own, and
-    giving a different ``revision`` too is an error.
+    `revision` applies to `<namespace>/<name>/<file>` links; a `blob/<revision>` link carries its own, and
+    giving a different `revision` too is an error.
     """
     path = os.fspath(link_or_path)
     if os.path.isfile(path):
@@ -100,12 +99,11 @@ def download_single_file(
     if link_revision is not None and revision is not None and revision != link_revision:
         raise ValueError(f"revision={revision!r} disagrees with the revision {link_revision!r} in the link {path!r}")
     revision = link_revision or revision
-    offline = bool(local_files_only) or bool(hf_constants.HF_HUB_OFFLINE)
     where = f"'{filename}' of '{repo_id}'" + (f" (revision '{revision}')" if revision else "")
     try:
         return hf_hub_download(
-            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=offline,
-            force_download=force_download, **({"user_agent": user_agent} if user_agent is not None else {}),
+            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=bool(local_files_only), force_download=force_download,
         )
     except LocalEntryNotFoundError as e:
         reason = "offline mode is enabled (HF_HUB_OFFLINE=1)" if hf_constants.HF_HUB_OFFLINE else (
