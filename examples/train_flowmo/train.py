@@ -237,12 +237,9 @@ def load_model(args):
     """The autoencoder and the scheduler to train, from a pipeline (folder or Hub id) or a fresh config, and for
     --stage distill the frozen teacher: a copy of the loaded pipeline's autoencoder, decoding with its own sampler."""
     if args.pretrained_model_name_or_path is not None:
-        from flowmo_diffusers.utils.hub import download_pipeline_folder
-
-        folder = download_pipeline_folder(
+        pipeline = FlowMoPipeline.from_pretrained(
             args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision, token=args.hub_token
         )
-        pipeline = FlowMoPipeline.from_pretrained(folder)
         model, scheduler = pipeline.autoencoder, pipeline.scheduler
     else:
         config = resolve_model_config(args.model_config, FlowMoModel, family="FlowMo")

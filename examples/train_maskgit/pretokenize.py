@@ -30,7 +30,6 @@ from flowmo_diffusers.training.pretokenize import (
     pretokenize,
     write_token_codebook_statistics,
 )
-from flowmo_diffusers.utils.hub import download_pipeline_folder
 from flowmo_diffusers.utils.output_lock import lock_output_dir
 
 logger = get_logger(__name__)
@@ -70,10 +69,9 @@ def main(argv=None):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     lock_output_dir(args.output_dir, accelerator, purpose="pre-tokenization", log=logger.warning)
-    folder = download_pipeline_folder(
+    autoencoder = FlowMoPipeline.from_pretrained(
         args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision, token=args.hub_token
-    )
-    autoencoder = FlowMoPipeline.from_pretrained(folder).autoencoder.to(accelerator.device).eval()
+    ).autoencoder.to(accelerator.device).eval()
     dataset = load_image_dataset(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
         split=args.train_split, streaming=args.streaming, image_column=args.image_column,

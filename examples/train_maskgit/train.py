@@ -56,7 +56,6 @@ from flowmo_diffusers.training.divergence import (
 from flowmo_diffusers.training.preemption import PreemptionGuard, clear_preempted_marker
 from flowmo_diffusers.training.recipe import TrainingProgress
 from flowmo_diffusers.training.reporting import validation_grid, write_model_card
-from flowmo_diffusers.utils.hub import download_pipeline_folder
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
 from flowmo_diffusers.utils.seeds import seeded_generator
 
@@ -126,10 +125,9 @@ def parse_args(argv=None):
 
 def load_components(args, num_classes_from_data):
     """(tokenizer pipeline, transformer, scheduler): the transformer config follows the tokenizer's token format."""
-    folder = download_pipeline_folder(
+    tokenizer = FlowMoPipeline.from_pretrained(
         args.pretrained_model_name_or_path, cache_dir=args.cache_dir, revision=args.revision, token=args.hub_token
     )
-    tokenizer = FlowMoPipeline.from_pretrained(folder)
     config = resolve_model_config(args.model_config, FlowMoMaskGiTTransformer, family="MaskGiT")
     config.update(num_indices=tokenizer.autoencoder.num_indices, codebook_size=tokenizer.autoencoder.codebook_size)
     num_classes = args.num_classes or num_classes_from_data

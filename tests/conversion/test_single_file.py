@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler
 from flowmo_diffusers.conversion import CheckpointConversionError, UnsafeCheckpointError
-from flowmo_diffusers.utils.hub import parse_single_file_link
+from flowmo_diffusers.conversion.single_file import parse_single_file_link
 
 from testing_utils import ORIGINAL_CHECKPOINT as CHECKPOINT
 from testing_utils import ORIGINAL_TINY, WritesAMarker

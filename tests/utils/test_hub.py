@@ -32,7 +32,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from flowmo_diffusers.utils.hub import HubPipelineMixin, download_pipeline_folder, select_pipeline_files
+from flowmo_diffusers.utils.hub import HubPipelineMixin
 
 from hub_dummy_components import (
     TinyHubMixinPipeline,
@@ -215,19 +215,16 @@ def test_only_needed_files_are_downloaded(local_hub, saved_pipeline, tmp_path):
         "unused/config.json": "{}",  # not a component in model_index.json
     }
     local_hub.add_repo("user/tiny", folder, files=extra)
-    assert _files(Path(download_pipeline_folder("user/tiny"))) == PIPELINE_FILES | {"scheduler/notes.txt"}
+    assert _files(Path(TinyHubMixinPipeline.download("user/tiny"))) == PIPELINE_FILES | {"scheduler/notes.txt"}
     assert local_hub.downloaded_files("user/tiny") == PIPELINE_FILES | {"scheduler/notes.txt"}
 
-    # pickle weights only when a component has no safetensors; variants on request
-    index = json.loads((folder / "model_index.json").read_text())
-    repo = sorted(PIPELINE_FILES | set(extra))
-    assert "autoencoder/diffusion_pytorch_model.fp16.safetensors" in select_pipeline_files(repo, index, variant="fp16")
-    assert "autoencoder/diffusion_pytorch_model.safetensors" not in select_pipeline_files(repo, index, variant="fp16")
-    no_safetensors = [f for f in repo if not f.endswith(".safetensors")]
-    assert "autoencoder/diffusion_pytorch_model.bin" in select_pipeline_files(no_safetensors, index)
-    assert not any(f.endswith(".bin") for f in select_pipeline_files(no_safetensors, index, use_safetensors=True))
-    without_scheduler = select_pipeline_files(repo, index, skip_components=["scheduler"])
-    assert not any(f.startswith("scheduler/") for f in without_scheduler)
+    # A variant on request, beside the plain weights diffusers falls back to; never pickle weights nor Python files.
+    local_hub.add_repo("user/tiny-fp16", folder, files={**extra, "autoencoder/hub_dummy_components.py": "raise 0"})
+    fp16 = _files(Path(TinyHubMixinPipeline.download("user/tiny-fp16", variant="fp16")))
+    assert fp16 == PIPELINE_FILES | {"scheduler/notes.txt", "autoencoder/diffusion_pytorch_model.fp16.safetensors"}
+    assert local_hub.downloaded_files("user/tiny-fp16") == fp16
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        TinyHubMixinPipeline.from_pretrained("user/tiny", use_safetensors=False)
 
 
 def test_revision_subfolder_and_passed_components(local_hub, saved_pipeline, tmp_path):
@@ -307,7 +304,7 @@ def test_component_module_of_own_package_is_imported(local_hub, tmp_path, monkey
 
 def test_local_folder_is_used_as_is(saved_pipeline):
     folder, weights = saved_pipeline
-    assert download_pipeline_folder(folder) == str(folder)
+    assert TinyHubMixinPipeline.download(folder) == str(folder)
     _assert_same_weights(TinyHubMixinPipeline.from_pretrained(folder).autoencoder, weights)
 
 

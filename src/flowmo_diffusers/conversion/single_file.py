@@ -12,19 +12,107 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-
-from ..utils.hub import download_single_file
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FromOriginalModelMixin", "FromSingleFileMixin"]
+__all__ = ["FromOriginalModelMixin", "FromSingleFileMixin", "download_single_file", "parse_single_file_link"]
 
 # The huggingface_hub download options of `from_single_file`, as diffusers names them.
 _HUB_ARGUMENTS = ("cache_dir", "token", "revision", "local_files_only", "force_download")
+
+
+_HUB_URL_RE = re.compile(
+    r"^(?:https?://)?(?:huggingface\.co|hf\.co)/(?P<repo>[^/]+/[^/]+)/(?:blob|resolve)/(?P<revision>[^/]+)/(?P<file>.+)$"
+)
+_HUB_SHORT_RE = re.compile(r"^(?P<repo>[^/:]+/[^/]+)/(?P<file>[^:]+)$")
+
+
+def parse_single_file_link(link: str) -> tuple[str, str, str | None]:
+    """`(repo_id, filename, revision)` of a file on the Hub given as a link.
+
+    Accepted: `https://huggingface.co/<namespace>/<name>/blob/<revision>/<path>` (also `/resolve/`, `hf.co`,
+    without the scheme; a `revision` such as `refs%2Fpr%2F1` is unquoted), and `<namespace>/<name>/<path>`
+    (revision `None`: the caller's `revision` or `main`).
+
+    Written here because diffusers' own parser (`_extract_repo_id_and_weights_name` in
+    `diffusers.loaders.single_file_utils`) is private and only understands `blob/main`: a link to another
+    branch or a commit would silently load `main`.
+    """
+    link = str(link).split("?", 1)[0].split("#", 1)[0]
+    match = _HUB_URL_RE.match(link)
+    if match:
+        revision = urllib.parse.unquote(match["revision"])
+    else:
+        match = _HUB_SHORT_RE.match(link)
+        if not match or link.startswith(("http://", "https://")):
+            raise ValueError(
+                f"{link!r} is neither a local file nor a Hub file link: use a path, "
+                "'https://huggingface.co/<namespace>/<name>/blob/<revision>/<file>' or '<namespace>/<name>/<file>'"
+            )
+        revision = None
+    repo_id, filename = match["repo"], urllib.parse.unquote(match["file"])
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"{link!r}: {repo_id!r} is not a valid Hub repo id ({e})") from None
+    return repo_id, filename, revision
+
+
+def download_single_file(
+    link_or_path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+    force_download: bool = False,
+) -> str:
+    """Local path of one file: `link_or_path` itself when it is a local file, else the Hub file it links to
+    (see :func:`parse_single_file_link`), downloaded with `hf_hub_download` into the huggingface_hub cache
+    (`cache_dir`), so a second call, `local_files_only=True` or `HF_HUB_OFFLINE=1` reuse it.
+
+    `revision` applies to `<namespace>/<name>/<file>` links; a `blob/<revision>` link carries its own, and
+    giving a different `revision` too is an error.
+    """
+    path = os.fspath(link_or_path)
+    if os.path.isfile(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path!r} is a folder, not a single checkpoint file")
+    repo_id, filename, link_revision = parse_single_file_link(path)
+    if link_revision is not None and revision is not None and revision != link_revision:
+        raise ValueError(f"revision={revision!r} disagrees with the revision {link_revision!r} in the link {path!r}")
+    revision = link_revision or revision
+    where = f"'{filename}' of '{repo_id}'" + (f" (revision '{revision}')" if revision else "")
+    try:
+        return hf_hub_download(
+            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=bool(local_files_only), force_download=force_download,
+        )
+    except LocalEntryNotFoundError as e:
+        reason = "offline mode is enabled (HF_HUB_OFFLINE=1)" if hf_constants.HF_HUB_OFFLINE else (
+            "local_files_only=True" if local_files_only else "the Hub could not be reached")
+        raise LocalEntryNotFoundError(f"Cannot load {where}: it is not in the local cache and {reason}.") from e
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        if hasattr(e, "append_to_message"):
+            e.append_to_message(f"\n{path!r} is not a local file, and {where} could not be found on the Hub.")
+        raise
 
 
 def _resolve_original_config(original_config: Any, hub_kwargs: Mapping[str, Any]) -> Any:
