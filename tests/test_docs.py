@@ -30,8 +30,8 @@ CI_DURATION = re.compile(
 )
 
 
-def prose_lines(text: str):
-    """`(line number, line)` for every line outside fenced code blocks, with inline code spans blanked."""
+def outside_fences(text: str):
+    """`(line number, line)` for every line outside fenced code blocks."""
     in_fence = None
     for number, line in enumerate(text.splitlines(), start=1):
         fence = FENCE.match(line)
@@ -42,7 +42,13 @@ def prose_lines(text: str):
                 in_fence = None
             continue
         if in_fence is None:
-            yield number, INLINE_CODE.sub(lambda m: " " * len(m.group(0)), line)
+            yield number, line
+
+
+def prose_lines(text: str):
+    """`(line number, line)` for every line outside fenced code blocks, with inline code spans blanked."""
+    for number, line in outside_fences(text):
+        yield number, INLINE_CODE.sub(lambda m: " " * len(m.group(0)), line)
 
 
 def github_slug(heading: str) -> str:
@@ -65,16 +71,8 @@ def github_slug(heading: str) -> str:
 def anchors(path: Path) -> frozenset:
     """Every heading anchor of a markdown file, with GitHub's -1, -2 ... suffixes for repeated headings."""
     seen, found = {}, set()
-    in_fence = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        fence = FENCE.match(line)
-        if fence:
-            if in_fence is None:
-                in_fence = fence.group(1)
-            elif fence.group(1) == in_fence:
-                in_fence = None
-            continue
-        match = HEADING.match(line) if in_fence is None else None
+    for _, line in outside_fences(path.read_text(encoding="utf-8")):
+        match = HEADING.match(line)
         if match:
             slug = github_slug(match.group(2))
             count = seen.get(slug, 0)
