@@ -11,6 +11,8 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..utils.validation import check_int
+
 TRAINING_TIME_DISTRIBUTIONS = ("fat_lognormal", "lognormal", "uniform")
 TIME_SCHEDULES = ("power", "linear")
 
@@ -20,8 +22,7 @@ def flow_time_grid(num_inference_steps: int, time_schedule: str = "power", time_
 
     `"power"`: t_i = (i / N) ** time_power for i = N..0 (the paper samples with `time_power = 4`); `"linear"`: i / N.
     """
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
     if time_schedule not in TIME_SCHEDULES:
         raise ValueError(f"time_schedule must be one of {TIME_SCHEDULES}, got {time_schedule!r}")
     steps = torch.arange(0, num_inference_steps + 1).flip(0)
