@@ -173,7 +173,8 @@ def parse_args(argv=None):
                         "resnet50-0676ba61.pth); default: the torch hub cache, downloading if possible.")
     parser.add_argument("--perceptual_random_init", action="store_true",
                         help="Randomly initialised perceptual network (tests / smoke runs only: not a perceptual loss).")
-    parser.add_argument("--posttrain_sample_steps", type=positive_int, default=8, help="k: Euler steps of the stage-1B sample.")
+    parser.add_argument("--posttrain_sample_steps", type=positive_int, default=8,
+                        help="k: Euler steps of the stage-1B sample.")
     parser.add_argument("--distill_steps", type=positive_int, default=4,
                         help="K: decoder passes of the distilled student (--stage distill), 1, 2 or 4 typically.")
     parser.add_argument("--distill_time_schedule", choices=("linear", "power"), default="linear",
@@ -456,16 +457,18 @@ def main(argv=None):
         """The fixed validation batch through `autoencoder` with the paper's sampler, in [-1, 1]."""
         was_training = autoencoder.training
         autoencoder.eval()
-        pipeline = FlowMoPipeline(autoencoder=autoencoder, scheduler=FlowMoScheduler.from_config(scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(accelerator.device).manual_seed(args.seed)
-        with accelerator.autocast():
-            output = pipeline(
-                images=validation_images / 2 + 0.5, generator=generator, output_type="pt",
-                num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
-            ).images
+        with accelerator.autocast(), torch.no_grad():
+            # The model's [-1, 1] tensor API: the batch is the loader's, already in [-1, 1], so a pipeline's input
+            # conversion would only scale it to [0, 1] and back and read it on the host.
+            code = autoencoder.encode(validation_images.to(device=autoencoder.device, dtype=autoencoder.dtype)).code
+            output = autoencoder.decode(
+                code, num_inference_steps=args.validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale, generator=generator,
+                scheduler=FlowMoScheduler.from_config(scheduler.config),
+            ).sample
         autoencoder.train(was_training)
-        return output.float() * 2 - 1
+        return output.float()
 
     def run_validation(step):
         """Reconstruct the fixed batch with the live (and EMA) weights; log PSNR and a grid.

@@ -82,7 +82,8 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", type=str, default="outputs/train_maskgit")
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--train_batch_size", type=positive_int, default=64, help="Micro-batch per device (TiTok: 64 x 32 GPUs).")
+    parser.add_argument("--train_batch_size", type=positive_int, default=64,
+                        help="Micro-batch per device (TiTok: 64 x 32 GPUs).")
     parser.add_argument("--max_train_steps", type=positive_int, required=True)
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     parser.add_argument("--dataloader_num_workers", type=int, default=2)

@@ -614,7 +614,8 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
 
         Like diffusers' `ConsistencyDecoderVAE.decode`, the model owns its sampler, so code that holds only the model
-        can decode; [`FlowMoPipeline`] decodes through this method too.
+        can decode. The scalar arguments are checked here, once; [`FlowMoPipeline`], which checks them in its
+        `check_inputs`, decodes through [`decode_unchecked`], the same sampler without that check.
 
         Args:
             code (`torch.Tensor`): quantized code `(B, code_length, context_dim)` (floating point) or token ids

@@ -54,11 +54,12 @@ class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin
       (the decoder is a diffusion model: [`per_pixel_variance`] shows where they differ).
 
     Images follow diffusers conventions: PIL images, numpy arrays `(B, H, W, 3)` or torch tensors `(B, 3, H, W)` with
-    values in [0, 1] (uint8 arrays in [0, 255] are scaled). Decoding runs [`FlowMoModel.decode`]: it integrates the
-    decoder's velocity field from noise with the pipeline's scheduler; the defaults (25 steps on the t = (i/N)^4 grid,
-    guidance 1.5 within the EDM-sigma interval (0.17, 1.02)) are the paper's sampler, and a distilled student's
-    defaults are its K passes. Any diffusers flow-matching scheduler can replace [`FlowMoScheduler`], the diffusers
-    way: `pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)`.
+    values in [0, 1] (uint8 arrays in [0, 255] are scaled). Decoding runs [`FlowMoModel.decode`]'s sampler: it
+    integrates the decoder's velocity field from noise with the pipeline's scheduler; the defaults (25 steps on the
+    t = (i/N)^4 grid, guidance 1.5 within the EDM-sigma interval (0.17, 1.02)) are the paper's sampler, and a
+    distilled student's defaults are its K passes. Any diffusers flow-matching scheduler can replace
+    [`FlowMoScheduler`], the diffusers way:
+    `pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)`.
 
     `from_pretrained` takes a folder or a Hub repo id (see [`HubPipelineMixin`] for why diffusers' own download step
     cannot be used for components that live in this package); `from_single_file` takes the paper's original `.pth`
@@ -99,9 +100,9 @@ class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin
         return self._interrupt
 
     def _progress_over_timesteps(self, timesteps):
-        # The solver loop lives in FlowMoModel.decode, which hands its timesteps to this wrapper before the first step:
-        # the one moment the pipeline sees the grid, so `num_timesteps` is known to every callback (diffusers sets it
-        # before its loop too).
+        # The solver loop lives in FlowMoModel.decode_unchecked, which hands its timesteps to this wrapper before the
+        # first step: the one moment the pipeline sees the grid, so `num_timesteps` is known to every callback
+        # (diffusers sets it before its loop too).
         self._num_timesteps = len(timesteps)
         return self.progress_bar(timesteps)
 

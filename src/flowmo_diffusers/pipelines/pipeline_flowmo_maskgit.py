@@ -11,6 +11,7 @@ from diffusers.utils import BaseOutput
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
+from ..models.modeling_utils import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
 from ..utils.files import FollowUmaskSaveMixin
@@ -223,12 +224,13 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, FollowUmaskSaveMixin, DiffusionPip
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        # The decoder's arguments too, before the (long) unmasking rather than after it; its own bounds are
-        # FlowMoPipeline's, which decodes them.
         num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
-        check_optional_int("decoder_num_inference_steps", decoder_num_inference_steps, 1)
         guidance_scale = check_float("guidance_scale", guidance_scale)
-        check_optional_float("decoder_guidance_scale", decoder_guidance_scale)
+        # The decoder's arguments with their bounds too, so that a bad one is refused before the unmasking, not
+        # after it. FlowMoPipeline, which decodes (its loop is not duplicated here), checks them again: a few scalar
+        # comparisons, the price of reusing its whole call.
+        check_optional_int("decoder_num_inference_steps", decoder_num_inference_steps, 1, MAX_INFERENCE_STEPS)
+        check_optional_float("decoder_guidance_scale", decoder_guidance_scale, -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE)
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
         callback_on_step_end_tensor_inputs = pipeline_utils.check_callback(
             self, callback_on_step_end, callback_on_step_end_tensor_inputs
