@@ -62,6 +62,7 @@ from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_p
 from flowmo_diffusers.training.distillation import distillation_losses, make_student_config  # noqa: E402
 from flowmo_diffusers.training.losses import flowmo_training_losses  # noqa: E402
 from flowmo_diffusers.training.recipe import InitialNormFixer  # noqa: E402
+from flowmo_diffusers.utils.validation import positive_int  # noqa: E402
 
 WHAT = ("encode", "decoder_step", "decoder_floor", "reconstruct", "train_step")
 STAGES = ("1a", "1b", "distill")
@@ -82,7 +83,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--stages", default="1a,1b", help=f"comma-separated training stages for train_step, of {','.join(STAGES)}"
     )
     parser.add_argument("--posttrain_k", type=int, default=8, help="Euler steps of the stage-1B sample chain")
-    parser.add_argument("--distill_k", type=int, default=4, help="decoder passes of the student (--stages distill)")
+    parser.add_argument("--distill_k", type=positive_int, default=4,
+                        help="decoder passes of the student (--stages distill)")
     parser.add_argument(
         "--posttrain_checkpointing",
         default="call",
@@ -122,8 +124,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.stages = [item.strip().lower() for item in args.stages.split(",") if item.strip()]
     if not args.stages or set(args.stages) - set(STAGES):
         parser.error(f"--stages takes a comma-separated subset of {','.join(STAGES)}, got {','.join(args.stages)!r}")
-    if args.distill_k < 1:
-        parser.error(f"--distill_k must be a positive integer, got {args.distill_k}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
     return args

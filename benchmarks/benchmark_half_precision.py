@@ -30,6 +30,7 @@ from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler, get_p
 from flowmo_diffusers.metrics.agreement import id_agreement, output_agreement  # noqa: E402
 from flowmo_diffusers.metrics.psnr import psnr_per_image  # noqa: E402
 from flowmo_diffusers.metrics.ssim import ssim_per_image  # noqa: E402
+from flowmo_diffusers.utils.validation import positive_int  # noqa: E402
 
 REPO = fast_decoding.REPO
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -38,14 +39,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     fast_decoding.add_small_model_arguments(parser, "half_precision")
-    parser.add_argument("--num_eval_images", type=int, default=48)
+    parser.add_argument("--num_eval_images", type=positive_int, default=48)
     parser.add_argument("--lo_shape_resolution", type=int, default=0,
                         help="Also compare a randomly initialised FlowMo-Lo-shaped model at this size (0: skip).")
     parser.add_argument("--lo_shape_steps", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.num_eval_images < 1:
-        parser.error(f"--num_eval_images must be at least 1, got {args.num_eval_images}")
-    return args
+    return parser.parse_args(argv)
 
 
 @torch.no_grad()

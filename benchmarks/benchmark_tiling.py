@@ -31,6 +31,7 @@ from flowmo_diffusers import FlowMoPipeline  # noqa: E402
 from flowmo_diffusers.metrics.psnr import psnr_per_image  # noqa: E402
 from flowmo_diffusers.metrics.seams import seam_ratio  # noqa: E402
 from flowmo_diffusers.metrics.ssim import ssim_per_image  # noqa: E402
+from flowmo_diffusers.utils.validation import positive_int  # noqa: E402
 
 REPO = fast_decoding.REPO
 #: (name, tile_overlap_factor, blend_mode): the layouts compared.
@@ -41,13 +42,10 @@ LAYOUTS = (("no overlap (each tile alone)", 0.0, "linear"), ("overlap 0.25, line
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     fast_decoding.add_small_model_arguments(parser, "tiling")
-    parser.add_argument("--downscale", type=int, default=2)
+    parser.add_argument("--downscale", type=positive_int, default=2)
     parser.add_argument("--figure", default=os.path.join(REPO, "docs", "images", "tiling.png"),
                         help="Where to write the crops figure ('' to skip).")
-    args = parser.parse_args(argv)
-    if args.downscale < 1:
-        parser.error(f"--downscale must be at least 1, got {args.downscale}")
-    return args
+    return parser.parse_args(argv)
 
 
 def held_out_photographs(downscale: int, tile: int) -> dict:

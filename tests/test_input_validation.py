@@ -208,6 +208,74 @@ def test_model_decode_is_bounded_before_allocation(tiny_model):
     with pytest.raises(ValueError, match="guidance_scale must lie in"):
         tiny_model.decode(IDS, guidance_scale=1e30)
     assert tiny_model.decode(IDS, num_inference_steps=1, height=160, max_image_size=160).sample.shape == (1, 3, 160, 32)
+    # The decoder's own step count is bounded like a passed one.
+    with pytest.raises(ValueError, match="num_inference_steps=25 exceeds max_inference_steps=3"):
+        tiny_model.decode(IDS, max_inference_steps=3)
+
+
+def count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_a_pipeline_call_checks_the_decode_bounds_once(tiny_pipeline, monkeypatch):
+    from flowmo_diffusers.models import autoencoder_flowmo
+    from flowmo_diffusers.pipelines import pipeline_flowmo
+
+    in_pipeline = count_calls(monkeypatch, pipeline_flowmo, "check_decode_bounds")
+    in_model = count_calls(monkeypatch, autoencoder_flowmo, "check_decode_bounds")
+    tiny_pipeline(indices=IDS, num_inference_steps=2, output_type="pt")
+    assert (len(in_pipeline), len(in_model)) == (1, 0)
+    tiny_pipeline(images=torch.rand(1, 3, 32, 32), num_inference_steps=2, output_type="pt")
+    assert (len(in_pipeline), len(in_model)) == (2, 0)
+    # A direct model call is checked once, by the model, also with tiling on (once, not once per chunk of tiles).
+    tiny_pipeline.autoencoder.decode(IDS, num_inference_steps=2)
+    assert (len(in_pipeline), len(in_model)) == (2, 1)
+    tiny_pipeline.autoencoder.enable_tiling(tile_batch_size=1)
+    tiled_ids = tiny_pipeline.encode(torch.rand(1, 3, 48, 48))
+    tiny_pipeline.autoencoder.decode(tiled_ids, num_inference_steps=2, height=48, width=48)
+    assert (len(in_pipeline), len(in_model)) == (2, 2)
+    with pytest.raises(ValueError, match="height must be a positive integer, got '48'"):
+        tiny_pipeline.autoencoder.decode(tiled_ids, num_inference_steps=2, height="48", width=48)
+
+
+def test_one_family_of_value_checks():
+    from flowmo_diffusers.utils.validation import (
+        WrongTypeError,
+        check_float,
+        check_int,
+        check_optional_float,
+        check_optional_int,
+    )
+
+    # A wrong type is both: Python's TypeError and the ValueError that diffusers' check_inputs raise.
+    with pytest.raises(WrongTypeError, match="steps must be a positive integer, got True \\(bool\\)") as raised:
+        check_int("steps", True, 1)
+    assert isinstance(raised.value, TypeError) and isinstance(raised.value, ValueError)
+    assert check_int("steps", np.int64(3), 1) == 3 and type(check_int("steps", np.int64(3), 1)) is int
+    assert check_optional_int("limit", None, 1) is None and check_optional_int("limit", 2, 1) == 2
+    with pytest.raises(ValueError, match="limit must be a positive integer, got 0"):
+        check_optional_int("limit", 0, 1)
+    with pytest.raises(ValueError, match="skips must be an integer >= 0, got -1"):
+        check_int("skips", -1, 0)
+    with pytest.raises(ValueError, match="depth must be an integer in \\[1, 8\\], got 9"):
+        check_int("depth", 9, 1, 8)
+    assert check_optional_float("scale", None) is None and check_optional_float("scale", np.float32(0.5), 0, 1) == 0.5
+    with pytest.raises(ValueError, match="scale must lie in \\[-100, 100\\], got 1e\\+09"):
+        check_float("scale", 1e9, -100.0, 100.0)
+    with pytest.raises(ValueError, match="power must be greater than 0, got 0"):
+        check_float("power", 0.0, 0.0, exclusive_minimum=True)
+    with pytest.raises(ValueError, match="sigma must be a finite real number >= 0, got -1"):
+        check_float("sigma", -1, 0.0)
+    with pytest.raises(ValueError, match="sigma must be finite, got inf"):
+        check_float("sigma", float("inf"), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

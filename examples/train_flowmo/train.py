@@ -82,6 +82,7 @@ from flowmo_diffusers.training.recipe import (
 from flowmo_diffusers.training.reporting import write_model_card
 from flowmo_diffusers.training.validation import ReconstructionValidation
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
+from flowmo_diffusers.utils.validation import positive_int
 
 logger = get_logger(__name__)
 
@@ -135,10 +136,10 @@ def parse_args(argv=None):
     # Optimization
     parser.add_argument("--output_dir", type=str, default="outputs/train_flowmo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_batch_size", type=int, default=8, help="Micro-batch per device.")
-    parser.add_argument("--max_train_steps", type=int, default=None,
+    parser.add_argument("--train_batch_size", type=positive_int, default=8, help="Micro-batch per device.")
+    parser.add_argument("--max_train_steps", type=positive_int, default=None,
                         help="Optimizer steps (required unless training on the embedded demo data).")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     parser.add_argument("--learning_rate", type=float, default=None, help="Default: 1e-4 pretrain, 5e-5 posttrain.")
     parser.add_argument("--adam_beta1", type=float, default=0.9)
     parser.add_argument("--adam_beta2", type=float, default=0.95)
@@ -171,22 +172,23 @@ def parse_args(argv=None):
                         "resnet50-0676ba61.pth); default: the torch hub cache, downloading if possible.")
     parser.add_argument("--perceptual_random_init", action="store_true",
                         help="Randomly initialised perceptual network (tests / smoke runs only: not a perceptual loss).")
-    parser.add_argument("--posttrain_sample_steps", type=int, default=8, help="k: Euler steps of the stage-1B sample.")
-    parser.add_argument("--distill_steps", type=int, default=4,
+    parser.add_argument("--posttrain_sample_steps", type=positive_int, default=8,
+                        help="k: Euler steps of the stage-1B sample.")
+    parser.add_argument("--distill_steps", type=positive_int, default=4,
                         help="K: decoder passes of the distilled student (--stage distill), 1, 2 or 4 typically.")
     parser.add_argument("--distill_time_schedule", choices=("linear", "power"), default="linear",
                         help="Grid of the student's K Euler steps (linear: t = i/K).")
-    parser.add_argument("--teacher_num_inference_steps", type=int, default=None,
+    parser.add_argument("--teacher_num_inference_steps", type=positive_int, default=None,
                         help="Teacher sampler steps for --stage distill (default: the teacher's own, 25).")
     parser.add_argument("--teacher_guidance_scale", type=float, default=None,
                         help="Teacher guidance for --stage distill (default: the teacher's own, 1.5).")
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights and save it at the end.")
     parser.add_argument("--ema_decay", type=float, default=0.9999, help="Per-step decay; applied as decay**k every k steps.")
-    parser.add_argument("--ema_update_every", type=int, default=10)
+    parser.add_argument("--ema_update_every", type=positive_int, default=10)
     # Checkpoints, validation, logging
     add_checkpointing_arguments(parser, checkpointing_steps=5000)
     add_divergence_arguments(parser)
-    parser.add_argument("--validation_steps", type=int, default=None,
+    parser.add_argument("--validation_steps", type=positive_int, default=None,
                         help="Reconstruct the fixed validation batch and log PSNR every N steps and at the start "
                         "(default 1000; 100 for the embedded demo data).")
     parser.add_argument("--num_validation_images", type=int, default=4)
@@ -222,14 +224,8 @@ def parse_args(argv=None):
         parser.error("--stage distill distils a trained FlowMo: pass the teacher as --pretrained_model_name_or_path")
     if args.max_train_steps is None:
         parser.error("--max_train_steps is required when training on a dataset (1.3M FlowMo-Lo / 800k FlowMo-Hi)")
-    if args.teacher_num_inference_steps is not None and args.teacher_num_inference_steps < 1:
-        parser.error("--teacher_num_inference_steps must be at least 1")
     if args.perceptual_random_init and args.perceptual_weights_path:
         parser.error("--perceptual_random_init and --perceptual_weights_path exclude each other")
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "ema_update_every", "posttrain_sample_steps", "distill_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
     return args
 
 

@@ -55,6 +55,7 @@ from flowmo_diffusers.training.divergence import (
 )
 from flowmo_diffusers.training.preemption import PreemptionGuard, clear_preempted_marker
 from flowmo_diffusers.training.recipe import TrainingProgress
+from flowmo_diffusers.utils.validation import positive_int
 from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
 from flowmo_diffusers.utils.seeds import seeded_generator
@@ -80,9 +81,10 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", type=str, default="outputs/train_maskgit")
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--train_batch_size", type=int, default=64, help="Micro-batch per device (TiTok: 64 x 32 GPUs).")
-    parser.add_argument("--max_train_steps", type=int, required=True)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--train_batch_size", type=positive_int, default=64,
+                        help="Micro-batch per device (TiTok: 64 x 32 GPUs).")
+    parser.add_argument("--max_train_steps", type=positive_int, required=True)
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     parser.add_argument("--dataloader_num_workers", type=int, default=2)
     parser.add_argument("--no_flip", action="store_true", help="Ignore `indices_flipped` even when the data has it.")
     # Optimization
@@ -108,7 +110,7 @@ def parse_args(argv=None):
     # Checkpoints, validation, logging
     add_checkpointing_arguments(parser, checkpointing_steps=10_000)
     add_divergence_arguments(parser)
-    parser.add_argument("--validation_steps", type=int, default=5000)
+    parser.add_argument("--validation_steps", type=positive_int, default=5000)
     parser.add_argument("--validation_class_ids", type=int, nargs="+", default=None,
                         help="Classes drawn in the validation grid (default: 8 spread over the classes).")
     parser.add_argument("--validation_inference_steps", type=int, default=16)
@@ -116,10 +118,6 @@ def parse_args(argv=None):
     parser.add_argument("--validation_decoder_inference_steps", type=int, default=25)
     add_tracking_arguments(parser, tracker_project_name="train_maskgit")
     args = parser.parse_args(argv)
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
     return args
 
 

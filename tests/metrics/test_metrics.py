@@ -393,7 +393,6 @@ def test_reconstruction_metrics_match_the_individual_metrics():
         np.cov(reconstruction_features, rowvar=False)
     )
     assert results["rfid"] == pytest.approx(expected_rfid, abs=1e-6 * covariance_scale)
-    assert results["rfid"] > 0
 
     # gather() sums every state over processes; means are unchanged if all processes saw the same data.
     accelerator = TwoIdenticalProcessesAccelerator()

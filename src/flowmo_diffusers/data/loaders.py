@@ -37,6 +37,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode
 
 from ..utils.seeds import derive_seed, seeded_generator
+from ..utils.validation import check_int
 from .datasets import AnyDataset, prepare_columns
 from .transforms import ImageDecoder, ImageTransform
 
@@ -547,10 +548,8 @@ def _build_loader(
     **loader_options: Any,
 ) -> ImageBatchLoader:
     """What both builders do: check, keep the image/label columns, shard across processes, build the loader."""
-    if resolution <= 0 or batch_size <= 0:
-        raise ValueError(f"resolution and batch_size must be positive, got {resolution} and {batch_size}.")
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
+    resolution, batch_size = check_int("resolution", resolution, 1), check_int("batch_size", batch_size, 1)
+    process_index = check_int("process_index", process_index, 0, check_int("num_processes", num_processes, 1) - 1)
     dataset, image_column, label_column = prepare_columns(dataset, image_column, label_column)
     dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
     if training and not isinstance(dataset, datasets.IterableDataset) and len(dataset) < batch_size:
@@ -645,8 +644,7 @@ def build_train_dataloader(
         [`ImageBatchLoader`]: yielding ``{"pixel_values": [B, 3, R, R] float32 in [-1, 1], "labels": [B] int64 (if
         labeled)}``.
     """
-    if seed < 0 or skip_batches < 0:
-        raise ValueError(f"seed and skip_batches must be non-negative, got {seed} and {skip_batches}.")
+    seed, skip_batches = check_int("seed", seed, 0), check_int("skip_batches", skip_batches, 0)
     columns = {"image_column": image_column, "label_column": label_column}
     return _build_loader(
         dataset, resolution, batch_size, training=True, random_flip=random_flip, seed=seed, infinite=infinite,

@@ -17,6 +17,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from ..utils.images import to_rgb
+from ..utils.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +90,7 @@ class ImageTransform:
         random_flip: bool = False,
         interpolation: InterpolationMode = InterpolationMode.BILINEAR,
     ):
-        if resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution}.")
-        self.resolution = int(resolution)
+        self.resolution = check_int("resolution", resolution, 1)
         self.random_crop = bool(random_crop)
         self.random_flip = bool(random_flip)
         self.interpolation = interpolation

@@ -24,6 +24,7 @@ import torch
 from transformers.hf_argparser import HfArg, HfArgumentParser
 
 from ..metrics.pretrained_weights import FID_INCEPTION_WEIGHTS, MissingPretrainedWeightsError, PretrainedWeights
+from ..utils.validation import check_optional_int
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 InceptionFeatureDims = Literal[64, 192, 768, 2048]
@@ -33,17 +34,19 @@ OptionsT = TypeVar("OptionsT", bound="Options")
 
 
 def check_positive(options: Any, *names: str) -> None:
-    """Raise a ValueError naming the flag unless each of `options`' fields `names` is None or at least 1."""
+    """Raise a ValueError naming the flag unless each of `options`' fields `names` is None or an integer >= 1."""
     for name in names:
-        value = getattr(options, name)
+        # The type through the shared check (a config built in Python may hold "8" or 8.0); the range keeps the
+        # flags' own wording.
+        value = check_optional_int(f"--{name}", getattr(options, name))
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be positive, got {value}")
 
 
 def check_non_negative(options: Any, *names: str) -> None:
-    """Raise a ValueError naming the flag unless each of `options`' fields `names` is None or at least 0."""
+    """Raise a ValueError naming the flag unless each of `options`' fields `names` is None or an integer >= 0."""
     for name in names:
-        value = getattr(options, name)
+        value = check_optional_int(f"--{name}", getattr(options, name))
         if value is not None and value < 0:
             raise ValueError(f"--{name} must be non-negative, got {value}")
 

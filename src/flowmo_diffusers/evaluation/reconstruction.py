@@ -473,7 +473,8 @@ def evaluate_pipeline(
     metrics.reset()
     if resume_state is not None:
         metrics.load_state_dict(resume_state)
-    codebook = CodebookStatistics(pipeline.autoencoder.config.bits_per_subtoken, num_positions=pipeline.autoencoder.num_indices)
+    model = pipeline.autoencoder
+    codebook = CodebookStatistics(model.config.bits_per_subtoken, num_positions=model.num_indices)
     device = pipeline._execution_device
     autocast = accelerator.autocast if accelerator is not None else nullcontext
     show_progress = accelerator is None or accelerator.is_local_main_process
@@ -484,25 +485,25 @@ def evaluate_pipeline(
             # The eval loader cannot seek; reading (not reconstructing) the done batches keeps the skipped-image
             # count and the batch composition of an uninterrupted run. Their ids are encoded again (one encoder
             # pass, deterministic) so the codebook statistics cover every image without being part of the state.
-            with autocast():
-                codebook.update(pipeline.encode((originals + 1) / 2))
+            with autocast(), torch.no_grad():
+                codebook.update(model.encode(originals.to(model.dtype)).indices)
             continue
         noise = initial_noise_for_images(batch["labels"], seed, originals.shape[1:]).to(device)
-        with autocast():
-            # Encode once, then decode the ids: the same code as `images=` (ids <-> code is exact), and the ids feed
-            # the codebook statistics.
-            indices = pipeline.encode((originals + 1) / 2)  # the pipeline takes [0, 1] images
-            codebook.update(indices)
-            reconstructions = pipeline(
-                indices=indices,  # returns [0, 1] images with "pt"
-                height=originals.shape[-2],
-                width=originals.shape[-1],
-                latents=noise,
+        with autocast(), torch.no_grad():
+            # The model's [-1, 1] tensor API, not the pipeline's: the loader's images are already RGB in [-1, 1], so
+            # the pipeline's input conversion would only scale them to [0, 1] and back and read them on the host
+            # (finiteness, range) every batch; its ids would be checked on the host again before decoding. The code
+            # is what the pipeline decodes from the ids (ids <-> code is exact); the ids feed the codebook statistics.
+            encoded = model.encode(originals.to(model.dtype))
+            codebook.update(encoded.indices)
+            reconstructions = model.decode(
+                encoded.code,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                output_type="pt",
-            ).images
-        metrics.update(originals, reconstructions.float() * 2 - 1)
+                latents=noise,
+                scheduler=pipeline.scheduler,
+            ).sample  # [-1, 1]
+        metrics.update(originals, reconstructions.float())
         if save_state is not None and (batch_index + 1) % save_every_batches == 0:
             save_state(batch_index + 1, int(metrics.num_images))
     seconds = time.perf_counter() - start

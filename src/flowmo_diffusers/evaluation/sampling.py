@@ -52,6 +52,7 @@ from ..metrics import sum_across_processes
 from ..utils.files import atomic_write
 from ..utils.output_lock import lock_output_dir
 from ..utils.seeds import seeded_generator
+from ..utils.validation import check_int
 from .options import (
     AcceleratorOptions,
     HubOptions,
@@ -142,8 +143,7 @@ def plan_samples(class_ids: Sequence[int], num_images_per_class: int) -> list[Sa
     class_ids = sorted(set(int(class_id) for class_id in class_ids))
     if not class_ids:
         raise ValueError("no class ids to sample")
-    if num_images_per_class < 1:
-        raise ValueError(f"num_images_per_class must be positive, got {num_images_per_class}")
+    num_images_per_class = check_int("num_images_per_class", num_images_per_class, 1)
     return [
         SampleSpec(index_in_class * len(class_ids) + position, class_id, index_in_class)
         for index_in_class in range(num_images_per_class)
@@ -158,10 +158,8 @@ def batches_of_process(
 
     A batch's composition depends only on `batch_size`, not on the number of processes.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}")
+    batch_size = check_int("batch_size", batch_size, 1)
+    process_index = check_int("process_index", process_index, 0, check_int("num_processes", num_processes, 1) - 1)
     num_batches = -(-len(plan) // batch_size)
     for batch_index in range(process_index, num_batches, num_processes):
         yield list(plan[batch_index * batch_size : (batch_index + 1) * batch_size])

@@ -22,7 +22,7 @@ first use; install them with `pip install 'flowmo-diffusers[eval]'`.
 """
 
 from .codebook_statistics import CodebookStatistics, codebook_statistics
-from .distributed import gather_across_processes, gather_rows_across_processes, sum_across_processes
+from .distributed import gather_across_processes, sum_across_processes
 from .evaluate_integration import BUNDLED_METRICS, IMAGE_PAIR_METRICS, bundled_metric_path, load_metric
 from .feature_statistics import StreamingFeatureStatistics
 from .fid_inception import FID_INCEPTION_NUM_LOGITS, FIDInceptionFeatureExtractor, build_fid_inception_v3
@@ -76,7 +76,6 @@ __all__ = [
     "describe_fid_inception",
     "frechet_distance",
     "gather_across_processes",
-    "gather_rows_across_processes",
     "images_to_uint8_hwc",
     "images_to_unit_range",
     "inception_score",

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..utils.validation import check_int, check_optional_int
 from .distributed import gather_across_processes, sum_across_processes
 
 #: Largest `bits_per_id` counted with dense tables: 2**16 int64 pooled counts and an `[N, 2**16]` bool seen-table
@@ -46,9 +47,7 @@ STATISTIC_NAMES = (
 
 
 def _check_bits(bits_per_id: Any) -> int:
-    if isinstance(bits_per_id, bool) or not isinstance(bits_per_id, int) or not 1 <= bits_per_id <= MAX_BITS:
-        raise ValueError(f"bits_per_id must be an integer in [1, {MAX_BITS}], got {bits_per_id!r}")
-    return bits_per_id
+    return check_int("bits_per_id", bits_per_id, 1, MAX_BITS)
 
 
 class CodebookStatistics:
@@ -76,10 +75,7 @@ class CodebookStatistics:
         device: torch.device | str | None = None,
     ):
         self.bits_per_id = _check_bits(bits_per_id)
-        if num_positions is not None and (
-            isinstance(num_positions, bool) or not isinstance(num_positions, int) or num_positions < 1
-        ):
-            raise ValueError(f"num_positions must be a positive integer, got {num_positions!r}")
+        num_positions = check_optional_int("num_positions", num_positions, 1)
         self.dense = bits_per_id <= DENSE_MAX_BITS if dense is None else bool(dense)
         if self.dense and bits_per_id > DENSE_MAX_BITS:
             raise ValueError(f"dense counting holds 2**bits_per_id counts: bits_per_id must be <= {DENSE_MAX_BITS}")

@@ -76,18 +76,3 @@ def gather_across_processes(value: Any, accelerator: Any | None = None) -> list[
     dist.all_gather_object(values, value)
     return values
 
-
-def gather_rows_across_processes(rows: torch.Tensor, accelerator: Any | None = None) -> torch.Tensor:
-    """Concatenate every process' rows, in process-rank order; every process receives the result.
-
-    Args:
-        rows (`torch.Tensor`):
-            [N_p, ...] rows on process p (N_p may differ between processes and be 0; the trailing shape and the dtype
-            must agree).
-        accelerator (`accelerate.Accelerator`, *optional*):
-            As for [`gather_across_processes`].
-
-    Returns:
-        `torch.Tensor`: [sum_p N_p, ...] rows on the input's device.
-    """
-    return torch.cat(gather_across_processes(rows.cpu(), accelerator)).to(rows.device)

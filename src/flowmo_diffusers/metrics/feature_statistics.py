@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils.validation import check_int
+
 from .distributed import sum_across_processes
 from .frechet_distance import frechet_distance
 
@@ -35,8 +37,7 @@ class StreamingFeatureStatistics:
     """
 
     def __init__(self, feature_dims: int, device: str | torch.device | None = None) -> None:
-        if feature_dims < 1:
-            raise ValueError(f"feature_dims must be positive, got {feature_dims}")
+        feature_dims = check_int("feature_dims", feature_dims, 1)
         device = torch.device("cpu" if device is None else device)
         if device.type == "mps":
             device = torch.device("cpu")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils.validation import check_int
 from ._optional_dependencies import require
 from .distributed import gather_across_processes
 
@@ -73,8 +74,7 @@ def inception_score(
     special = require("scipy.special")
     probabilities = _as_float64_matrix(probabilities, "probabilities")
     num_samples = probabilities.shape[0]
-    if isinstance(splits, bool) or not isinstance(splits, (int, np.integer)) or splits < 1:
-        raise ValueError(f"splits must be a positive integer, got {splits!r}")
+    splits = check_int("splits", splits, 1)
     if num_samples < splits:
         raise ValueError(f"the Inception Score with {splits} splits needs at least {splits} samples, got {num_samples}")
     if (probabilities < 0).any():
@@ -149,9 +149,7 @@ class InceptionScore:
     """
 
     def __init__(self, splits: int = 10, shuffle_seed: int | None = TORCH_FIDELITY_SHUFFLE_SEED) -> None:
-        if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-            raise ValueError(f"splits must be a positive integer, got {splits!r}")
-        self.splits = splits
+        self.splits = check_int("splits", splits, 1)
         self.shuffle_seed = shuffle_seed
         self.reset()
 

@@ -25,12 +25,15 @@ from ..utils.validation import (
     IntRule,
     IntSequenceRule,
     OptionalRule,
+    check_float,
     check_floating_dtype,
+    check_int,
+    check_optional_int,
     check_tensor,
     is_real,
     validate_config,
 )
-from .modeling_utils import StrictLoadingMixin, check_decode_bounds
+from .modeling_utils import MAX_GUIDANCE_SCALE, StrictLoadingMixin, check_decode_bounds
 from .quantizer import LFQOutput, LookupFreeQuantizer
 from .tiling import BLEND_MODES, TileGrid, blend_tiles, split_into_tiles
 from .transformer_flowmo import FlowMoTransformer, patchify, unpatchify
@@ -236,10 +239,6 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
             )
         if sampling_time_schedule not in TIME_SCHEDULES:
             raise ValueError(f"sampling_time_schedule must be one of {TIME_SCHEDULES}, got {sampling_time_schedule!r}")
-        if isinstance(sampling_num_inference_steps, bool) or not isinstance(sampling_num_inference_steps, int) or (
-            sampling_num_inference_steps < 1
-        ):
-            raise ValueError(f"sampling_num_inference_steps must be a positive integer, got {sampling_num_inference_steps!r}")
         if context_dim % bits_per_subtoken != 0:
             raise ValueError(f"context_dim {context_dim} is not a multiple of bits_per_subtoken {bits_per_subtoken}")
         if sample_size % patch_size != 0:
@@ -322,16 +321,14 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         batch = self.tile_batch_size if tile_batch_size is None else tile_batch_size
         mode = self.tile_blend_mode if blend_mode is None else blend_mode
         patch = self.config.patch_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < patch or size % patch:
+        if check_int("tile_sample_min_size", size, patch) % patch:
             raise ValueError(f"tile_sample_min_size must be a positive multiple of patch_size {patch}, got {size!r}")
-        if isinstance(factor, bool) or not is_real(factor) or not 0.0 <= float(factor) <= 0.5:
-            raise ValueError(f"tile_overlap_factor must be a number in [0, 0.5], got {factor!r}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"tile_batch_size must be a positive integer, got {batch!r}")
+        factor = check_float("tile_overlap_factor", factor, 0.0, 0.5)
+        batch = check_int("tile_batch_size", batch, 1)
         if mode not in BLEND_MODES:
             raise ValueError(f"blend_mode must be one of {BLEND_MODES}, got {mode!r}")
         self.use_tiling = True
-        self.tile_sample_min_size, self.tile_overlap_factor, self.tile_batch_size = size, float(factor), batch
+        self.tile_sample_min_size, self.tile_overlap_factor, self.tile_batch_size = int(size), factor, batch
         self.tile_blend_mode = mode
 
     def disable_tiling(self) -> None:
@@ -617,7 +614,8 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
 
         Like diffusers' `ConsistencyDecoderVAE.decode`, the model owns its sampler, so code that holds only the model
-        can decode; [`FlowMoPipeline`] decodes through this method too.
+        can decode. The scalar arguments are checked here, once; [`FlowMoPipeline`], which checks them in its
+        `check_inputs`, decodes through [`decode_unchecked`], the same sampler without that check.
 
         Args:
             code (`torch.Tensor`): quantized code `(B, code_length, context_dim)` (floating point) or token ids
@@ -655,10 +653,52 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         Returns:
             [`FlowMoDecodeOutput`] with `sample` `(B, 3, H, W)` in [-1, 1] and `num_decoder_passes`.
         """
+        if self.use_tiling:
+            # The decoder sees one tile at a time: the tile's size is what the bounds guard (memory of attention).
+            sizes = (self.tile_sample_min_size, self.tile_sample_min_size)
+            check_optional_int("height", height, 1), check_optional_int("width", width, 1)
+        elif isinstance(latents, torch.Tensor) and latents.ndim == 4:  # the latents give the size when passed
+            sizes = tuple(latents.shape[-2:])
+        else:
+            sizes = (height, width)
+        if callable(guidance_scale):
+            first_scale = guidance_scale(0)
+        else:
+            first_scale = self.config.sampling_guidance_scale if guidance_scale is None else guidance_scale
+        check_decode_bounds(
+            self.config.sample_size, *sizes,
+            self.config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps,
+            first_scale, max_image_size, max_inference_steps,
+        )
+        return self.decode_unchecked(
+            code, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+            latents=latents, height=height, width=width, scheduler=scheduler, step_callback=step_callback,
+            progress_bar=progress_bar, return_dict=return_dict, interrupt=interrupt,
+        )
+
+    @torch.no_grad()
+    def decode_unchecked(
+        self,
+        code: torch.Tensor,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | Callable[[int], float] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler=None,
+        step_callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+        progress_bar: Callable | None = None,
+        return_dict: bool = True,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> FlowMoDecodeOutput | tuple:
+        """[`decode`] without its checks of the Python scalars (sizes, step count, guidance scale and their bounds),
+        for a caller that checked them once where they entered, as [`FlowMoPipeline.check_inputs`] does. Tensor
+        shapes are still checked (they read no device value), and so is a guidance scale that changes after the
+        first step (a step-end callback's). Same arguments and output as [`decode`], less the bounds."""
         decode_kwargs = dict(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
-            progress_bar=progress_bar, max_image_size=max_image_size, max_inference_steps=max_inference_steps,
-            interrupt=interrupt,
+            progress_bar=progress_bar, interrupt=interrupt,
         )
         if self.use_tiling:
             output = self._tiled_decode(code, height, width, latents, generator, step_callback, decode_kwargs)
@@ -679,11 +719,9 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         scheduler=None,
         step_callback: Callable | None = None,
         progress_bar: Callable | None = None,
-        max_image_size: int | None = None,
-        max_inference_steps: int | None = None,
         interrupt: Callable[[], bool] | None = None,
     ) -> FlowMoDecodeOutput:
-        """[`decode`] of whole images (no tiling)."""
+        """[`decode_unchecked`] of whole images (no tiling)."""
         if code.dtype.is_floating_point:
             expected = (self.config.code_length, self.config.context_dim)
             if code.ndim != 3 or tuple(code.shape[1:]) != expected:
@@ -698,11 +736,6 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         else:
             fixed_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
             guidance_at = lambda step_index: fixed_scale  # noqa: E731
-        sized = isinstance(latents, torch.Tensor) and latents.ndim == 4  # the latents give the size when passed
-        check_decode_bounds(
-            config.sample_size, latents.shape[-2] if sized else height, latents.shape[-1] if sized else width,
-            num_inference_steps, guidance_at(0), max_image_size, max_inference_steps,
-        )
         scheduler = self.sampling_scheduler() if scheduler is None else scheduler
         batch_size, device = code.shape[0], code.device
 
@@ -741,10 +774,11 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         for index, timestep in enumerate(progress_bar(timesteps) if progress_bar is not None else timesteps):
             if interrupt is not None and interrupt():
                 break
-            # Read per step: a step-end callback may have changed it (checked like the argument it replaces).
+            # Read per step: a step-end callback may have changed it. The first step's is the argument, checked where
+            # it entered ([`decode`], a pipeline's `check_inputs`); a later one enters here.
             guidance_scale = guidance_at(index)
             if index:
-                check_decode_bounds(config.sample_size, guidance_scale=guidance_scale)
+                guidance_scale = check_float("guidance_scale", guidance_scale, -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE)
             guided = inside_interval[index] and guidance_scale != 1.0
             guided_steps.append(guided)
             model_input = latents.to(self.dtype)

@@ -98,11 +98,6 @@ class FlowMoMaskGiTTransformer(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMi
     ):
         super().__init__()
         validate_config(type(self).__name__, dict(locals()), CONFIG_RULES)
-        for name, value in (("num_indices", num_indices), ("codebook_size", codebook_size),
-                            ("num_classes", num_classes), ("hidden_size", hidden_size), ("num_layers", num_layers),
-                            ("num_heads", num_heads), ("intermediate_size", intermediate_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
         if not 0.0 <= dropout < 1.0:

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..utils.validation import check_int
+
 
 @dataclass
 class LFQOutput(BaseOutput):
@@ -63,9 +65,7 @@ class LookupFreeQuantizer(nn.Module):
         commitment_loss_weight: float = 0.000625,
     ):
         super().__init__()
-        if bits_per_subtoken < 1 or bits_per_subtoken > 62:
-            raise ValueError(f"bits_per_subtoken must be in [1, 62], got {bits_per_subtoken}")
-        self.bits_per_subtoken = bits_per_subtoken
+        self.bits_per_subtoken = check_int("bits_per_subtoken", bits_per_subtoken, 1, 62)
         self.entropy_temperature = entropy_temperature
         self.entropy_loss_weight = entropy_loss_weight
         self.commitment_loss_weight = commitment_loss_weight

@@ -9,6 +9,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps, apply_rota
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
+from ..utils.validation import check_int
+
 try:
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 except ImportError:  # diffusers < 0.35
@@ -228,8 +230,7 @@ class FlowMoTransformer(nn.Module):
         head_dim = hidden_size // num_heads
         if sum(axes_dim) != head_dim or any(d % 2 for d in axes_dim) or len(axes_dim) != 3:
             raise ValueError(f"axes_dim {list(axes_dim)} must be 3 even numbers summing to head_dim {head_dim}")
-        if depth < 1:
-            raise ValueError(f"depth must be at least 1, got {depth}")
+        check_int("depth", depth, 1)
         self.output = output
         self.timestep_conditioned = timestep_conditioned
         self.timestep_embedding_dim = timestep_embedding_dim

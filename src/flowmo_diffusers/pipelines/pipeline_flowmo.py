@@ -16,7 +16,7 @@ from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.files import FollowUmaskSaveMixin
 from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
-from ..utils.validation import as_integer_tensor
+from ..utils.validation import as_integer_tensor, check_int
 from . import pipeline_utils
 from .pipeline_utils import StepEndCallback
 
@@ -54,11 +54,12 @@ class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin
       (the decoder is a diffusion model: [`per_pixel_variance`] shows where they differ).
 
     Images follow diffusers conventions: PIL images, numpy arrays `(B, H, W, 3)` or torch tensors `(B, 3, H, W)` with
-    values in [0, 1] (uint8 arrays in [0, 255] are scaled). Decoding runs [`FlowMoModel.decode`]: it integrates the
-    decoder's velocity field from noise with the pipeline's scheduler; the defaults (25 steps on the t = (i/N)^4 grid,
-    guidance 1.5 within the EDM-sigma interval (0.17, 1.02)) are the paper's sampler, and a distilled student's
-    defaults are its K passes. Any diffusers flow-matching scheduler can replace [`FlowMoScheduler`], the diffusers
-    way: `pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)`.
+    values in [0, 1] (uint8 arrays in [0, 255] are scaled). Decoding runs [`FlowMoModel.decode`]'s sampler: it
+    integrates the decoder's velocity field from noise with the pipeline's scheduler; the defaults (25 steps on the
+    t = (i/N)^4 grid, guidance 1.5 within the EDM-sigma interval (0.17, 1.02)) are the paper's sampler, and a
+    distilled student's defaults are its K passes. Any diffusers flow-matching scheduler can replace
+    [`FlowMoScheduler`], the diffusers way:
+    `pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)`.
 
     `from_pretrained` takes a folder or a Hub repo id (see [`HubPipelineMixin`] for why diffusers' own download step
     cannot be used for components that live in this package); `from_single_file` takes the paper's original `.pth`
@@ -99,9 +100,9 @@ class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin
         return self._interrupt
 
     def _progress_over_timesteps(self, timesteps):
-        # The solver loop lives in FlowMoModel.decode, which hands its timesteps to this wrapper before the first step:
-        # the one moment the pipeline sees the grid, so `num_timesteps` is known to every callback (diffusers sets it
-        # before its loop too).
+        # The solver loop lives in FlowMoModel.decode_unchecked, which hands its timesteps to this wrapper before the
+        # first step: the one moment the pipeline sees the grid, so `num_timesteps` is known to every callback
+        # (diffusers sets it before its loop too).
         self._num_timesteps = len(timesteps)
         return self.progress_bar(timesteps)
 
@@ -251,30 +252,22 @@ class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin
     ):
         """Validate the call's arguments before any heavy work; values (NaN, range) are checked here, at the
         boundary, so the decoder's hot path never reads tensors on the host. Sizes and step counts are bounded
-        (`max_image_size`, `max_inference_steps`) before anything is allocated."""
+        (`max_image_size`, `max_inference_steps`) before anything is allocated. This is the one check of the
+        scalars: `__call__` then decodes through [`FlowMoModel.decode_unchecked`].
+
+        Raises:
+            ValueError: a bad argument (a wrong type is a [`~utils.validation.WrongTypeError`], a ValueError too).
+        """
         if (images is None) == (indices is None):
             raise ValueError("pass exactly one of `images` (to reconstruct) or `indices` (to decode)")
-        pipeline_utils.check_num_images_per_prompt(num_images_per_prompt)
+        check_int("num_images_per_prompt", num_images_per_prompt, 1)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if num_inference_steps is not None and (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, (int, np.integer))
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if guidance_scale is not None and (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float, np.integer, np.floating))
-            or not np.isfinite(guidance_scale)
-        ):
-            raise ValueError(f"guidance_scale must be a finite real number, got {guidance_scale!r}")
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        config = self.autoencoder.config
         check_decode_bounds(
-            self.autoencoder.config.sample_size, height, width, num_inference_steps, guidance_scale, max_image_size,
-            max_inference_steps,
+            config.sample_size, height, width,
+            config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps,
+            guidance_scale, max_image_size, max_inference_steps,
         )
         if isinstance(latents, torch.Tensor) and latents.ndim == 4:
             size_limit = self._max_image_size(max_image_size)
@@ -408,7 +401,7 @@ class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin
         self._num_timesteps = 0
         self._interrupt = False
 
-        decoded = model.decode(
+        decoded = model.decode_unchecked(
             code,
             num_inference_steps=None if num_inference_steps is None else int(num_inference_steps),
             # Read before every step, so that a callback's `pipe._guidance_scale = ...` applies from the next one.
@@ -420,8 +413,6 @@ class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin
             scheduler=self.scheduler,
             step_callback=step_callback,
             progress_bar=self._progress_over_timesteps,
-            max_image_size=max_image_size,
-            max_inference_steps=max_inference_steps,
             interrupt=lambda: self._interrupt,
         )
         images = decoded.sample

@@ -11,11 +11,12 @@ from diffusers.utils import BaseOutput
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
+from ..models.modeling_utils import MAX_GUIDANCE_SCALE, MAX_INFERENCE_STEPS
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler
 from ..utils.files import FollowUmaskSaveMixin
 from ..utils.hub import HubPipelineMixin
-from ..utils.validation import as_integer_tensor, check_float
+from ..utils.validation import as_integer_tensor, check_float, check_int, check_optional_float, check_optional_int
 from . import pipeline_utils
 from .pipeline_flowmo import FlowMoPipeline
 from .pipeline_utils import StepEndCallback
@@ -223,18 +224,14 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, FollowUmaskSaveMixin, DiffusionPip
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        for name, value in (("num_inference_steps", num_inference_steps),
-                            ("decoder_num_inference_steps", decoder_num_inference_steps)):
-            if value is None and name.startswith("decoder"):
-                continue
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("guidance_scale", guidance_scale), ("decoder_guidance_scale", decoder_guidance_scale)):
-            if value is None and name.startswith("decoder"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
-                raise ValueError(f"{name} must be a finite real number, got {value!r}")
-        pipeline_utils.check_num_images_per_prompt(num_images_per_prompt)
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
+        guidance_scale = check_float("guidance_scale", guidance_scale)
+        # The decoder's arguments with their bounds too, so that a bad one is refused before the unmasking, not
+        # after it. FlowMoPipeline, which decodes (its loop is not duplicated here), checks them again: a few scalar
+        # comparisons, the price of reusing its whole call.
+        check_optional_int("decoder_num_inference_steps", decoder_num_inference_steps, 1, MAX_INFERENCE_STEPS)
+        check_optional_float("decoder_guidance_scale", decoder_guidance_scale, -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE)
+        check_int("num_images_per_prompt", num_images_per_prompt, 1)
         callback_on_step_end_tensor_inputs = pipeline_utils.check_callback(
             self, callback_on_step_end, callback_on_step_end_tensor_inputs
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -17,16 +16,6 @@ StepEndCallback = (
     | PipelineCallback
     | MultiPipelineCallbacks
 )
-
-
-def check_num_images_per_prompt(num_images_per_prompt) -> None:
-    """Raise ValueError unless `num_images_per_prompt` is a positive integer."""
-    if (
-        isinstance(num_images_per_prompt, bool)
-        or not isinstance(num_images_per_prompt, (int, np.integer))
-        or num_images_per_prompt < 1
-    ):
-        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
 
 
 def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> list[str] | None:
@@ -104,7 +93,6 @@ __all__ = [
     "StepEndCallback",
     "check_callback",
     "check_generators",
-    "check_num_images_per_prompt",
     "prepare_step_callback",
     "step_end_callback",
 ]

@@ -10,6 +10,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..utils.validation import check_int
+
 __all__ = ["per_pixel_variance"]
 
 
@@ -31,10 +33,7 @@ def per_pixel_variance(
         `np.ndarray` (for PIL or numpy input) or `torch.Tensor` of shape `(B, H, W)`, float32: the population
         variance (divided by `n`) of the pixel values in [0, 1] over the `n` samples, mean over channels.
     """
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) or (
-        num_images_per_prompt < 2
-    ):
-        raise ValueError(f"num_images_per_prompt must be an integer >= 2 to have a variance, got {num_images_per_prompt!r}")
+    num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, 2)
     as_tensor = isinstance(images, torch.Tensor)
     if isinstance(images, (list, tuple)):
         if not images or not all(isinstance(image, PIL.Image.Image) for image in images):

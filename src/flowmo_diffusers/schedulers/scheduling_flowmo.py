@@ -1,7 +1,5 @@
 """FlowMoScheduler: rectified-flow Euler sampling on FlowMo's time grids, its guidance interval and training times."""
 
-import math
-
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
@@ -11,7 +9,11 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..utils.validation import FloatPairRule, OptionalRule, check_float, check_int, validate_config
+
 TRAINING_TIME_DISTRIBUTIONS = ("fat_lognormal", "lognormal", "uniform")
+#: Rules of the `config.json` values that need more than a membership test.
+CONFIG_RULES = {"guidance_interval": OptionalRule(FloatPairRule())}
 TIME_SCHEDULES = ("power", "linear")
 
 
@@ -20,8 +22,7 @@ def flow_time_grid(num_inference_steps: int, time_schedule: str = "power", time_
 
     `"power"`: t_i = (i / N) ** time_power for i = N..0 (the paper samples with `time_power = 4`); `"linear"`: i / N.
     """
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
     if time_schedule not in TIME_SCHEDULES:
         raise ValueError(f"time_schedule must be one of {TIME_SCHEDULES}, got {time_schedule!r}")
     steps = torch.arange(0, num_inference_steps + 1).flip(0)
@@ -33,8 +34,7 @@ def flow_time_grid(num_inference_steps: int, time_schedule: str = "power", time_
 
 def edm_sigma_to_flow_time(sigma: float) -> float:
     """EDM noise level sigma (z = x + sigma n) to flow time t = sigma / (1 + sigma)."""
-    if sigma < 0 or math.isinf(sigma) or math.isnan(sigma):
-        raise ValueError(f"sigma must be finite and non-negative, got {sigma}")
+    sigma = check_float("sigma", sigma, 0.0)
     return sigma / (1 + sigma)
 
 
@@ -110,8 +110,7 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
                 f"training_time_distribution must be one of {TRAINING_TIME_DISTRIBUTIONS}, got "
                 f"{training_time_distribution!r}"
             )
-        if guidance_interval is not None and (len(guidance_interval) != 2 or guidance_interval[0] > guidance_interval[1]):
-            raise ValueError(f"guidance_interval must be (low, high) with low <= high, got {guidance_interval}")
+        validate_config(type(self).__name__, {"guidance_interval": guidance_interval}, CONFIG_RULES)
         if guidance_interval is not None:
             # JSON has no tuples: a saved config comes back with a list. Store a tuple whatever was passed, so that
             # save_pretrained / from_pretrained (and from_config) give back an equal config.

@@ -44,6 +44,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from ..utils.validation import check_float, check_int
+
 MASKING_SCHEDULES = ("cosine", "arccos", "linear")
 TEMPERATURE_SCHEDULES = ("linear", "constant")
 GUIDANCE_SCHEDULES = ("constant", "linear", "power-cosine")
@@ -113,8 +115,7 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
         guidance_schedule: str = "constant",
         guidance_power: float = 3.0,
     ):
-        if not isinstance(mask_token_id, int) or mask_token_id < 1:
-            raise ValueError(f"mask_token_id must be a positive integer (the codebook size), got {mask_token_id!r}")
+        check_int("mask_token_id", mask_token_id, 1)
         for name, value, choices in (
             ("masking_schedule", masking_schedule, MASKING_SCHEDULES),
             ("temperature_schedule", temperature_schedule, TEMPERATURE_SCHEDULES),
@@ -122,11 +123,9 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        for name, value in (("temperature", temperature), ("sampling_temperature", sampling_temperature)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if not math.isfinite(guidance_power) or guidance_power <= 0:
-            raise ValueError(f"guidance_power must be positive, got {guidance_power}")
+        check_float("temperature", temperature, 0.0)
+        check_float("sampling_temperature", sampling_temperature, 0.0)
+        check_float("guidance_power", guidance_power, 0.0, exclusive_minimum=True)
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
         self.mask_ratios: torch.Tensor | None = None
@@ -149,8 +148,7 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
             if schedule == "arccos":
                 return torch.arccos(t) / (math.pi / 2)
             return 1 - t
-        if not 0 <= t <= 1:
-            raise ValueError(f"t must lie in [0, 1], got {t}")
+        t = check_float("t", t, 0.0, 1.0)
         if schedule == "cosine":
             return math.cos(t * math.pi / 2)
         if schedule == "arccos":
@@ -160,9 +158,7 @@ class MaskGiTScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Prepare `S = num_inference_steps` steps: `timesteps` are the step indices 0..S-1, `mask_ratios[i]` is
         gamma((i + 1) / S) and `temperatures[i]` the choice temperature of step i."""
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        steps = num_inference_steps
+        steps = check_int("num_inference_steps", num_inference_steps, 1)
         self.num_inference_steps = steps
         self.timesteps = torch.arange(steps, device=device)
         self.mask_ratios = torch.tensor(

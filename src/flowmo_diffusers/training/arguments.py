@@ -17,7 +17,7 @@ def add_checkpointing_arguments(parser: argparse.ArgumentParser, checkpointing_s
         checkpointing_steps (`int`):
             The default of `--checkpointing_steps` (optimizer steps between checkpoints).
     """
-    parser.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
+    parser.add_argument("--checkpointing_steps", type=positive_int, default=checkpointing_steps)
     parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help="'latest' (newest complete checkpoint in --output_dir, or a fresh start) or a path.")

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from ..utils.files import apply_default_mode
 from ..utils.output_lock import OutputDirLock
 from ..utils.safe_loading import UnsafeCheckpointError
+from ..utils.validation import check_optional_int
 from .divergence import check_finite_weights, optimizer_state_tensors, state_tensors
 
 #: This package's training states inside a checkpoint folder.
@@ -182,11 +183,8 @@ def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
 
 
 def check_checkpoints_total_limit(total_limit: int | None) -> None:
-    """Raise ValueError unless `total_limit` is None (keep all) or at least 1; call it when parsing arguments."""
-    if total_limit is not None and (isinstance(total_limit, bool) or not isinstance(total_limit, int) or total_limit < 1):
-        raise ValueError(
-            f"--checkpoints_total_limit must be at least 1 (or left unset to keep every checkpoint), got {total_limit!r}"
-        )
+    """Raise ValueError unless `total_limit` is None (keep every checkpoint) or at least 1."""
+    check_optional_int("--checkpoints_total_limit", total_limit, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

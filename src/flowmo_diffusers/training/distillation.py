@@ -25,6 +25,7 @@ from torch import nn
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..schedulers.scheduling_flowmo import flow_time_grid
+from ..utils.validation import check_int
 from .losses import posttrain_sample
 
 PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,10 +36,8 @@ def make_student_config(
 ) -> None:
     """Record in `model`'s config that it decodes in `num_steps` unguided passes on `time_schedule`, distilled from
     `teacher`, so that `model.decode(ids)` and a saved pipeline's `pipe(indices=ids)` take K passes by default."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps (--distill_steps) must be a positive integer, got {num_steps!r}")
     model.register_to_config(
-        sampling_num_inference_steps=num_steps,
+        sampling_num_inference_steps=check_int("num_steps (--distill_steps)", num_steps, 1),
         sampling_guidance_scale=1.0,
         sampling_time_schedule=time_schedule,
         distilled_from=teacher,

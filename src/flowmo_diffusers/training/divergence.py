@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from diffusers.training_utils import EMAModel
 
+from ..utils.validation import check_int
 from .distributed import DTensor, full_tensor, local_tensor
 from .ema import EMACheckpoint
 
@@ -109,9 +110,7 @@ class DivergenceGuard:
 
     def __init__(self, max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS, output_dir: str | None = None,
                  log: Callable[[str], None] | None = None):
-        if isinstance(max_skipped_steps, bool) or not isinstance(max_skipped_steps, int) or max_skipped_steps < 0:
-            raise ValueError(f"max_skipped_steps must be an integer >= 0, got {max_skipped_steps!r}")
-        self.max_skipped_steps = max_skipped_steps
+        self.max_skipped_steps = check_int("max_skipped_steps", max_skipped_steps, 0)
         self.output_dir = output_dir
         self.log = log or (lambda message: None)
         self.skipped_in_a_row = 0

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from diffusers.training_utils import EMAModel
 
+from ..utils.validation import check_float, check_int
+
 from .distributed import full_tensor, like_shard
 
 
@@ -24,9 +26,7 @@ def create_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, 
     `max(min(warmup, decay), min_decay)`, so `min_decay = decay` pins the value, and `update_after_step=-1` skips
     the branch that returns 0 (a plain copy) on the first call.
     """
-    if not 0.0 <= decay <= 1.0 or update_every < 1:
-        raise ValueError(f"need 0 <= decay <= 1 and update_every >= 1, got {decay} and {update_every}")
-    effective = float(decay**update_every)
+    effective = check_float("decay", decay, 0.0, 1.0) ** check_int("update_every", update_every, 1)
     return EMAModel(
         parameters,
         decay=effective,

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..schedulers.scheduling_flowmo import FlowMoScheduler
+from ..utils.validation import check_int
 from .recipe import guidance_dropout_mask
 
 PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,8 +44,7 @@ def sample_posttrain_times(
     normalised to end at 1 and reversed, so the `num_steps` step sizes are random (a sample's increments are the
     normalised uniforms 2 .. k+1).
     """
-    if num_steps < 1:
-        raise ValueError(f"the post-training sampler needs at least one step, got {num_steps}")
+    num_steps = check_int("num_steps", num_steps, 1)
     times = torch.rand((batch_size, num_steps + 1), generator=generator, device=device).cumsum(dim=1)
     times = times - times[:, :1]
     return (times / times[:, -1:]).flip(dims=(1,))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..models.maskgit_transformer import FlowMoMaskGiTTransformer
 from ..schedulers.scheduling_maskgit import MaskGiTScheduler, uniform_noise
+from ..utils.validation import check_float
 
 GeneratorType = torch.Generator | list[torch.Generator] | None
 
@@ -51,8 +52,7 @@ def drop_class_labels(
     generator: GeneratorType = None,
 ) -> torch.LongTensor:
     """Replace each label by `null_class_id` with probability `drop_prob` (independently per sample)."""
-    if not 0.0 <= drop_prob <= 1.0:
-        raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob}")
+    drop_prob = check_float("drop_prob", drop_prob, 0.0, 1.0)
     if drop_prob == 0:
         return class_labels
     drop = uniform_noise(tuple(class_labels.shape), generator, class_labels.device) < drop_prob

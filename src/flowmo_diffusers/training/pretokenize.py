@@ -39,6 +39,7 @@ from ..data import AnyDataset, build_eval_dataloader, prepare_columns, resolve_i
 from ..metrics.codebook_statistics import CodebookStatistics
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..utils.files import atomic_write
+from ..utils.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -206,10 +207,8 @@ def pretokenize(
     Returns:
         `dict[str, int]`: `{"chunks_written", "chunks_skipped", "images", "skipped_images"}` for this process.
     """
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}")
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index {process_index} is outside [0, {num_processes})")
+    batch_size, chunk_size = check_int("batch_size", batch_size, 1), check_int("chunk_size", chunk_size, 1)
+    process_index = check_int("process_index", process_index, 0, check_int("num_processes", num_processes, 1) - 1)
     resolution = resolution or autoencoder.config.sample_size
     features = token_features(autoencoder.codebook_size, flip)
     os.makedirs(os.path.join(output_dir, CHUNKS_FOLDER), exist_ok=True)

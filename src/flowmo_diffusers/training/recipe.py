@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..utils.validation import check_float
+
 from .distributed import full_tensor, local_tensor
 
 
@@ -148,8 +150,7 @@ def guidance_dropout_mask(
 
     As the original: a sample keeps its code when `uniform > p`. Pass it as `code_mask` to `FlowMoModel`.
     """
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"guidance dropout probability must lie in [0, 1], got {probability}")
+    probability = check_float("probability", probability, 0.0, 1.0)
     return (torch.rand((batch_size,), generator=generator, device=device) > probability).float()
 
 

@@ -94,7 +94,7 @@ class ReconstructionValidation:
         autoencoder.eval()
         generator = torch.Generator(self.accelerator.device).manual_seed(self.seed)
         with torch.no_grad(), self.accelerator.autocast():
-            code = autoencoder.encode(self.images.to(autoencoder.dtype)).code
+            code = autoencoder.encode(self.images.to(device=autoencoder.device, dtype=autoencoder.dtype)).code
             sample = autoencoder.decode(
                 code, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                 generator=generator, scheduler=FlowMoScheduler.from_config(self.scheduler_config),

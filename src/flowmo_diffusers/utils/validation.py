@@ -28,41 +28,101 @@ def _is_numpy_bool(value: Any) -> bool:
     return type(value).__name__ == "bool_" and type(value).__module__ == "numpy"
 
 
+class WrongTypeError(TypeError, ValueError):
+    """A value of the wrong type (a string, a bool, a float where an integer belongs).
+
+    Both a TypeError, Python's convention, and a ValueError, diffusers' (a pipeline's `check_inputs` raises
+    ValueError for every bad argument), so that callers catching either, as the hand-written checks these helpers
+    replace made them do, keep working.
+    """
+
+
+def _integer_kind(minimum: int | None, maximum: int | None) -> str:
+    if maximum is None and minimum == 1:
+        return "a positive integer"
+    if maximum is None and minimum is not None:
+        return f"an integer >= {minimum}"
+    if minimum is None and maximum is not None:
+        return f"an integer <= {maximum}"
+    return "an integer"  # an interval is named by the range error
+
+
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
-    """`int(value)` if `value` is an integer in `[minimum, maximum]`, else a TypeError / ValueError naming `name`."""
+    """`int(value)` if `value` is an integer in `[minimum, maximum]`, else an error naming `name`.
+
+    Raises:
+        WrongTypeError: not an integer (a bool, a float, a string); a TypeError and a ValueError.
+        ValueError: outside `[minimum, maximum]`.
+    """
+    kind = _integer_kind(minimum, maximum)
     if not is_integer(value):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise WrongTypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be an integer in {_range(minimum, maximum)}, got {value}")
+        expected = f"an integer in {_range(minimum, maximum)}" if kind == "an integer" else kind
+        raise ValueError(f"{name} must be {expected}, got {value}")
     return value
+
+
+def check_optional_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int | None:
+    """None (the argument's default: not set), or [`check_int`]'s `int(value)`."""
+    return None if value is None else check_int(name, value, minimum, maximum)
 
 
 def check_float(
-    name: str, value: Any, minimum: float | None = None, maximum: float | None = None
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
 ) -> float:
-    """`float(value)` if `value` is a finite real number in `[minimum, maximum]`, else TypeError / ValueError."""
+    """`float(value)` if `value` is a finite real number in `[minimum, maximum]` (`exclusive_minimum`: strictly above
+    `minimum`), else an error naming `name`.
+
+    Raises:
+        WrongTypeError: not a real number (a bool, a string, a complex number); a TypeError and a ValueError.
+        ValueError: NaN or infinite, or out of range.
+    """
+    if minimum is not None and maximum is not None:
+        kind = "a real number"  # the range error names the interval
+    else:
+        kind = "a finite real number" + (
+            f" {'>' if exclusive_minimum else '>='} {minimum:g}" if minimum is not None
+            else f" <= {maximum:g}" if maximum is not None else ""
+        )
     if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+        raise WrongTypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value}")
+    if exclusive_minimum and value <= minimum:
+        raise ValueError(f"{name} must be greater than {minimum:g}, got {value:g}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be in {_range(minimum, maximum)}, got {value}")
+        if kind == "a real number":
+            raise ValueError(f"{name} must lie in {_range(minimum, maximum)}, got {value:g}")
+        raise ValueError(f"{name} must be {kind}, got {value:g}")
     return value
 
 
+def check_optional_float(
+    name: str, value: Any, minimum: float | None = None, maximum: float | None = None, exclusive_minimum: bool = False
+) -> float | None:
+    """None (the argument's default: not set), or [`check_float`]'s `float(value)`."""
+    return None if value is None else check_float(name, value, minimum, maximum, exclusive_minimum)
+
+
 def check_bool(name: str, value: Any) -> bool:
-    """`value` if it is a bool, else a TypeError naming `name` (so that `"false"` or `0` is not read as a flag)."""
+    """`value` if it is a bool, else a [`WrongTypeError`] naming `name` (so that `"false"` or `0` is not a flag)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+        raise WrongTypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
     return value
 
 
 def _range(minimum, maximum) -> str:
-    low = "-inf" if minimum is None else minimum
-    high = "inf" if maximum is None else maximum
-    return f"[{low}, {high}]"
+    def bound(value, infinity):
+        return infinity if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return f"[{bound(minimum, '-inf')}, {bound(maximum, 'inf')}]"
 
 
 def _int_at_least(text: str, minimum: int, expected: str) -> int:
@@ -86,7 +146,18 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
-__all__ = ["check_bool", "check_float", "check_int", "is_integer", "is_real", "non_negative_int", "positive_int"]
+__all__ = [
+    "WrongTypeError",
+    "check_bool",
+    "check_float",
+    "check_int",
+    "check_optional_float",
+    "check_optional_int",
+    "is_integer",
+    "is_real",
+    "non_negative_int",
+    "positive_int",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,9 +255,7 @@ class FloatRule:
         self.minimum, self.maximum, self.exclusive_minimum = minimum, maximum, exclusive_minimum
 
     def __call__(self, name: str, value: Any) -> None:
-        value = check_float(name, value, self.minimum, self.maximum)
-        if self.exclusive_minimum and value <= self.minimum:
-            raise ValueError(f"{name} must be greater than {self.minimum}, got {value}")
+        check_float(name, value, self.minimum, self.maximum, self.exclusive_minimum)
 
 
 class BoolRule:
