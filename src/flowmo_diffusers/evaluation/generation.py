@@ -47,9 +47,10 @@ from .options import (
     ResumeOptions,
     check_positive,
     create_accelerator,
+    load_evaluation_dataset,
     start_command,
 )
-from .reconstruction import build_evaluation_loader, load_evaluation_dataset
+from ..data import build_evaluation_loader
 from .resume import RESUME_INDEPENDENT_OPTIONS, PartialEvaluationState, ResumeRefusedError, resume_fingerprint
 from .reports import format_number, library_versions, not_comparable_banner, warning_lines, write_json_and_markdown
 from .sampling import (

@@ -55,10 +55,10 @@ from ..utils.seeds import seeded_generator
 from .options import (
     AcceleratorOptions,
     HubOptions,
+    MaskGiTDecoderSamplerOptions,
     check_non_negative,
     check_positive,
     create_accelerator,
-    decoder_sampler_options,
     start_command,
 )
 
@@ -288,14 +288,14 @@ def write_samples_npz(
 
 
 @dataclass(kw_only=True)
-class SamplingOptions(AcceleratorOptions, decoder_sampler_options("decoder_"), HubOptions):
+class SamplingOptions(AcceleratorOptions, MaskGiTDecoderSamplerOptions, HubOptions):
     """The class and sampler options of `sample.py`, shared by `evaluate_generation.py` (which samples on the fly).
 
     The config that uses them declares `pretrained_model_name_or_path`: required by [`SamplingConfig`], one of the
     inputs of [`~flowmo_diffusers.evaluation.generation.GenerationEvaluationConfig`]. `class_ids` are given as
     integers and ranges (`0-99`) and held as the sorted class ids, None for all classes of the prior. The FlowMo
     decoder's options are `decoder_num_inference_steps` and `decoder_guidance_scale`
-    ([`~flowmo_diffusers.evaluation.options.decoder_sampler_options`]).
+    ([`~flowmo_diffusers.evaluation.options.MaskGiTDecoderSamplerOptions`]).
     """
 
     class_ids: list[str] | None = HfArg(
