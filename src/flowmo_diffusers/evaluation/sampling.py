@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -237,9 +236,10 @@ def write_samples_npz(
 ) -> Path:
     """Pack images into an ADM-style `.npz` without holding them all in memory.
 
-    The archive is written like `np.savez` (uncompressed zip, one `.npy` per array) but `arr_0` is streamed
-    image by image; `np.load(npz_path)["arr_0"]` and ADM's evaluator read it as usual. Written to a temporary
-    file and renamed.
+    The images are first written one by one into a memory-mapped `.npy` next to `npz_path`
+    (`np.lib.format.open_memmap`), which `np.savez` then copies into the archive in chunks; the staging file is
+    removed. So the archive is `np.savez`'s own (uncompressed, one `.npy` per array), read by `np.load` and ADM's
+    evaluator, at the cost of the images' size in temporary disk space. Written to a temporary file and renamed.
 
     Args:
         image_paths (`Sequence[str | os.PathLike]`):
@@ -263,22 +263,25 @@ def write_samples_npz(
     with PIL.Image.open(image_paths[0]) as first:
         width, height = first.size
     shape = (len(image_paths), height, width, 3)
-    with atomic_write(npz_path, prefix=f"{_TEMPORARY_PREFIX}{npz_path.stem}-") as file:
-        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-                descr = np.lib.format.dtype_to_descr(np.dtype(np.uint8))
-                np.lib.format.write_array_header_1_0(member, {"descr": descr, "fortran_order": False, "shape": shape})
-                for path in image_paths:
-                    with PIL.Image.open(path) as image:
-                        pixels = np.asarray(convert_to_rgb(image), dtype=np.uint8)
-                    if pixels.shape != shape[1:]:
-                        raise ValueError(
-                            f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the first image {width}x{height}"
-                        )
-                    member.write(np.ascontiguousarray(pixels).tobytes())
-            if class_labels is not None:
-                with archive.open("arr_1.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(class_labels, dtype=np.int64))
+    # The temporary prefix: a run killed while packing leaves a file that the next run's clean-up recognises.
+    staging = npz_path.with_name(f"{_TEMPORARY_PREFIX}{npz_path.stem}-arr_0.npy")
+    try:
+        images = np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8, shape=shape)
+        for index, path in enumerate(image_paths):
+            with PIL.Image.open(path) as image:
+                pixels = np.asarray(convert_to_rgb(image), dtype=np.uint8)
+            if pixels.shape != shape[1:]:
+                raise ValueError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the first image {width}x{height}")
+            images[index] = pixels
+        images.flush()
+        arrays = {"arr_0": images}
+        if class_labels is not None:
+            arrays["arr_1"] = np.asarray(class_labels, dtype=np.int64)
+        with atomic_write(npz_path, prefix=f"{_TEMPORARY_PREFIX}{npz_path.stem}-") as file:
+            np.savez(file, **arrays)
+        del images, arrays  # close the memory map before its file goes
+    finally:
+        staging.unlink(missing_ok=True)
     return npz_path
 
 
