@@ -23,7 +23,12 @@ from ..options import create_accelerator, load_evaluation_dataset, start_command
 from ..reports import library_versions
 from ..resume import PartialEvaluationState, ResumeRefusedError, resume_fingerprint
 from ..sampling import SAMPLING_CONFIG_NAME
-from .config import GENERATION_RESUME_INDEPENDENT_OPTIONS, GenerationEvaluationConfig, build_generation_metrics, parse_args
+from .config import (
+    GENERATION_RESUME_INDEPENDENT_OPTIONS,
+    GenerationEvaluationConfig,
+    build_generation_metrics,
+    parse_args,
+)
 from .report import format_markdown_report, report_warnings, write_report
 from .sources import pipeline_sample_batches, sample_file_batches
 

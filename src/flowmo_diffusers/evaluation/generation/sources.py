@@ -43,10 +43,10 @@ def list_sample_images(folder: os.PathLike | str) -> list[Path]:
 class NpzImageArray:
     """`arr_0` of an ADM-style `.npz`, or the array of a `.npy`: `[N, H, W, 3]` uint8 images.
 
-    A `.npy` (e.g. `np.save(path, images)`) is memory-mapped (`np.load(..., mmap_mode="r")`: random access for any number of processes and workers,
-    nothing read up front). An `.npz` is read through `np.load`, which cannot memory-map an archive member, so its
-    images are held in memory (once per process and DataLoader worker); for large sets evaluate the samples folder or
-    a `.npy`.
+    A `.npy` (e.g. `np.save(path, images)`) is memory-mapped (`np.load(..., mmap_mode="r")`: random access for any
+    number of processes and workers, nothing read up front). An `.npz` is read through `np.load`, which cannot
+    memory-map an archive member, so its images are held in memory (once per process, and per DataLoader worker
+    started with "spawn"); for large sets evaluate the samples folder or a `.npy`.
 
     Args:
         path (`str`):
