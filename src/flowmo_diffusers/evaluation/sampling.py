@@ -26,7 +26,7 @@ settings is an error rather than a silent mix.
 **Output.** PNGs (lossless: what is evaluated is exactly what the pipeline produced, quantised to uint8 by
 diffusers' `numpy_to_pil`), optionally an ADM-style `.npz` (`arr_0`: `[N, H, W, 3]` uint8 in global
 order, `arr_1`: `[N]` int64 class labels), written in a streaming fashion so 50,000 images at 256x256 (9.8 GB)
-never sit in memory.
+never sit in memory ([`~flowmo_diffusers.evaluation.sample_files`]).
 """
 
 from __future__ import annotations
@@ -42,13 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from transformers.hf_argparser import HfArg
 
 from ..metrics import sum_across_processes
-from ..utils.files import atomic_write
 from ..utils.output_lock import lock_output_dir
 from ..utils.seeds import seeded_generator
 from .options import (
@@ -60,6 +58,7 @@ from .options import (
     create_accelerator,
     start_command,
 )
+from .sample_files import remove_stale_temporary_files, save_image_atomically, write_samples_npz
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +75,6 @@ IMAGE_DETERMINING_SETTINGS = (
     "mixed_precision",
 )
 SAMPLING_CONFIG_NAME = "sampling_config.json"
-_TEMPORARY_PREFIX = ".tmp-"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,87 +200,6 @@ def generate_batches(
             class_ids = [spec.class_id for spec in specs]
             images = pipeline(class_ids, generator=generators, output_type="pil", **sampler.pipeline_arguments()).images
         yield specs, images
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def save_image_atomically(image: PIL.Image.Image, path: os.PathLike | str) -> None:
-    """Write `image` as PNG to `path` through a temporary file in the same folder and a rename.
-
-    `os.replace` is atomic on POSIX and Windows, so `path` either does not exist or is complete.
-    """
-    path = Path(path)
-    with atomic_write(path, prefix=f"{_TEMPORARY_PREFIX}{path.stem}-") as file:
-        image.save(file, format="PNG")
-
-
-def remove_stale_temporary_files(folder: os.PathLike | str) -> int:
-    """Delete temporary files that an interrupted run left behind; returns how many (call before sampling, holding
-    the folder's lock: [`~flowmo_diffusers.utils.output_lock.lock_output_dir`])."""
-    removed = 0
-    for path in Path(folder).glob(f"{_TEMPORARY_PREFIX}*"):
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-def write_samples_npz(
-    image_paths: Sequence[os.PathLike | str],
-    npz_path: os.PathLike | str,
-    class_labels: Sequence[int] | None = None,
-) -> Path:
-    """Pack images into an ADM-style `.npz` without holding them all in memory.
-
-    The images are first written one by one into a memory-mapped `.npy` next to `npz_path`
-    (`np.lib.format.open_memmap`), which `np.savez` then copies into the archive in chunks; the staging file is
-    removed. So the archive is `np.savez`'s own (uncompressed, one `.npy` per array), read by `np.load` and ADM's
-    evaluator, at the cost of the images' size in temporary disk space. Written to a temporary file and renamed.
-
-    Args:
-        image_paths (`Sequence[str | os.PathLike]`):
-            Images in the desired order; all must have the same size.
-        npz_path (`str` or `os.PathLike`):
-            Output file.
-        class_labels (`Sequence[int]`, *optional*):
-            [N] labels, stored as `arr_1` (ADM's class-conditional samples do the same).
-
-    Returns:
-        `Path`: The written path. `arr_0` is `[N, H, W, 3]` uint8.
-    """
-    from ..utils.images import to_rgb as convert_to_rgb
-
-    if not image_paths:
-        raise ValueError("no images to pack")
-    if class_labels is not None and len(class_labels) != len(image_paths):
-        raise ValueError(f"got {len(class_labels)} class labels for {len(image_paths)} images")
-    npz_path = Path(npz_path)
-    npz_path.parent.mkdir(parents=True, exist_ok=True)
-    with PIL.Image.open(image_paths[0]) as first:
-        width, height = first.size
-    shape = (len(image_paths), height, width, 3)
-    # The temporary prefix: a run killed while packing leaves a file that the next run's clean-up recognises.
-    staging = npz_path.with_name(f"{_TEMPORARY_PREFIX}{npz_path.stem}-arr_0.npy")
-    try:
-        images = np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8, shape=shape)
-        for index, path in enumerate(image_paths):
-            with PIL.Image.open(path) as image:
-                pixels = np.asarray(convert_to_rgb(image), dtype=np.uint8)
-            if pixels.shape != shape[1:]:
-                raise ValueError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the first image {width}x{height}")
-            images[index] = pixels
-        images.flush()
-        arrays = {"arr_0": images}
-        if class_labels is not None:
-            arrays["arr_1"] = np.asarray(class_labels, dtype=np.int64)
-        with atomic_write(npz_path, prefix=f"{_TEMPORARY_PREFIX}{npz_path.stem}-") as file:
-            np.savez(file, **arrays)
-        del images, arrays  # close the memory map before its file goes
-    finally:
-        staging.unlink(missing_ok=True)
-    return npz_path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
