@@ -1,4 +1,5 @@
-"""Image data shared by training, evaluation and pre-tokenization: datasets, decoding and transforms, batch loaders."""
+"""Image data shared by training, evaluation and pre-tokenization: datasets, decoding and transforms, batch loaders,
+and the numbering and sharding of evaluation images (evaluation_stream)."""
 
 from . import datasets, evaluation_stream, loaders, transforms
 
