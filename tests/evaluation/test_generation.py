@@ -349,6 +349,32 @@ def test_sample_writes_expected_files_deterministically(samples, workspace, acce
     assert (reseeded / files[0]).read_bytes() != (samples["dir"] / files[0]).read_bytes()
 
 
+def test_npy_samples_are_memory_mapped_and_read_like_the_npz(samples, tmp_path):
+    from flowmo_diffusers.evaluation.generation import sample_file_batches
+
+    with np.load(samples["npz"]) as archive:
+        images = archive["arr_0"]
+    npy = tmp_path / "samples.npy"
+    np.save(npy, images)
+    located = locate_npz_images(npy)
+    assert isinstance(located.open(), np.memmap) and located.shape == images.shape
+    for process in (0, 1):
+        from_npy, total_npy = sample_file_batches(npy, 3, process, 2)
+        from_npz, total_npz = sample_file_batches(samples["npz"], 3, process, 2)
+        assert total_npy == total_npz == 10
+        pairs = list(zip(from_npy, from_npz, strict=True))
+        assert pairs
+        for (npy_indices, npy_images), (npz_indices, npz_images) in pairs:
+            assert npy_indices.tolist() == npz_indices.tolist()
+            torch.testing.assert_close(npy_images, npz_images, rtol=0, atol=0)
+    np.save(tmp_path / "floats.npy", images.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\] uint8"):
+        locate_npz_images(tmp_path / "floats.npy")
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match="not an .npz archive or a .npy array"):
+        locate_npz_images(tmp_path / "text.npz")
+
+
 def test_sample_resumes_without_regenerating(samples, workspace, accelerator, tmp_path):
     import shutil
 

@@ -206,7 +206,7 @@ def test_two_processes_give_the_metrics_of_one(workspace, two_model_run):
 # --------------------------------------------------------------------------- failures before heavy work
 def test_missing_weights_fail_before_data_or_models_are_loaded(workspace, accelerator, monkeypatch, tmp_path):
     import flowmo_diffusers.data as data
-    import flowmo_diffusers.evaluation.reconstruction as evaluation
+    import flowmo_diffusers.evaluation.reconstruction.loop as evaluation
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("loaded data or a model before checking the metric weights")

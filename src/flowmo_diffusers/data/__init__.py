@@ -1,10 +1,12 @@
-"""Image data shared by training, evaluation and pre-tokenization: datasets, decoding and transforms, batch loaders."""
+"""Image data shared by training, evaluation and pre-tokenization: datasets, decoding and transforms, batch loaders,
+and the numbering and sharding of evaluation images (evaluation_stream)."""
 
-from . import datasets, loaders, transforms
+from . import datasets, evaluation_stream, loaders, transforms
 
 # Each module's __all__ is the one list of its public names; the package offers them all.
 from .datasets import *  # noqa: F403
+from .evaluation_stream import *  # noqa: F403
 from .loaders import *  # noqa: F403
 from .transforms import *  # noqa: F403
 
-__all__ = [*datasets.__all__, *loaders.__all__, *transforms.__all__]
+__all__ = [*datasets.__all__, *evaluation_stream.__all__, *loaders.__all__, *transforms.__all__]

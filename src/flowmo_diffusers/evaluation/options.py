@@ -18,13 +18,16 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import torch
 from transformers.hf_argparser import HfArg, HfArgumentParser
 
 from ..metrics.pretrained_weights import FID_INCEPTION_WEIGHTS, MissingPretrainedWeightsError, PretrainedWeights
 from ..utils.validation import check_optional_int
+
+if TYPE_CHECKING:
+    import datasets
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 InceptionFeatureDims = Literal[64, 192, 768, 2048]
@@ -125,37 +128,38 @@ class AcceleratorOptions(Options):
     cpu: bool = HfArg(default=False, help="Run on CPU even if an accelerator is available.")
 
 
-def decoder_sampler_options(prefix: str = "") -> type[Options]:
-    """The option group of the FlowMo decoder's sampler: `{prefix}num_inference_steps` and `{prefix}guidance_scale`.
+_DECODER_SAMPLER_HELP = "FlowMo decoder {} (default: the decoder's own: {} for FlowMo, {} for a distilled student)."
 
-    One declaration for two spellings of the same flags: the tokenizer evaluation names them without a prefix, MaskGiT
-    sampling (whose own steps and guidance have those names) with `decoder_`. None, the default, decodes with each
-    decoder's own sampler: the paper's 25 steps and guidance 1.5 for a trained FlowMo, K passes for a distilled student.
 
-    Args:
-        prefix (`str`, *optional*, defaults to `""`):
-            Prefix of the two field names (and flags).
+@dataclass(kw_only=True)
+class DecoderSamplerOptions(Options):
+    """The FlowMo decoder's sampler, as the tokenizer evaluation names it: `num_inference_steps`, `guidance_scale`.
 
-    Returns:
-        `type`: A dataclass to inherit from.
+    None, the default, decodes with each decoder's own sampler: the paper's 25 steps and guidance 1.5 for a trained
+    FlowMo, K passes for a distilled student.
     """
-    steps, guidance = f"{prefix}num_inference_steps", f"{prefix}guidance_scale"
+
+    num_inference_steps: int | None = HfArg(default=None, help=_DECODER_SAMPLER_HELP.format("steps", 25, "K"))
+    guidance_scale: float | None = HfArg(default=None, help=_DECODER_SAMPLER_HELP.format("guidance", 1.5, 1))
 
     def validate(self) -> None:
-        check_positive(self, steps)
-        super(group, self).validate()
+        check_positive(self, "num_inference_steps")
+        super().validate()
 
-    help_text = "FlowMo decoder {} (default: the decoder's own: {} for FlowMo, {} for a distilled student)."
-    fields = [
-        (steps, int | None, HfArg(default=None, help=help_text.format("steps", 25, "K"))),
-        (guidance, float | None, HfArg(default=None, help=help_text.format("guidance", 1.5, 1))),
-    ]
-    # make_dataclass: the field names depend on `prefix`, which a class statement cannot express.
-    group = dataclasses.make_dataclass(
-        "DecoderSamplerOptions", fields, bases=(Options,), namespace={"validate": validate}, kw_only=True
+
+@dataclass(kw_only=True)
+class MaskGiTDecoderSamplerOptions(Options):
+    """The same FlowMo decoder options under MaskGiT sampling, whose own steps and guidance take the plain names:
+    `decoder_num_inference_steps`, `decoder_guidance_scale` (None: each decoder's own sampler)."""
+
+    decoder_num_inference_steps: int | None = HfArg(
+        default=None, help=_DECODER_SAMPLER_HELP.format("steps", 25, "K")
     )
-    group.__module__ = __name__
-    return group
+    decoder_guidance_scale: float | None = HfArg(default=None, help=_DECODER_SAMPLER_HELP.format("guidance", 1.5, 1))
+
+    def validate(self) -> None:
+        check_positive(self, "decoder_num_inference_steps")
+        super().validate()
 
 
 @dataclass(kw_only=True)
@@ -182,6 +186,31 @@ class ImageDatasetOptions(HubOptions, abc.ABC):
         check_positive(self, "max_samples")
         check_non_negative(self, "dataloader_num_workers")
         super().validate()
+
+
+def load_evaluation_dataset(config: ImageDatasetOptions) -> datasets.Dataset | datasets.IterableDataset:
+    """Load the images named by `config` and number them (see [`~flowmo_diffusers.data.add_global_image_index`]).
+
+    Args:
+        config ([`~flowmo_diffusers.evaluation.options.ImageDatasetOptions`]):
+            The dataset options of the tokenizer evaluation or of the reference statistics.
+
+    Returns:
+        `datasets.Dataset` or `datasets.IterableDataset`: The numbered images.
+    """
+    from ..data import add_global_image_index, load_image_dataset  # `datasets` is slow to import: not for --help
+
+    dataset = load_image_dataset(
+        dataset_name=config.dataset_name,
+        dataset_config_name=config.dataset_config_name,
+        train_data_dir=config.image_folder(),
+        split=config.resolved_split(),
+        streaming=config.streaming,
+        image_column=config.image_column,
+        cache_dir=config.cache_dir,
+        token=config.hub_token,
+    )
+    return add_global_image_index(dataset, config.max_samples)
 
 
 @dataclass(kw_only=True)
@@ -349,14 +378,16 @@ def start_command(parse_args: Callable[[Sequence[str] | None], Any], argv: Seque
 
 __all__ = [
     "AcceleratorOptions",
+    "DecoderSamplerOptions",
     "FeatureNetworkOptions",
     "HubOptions",
     "ImageDatasetOptions",
+    "MaskGiTDecoderSamplerOptions",
     "Options",
     "ResumeOptions",
     "check_non_negative",
     "check_positive",
     "create_accelerator",
-    "decoder_sampler_options",
+    "load_evaluation_dataset",
     "start_command",
 ]

@@ -26,7 +26,7 @@ settings is an error rather than a silent mix.
 **Output.** PNGs (lossless: what is evaluated is exactly what the pipeline produced, quantised to uint8 by
 diffusers' `numpy_to_pil`), optionally an ADM-style `.npz` (`arr_0`: `[N, H, W, 3]` uint8 in global
 order, `arr_1`: `[N]` int64 class labels), written in a streaming fashion so 50,000 images at 256x256 (9.8 GB)
-never sit in memory.
+never sit in memory ([`~flowmo_diffusers.evaluation.sample_files`]).
 """
 
 from __future__ import annotations
@@ -36,32 +36,30 @@ import logging
 import os
 import re
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from transformers.hf_argparser import HfArg
 
 from ..metrics import sum_across_processes
-from ..utils.files import atomic_write
 from ..utils.output_lock import lock_output_dir
 from ..utils.seeds import seeded_generator
 from ..utils.validation import check_int
 from .options import (
     AcceleratorOptions,
     HubOptions,
+    MaskGiTDecoderSamplerOptions,
     check_non_negative,
     check_positive,
     create_accelerator,
-    decoder_sampler_options,
     start_command,
 )
+from .sample_files import remove_stale_temporary_files, save_image_atomically, write_samples_npz
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +76,6 @@ IMAGE_DETERMINING_SETTINGS = (
     "mixed_precision",
 )
 SAMPLING_CONFIG_NAME = "sampling_config.json"
-_TEMPORARY_PREFIX = ".tmp-"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -204,96 +201,19 @@ def generate_batches(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def save_image_atomically(image: PIL.Image.Image, path: os.PathLike | str) -> None:
-    """Write `image` as PNG to `path` through a temporary file in the same folder and a rename.
-
-    `os.replace` is atomic on POSIX and Windows, so `path` either does not exist or is complete.
-    """
-    path = Path(path)
-    with atomic_write(path, prefix=f"{_TEMPORARY_PREFIX}{path.stem}-") as file:
-        image.save(file, format="PNG")
-
-
-def remove_stale_temporary_files(folder: os.PathLike | str) -> int:
-    """Delete temporary files that an interrupted run left behind; returns how many (call before sampling, holding
-    the folder's lock: [`~flowmo_diffusers.utils.output_lock.lock_output_dir`])."""
-    removed = 0
-    for path in Path(folder).glob(f"{_TEMPORARY_PREFIX}*"):
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-def write_samples_npz(
-    image_paths: Sequence[os.PathLike | str],
-    npz_path: os.PathLike | str,
-    class_labels: Sequence[int] | None = None,
-) -> Path:
-    """Pack images into an ADM-style `.npz` without holding them all in memory.
-
-    The archive is written like `np.savez` (uncompressed zip, one `.npy` per array) but `arr_0` is streamed
-    image by image; `np.load(npz_path)["arr_0"]` and ADM's evaluator read it as usual. Written to a temporary
-    file and renamed.
-
-    Args:
-        image_paths (`Sequence[str | os.PathLike]`):
-            Images in the desired order; all must have the same size.
-        npz_path (`str` or `os.PathLike`):
-            Output file.
-        class_labels (`Sequence[int]`, *optional*):
-            [N] labels, stored as `arr_1` (ADM's class-conditional samples do the same).
-
-    Returns:
-        `Path`: The written path. `arr_0` is `[N, H, W, 3]` uint8.
-    """
-    from ..utils.images import to_rgb as convert_to_rgb
-
-    if not image_paths:
-        raise ValueError("no images to pack")
-    if class_labels is not None and len(class_labels) != len(image_paths):
-        raise ValueError(f"got {len(class_labels)} class labels for {len(image_paths)} images")
-    npz_path = Path(npz_path)
-    npz_path.parent.mkdir(parents=True, exist_ok=True)
-    with PIL.Image.open(image_paths[0]) as first:
-        width, height = first.size
-    shape = (len(image_paths), height, width, 3)
-    with atomic_write(npz_path, prefix=f"{_TEMPORARY_PREFIX}{npz_path.stem}-") as file:
-        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-                descr = np.lib.format.dtype_to_descr(np.dtype(np.uint8))
-                np.lib.format.write_array_header_1_0(member, {"descr": descr, "fortran_order": False, "shape": shape})
-                for path in image_paths:
-                    with PIL.Image.open(path) as image:
-                        pixels = np.asarray(convert_to_rgb(image), dtype=np.uint8)
-                    if pixels.shape != shape[1:]:
-                        raise ValueError(
-                            f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the first image {width}x{height}"
-                        )
-                    member.write(np.ascontiguousarray(pixels).tobytes())
-            if class_labels is not None:
-                with archive.open("arr_1.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(class_labels, dtype=np.int64))
-    return npz_path
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Configuration and command line
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
-class SamplingOptions(AcceleratorOptions, decoder_sampler_options("decoder_"), HubOptions):
+class SamplingOptions(AcceleratorOptions, MaskGiTDecoderSamplerOptions, HubOptions):
     """The class and sampler options of `sample.py`, shared by `evaluate_generation.py` (which samples on the fly).
 
     The config that uses them declares `pretrained_model_name_or_path`: required by [`SamplingConfig`], one of the
     inputs of [`~flowmo_diffusers.evaluation.generation.GenerationEvaluationConfig`]. `class_ids` are given as
     integers and ranges (`0-99`) and held as the sorted class ids, None for all classes of the prior. The FlowMo
     decoder's options are `decoder_num_inference_steps` and `decoder_guidance_scale`
-    ([`~flowmo_diffusers.evaluation.options.decoder_sampler_options`]).
+    ([`~flowmo_diffusers.evaluation.options.MaskGiTDecoderSamplerOptions`]).
     """
 
     class_ids: list[str] | None = HfArg(
