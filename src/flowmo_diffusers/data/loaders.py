@@ -30,12 +30,15 @@ Why the epochs and positions are kept here rather than by ``accelerator.prepare`
   name, while each process of a stream has a position of its own (its shards, its workers): all but one would be lost.
   So the positions of all processes travel in the training states (``training.StreamPositions``).
 * map-style: a batch is a pure function of its position, so the number of batches consumed is the whole state and
-  resuming is Accelerate's own ``SkipBatchSampler``. Accelerate's saved ``StatefulDataLoader`` state would add nothing
-  and, at the floor, is off by ``num_processes - 1`` batches under DDP (``DataLoaderShard`` inherits
-  ``adjust_state_dict_for_prefetch``'s correction, meant for ``DataLoaderDispatcher``; Accelerate later overrode it),
-  which would repeat a batch on resume. ``prepare`` would also interleave the processes' batches of one global
-  permutation (``BatchSamplerShard``) where ``split_dataset_by_node`` gives every process its own chunk, which the
-  builders' ``process_index`` / ``num_processes`` API (evaluation and pre-tokenization too) already defines.
+  resuming is Accelerate's own ``SkipBatchSampler`` (what ``skip_first_batches`` uses). Preparing the loader would
+  change more than the loader: every epoch end of a prepared loader forces an optimizer step under gradient
+  accumulation (``GradientAccumulationPlugin.sync_with_dataloader``, on by default), so steps would no longer hold
+  ``gradient_accumulation_steps`` micro-batches each; processes would share the batches of one global permutation
+  (``BatchSamplerShard``) where ``split_dataset_by_node`` gives each its own chunk, as the builders' ``process_index``
+  / ``num_processes`` API defines for evaluation and pre-tokenization too; and the loader state that ``save_state``
+  would carry is, at the floor, off by ``num_processes - 1`` batches under DDP (``DataLoaderShard`` inherits
+  ``adjust_state_dict_for_prefetch``'s correction meant for ``DataLoaderDispatcher``; later releases override it),
+  which would repeat that many batches on resume.
 """
 
 from __future__ import annotations
