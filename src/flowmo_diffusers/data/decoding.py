@@ -52,7 +52,6 @@ class SkippedImageCounter:
             self.last_error = last_error
 
 
-
 def total_skipped_images(accelerator, *loaders: ImageBatchLoader) -> int:
     """Undecodable images skipped by ``loaders`` on all processes (a collective: call it on every process).
 
