@@ -455,6 +455,10 @@ def main(argv=None):
         streaming=args.streaming, image_column=args.image_column, cache_dir=args.cache_dir, token=args.hub_token,
     )
     train_dataset = load_image_dataset(split=args.train_split, **dataset_kwargs)
+    # Not given to accelerator.prepare (unlike MaskGiT's token loader): it is sharded by split_dataset_by_node and
+    # resumes from `batches_consumed` (map-style) or every process' stream position (StreamPositions), because
+    # Accelerate would read each stream whole and keep one stream position for all processes
+    # (flowmo_diffusers.data.loaders says more).
     train_loader = build_train_dataloader(
         train_dataset, resolution, args.train_batch_size, seed=args.seed, process_index=accelerator.process_index,
         num_processes=accelerator.num_processes, num_workers=args.dataloader_num_workers,

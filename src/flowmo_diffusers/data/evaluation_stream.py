@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .loaders import ImageBatchLoader, build_eval_dataloader
+from .builders import build_eval_dataloader
+from .loaders import ImageBatchLoader
 
 if TYPE_CHECKING:
     import datasets

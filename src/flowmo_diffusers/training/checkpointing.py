@@ -612,6 +612,10 @@ class StreamPositions:
     the training states: `state_dict` gathers them all (a collective, which `save_checkpoint` calls on every process)
     and `load_state_dict` keeps this process' share for the loader built after the checkpoint is loaded.
 
+    Kept by hand rather than left to `accelerator.save_state` with a prepared stateful loader: Accelerate writes a
+    loader's state to a single `dl_state_dict.bin` from every process (no process index in the name, Accelerate 1.3.0
+    to 1.16), so all positions but one would be lost, and as a torch pickle rather than JSON.
+
     Args:
         accelerator (`accelerate.Accelerator`):
             The run's accelerator (its process index and count).
