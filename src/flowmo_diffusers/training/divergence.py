@@ -18,6 +18,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from ..utils.validation import check_int
+from .checkpoint_folders import list_checkpoints
 from .distributed import DTensor, full_tensor, local_tensor
 from .ema import EMACheckpoint
 
@@ -32,8 +33,6 @@ class TrainingDivergedError(FloatingPointError):
 
 def last_finite_checkpoint(output_dir: str | None) -> str:
     """A phrase naming the newest complete checkpoint of `output_dir` (every saved one is finite), for errors."""
-    from .checkpointing import list_checkpoints  # here, not at the top: checkpointing imports this module
-
     if output_dir is not None and os.path.isdir(output_dir) and (checkpoints := list_checkpoints(output_dir)):
         return f"the last finite checkpoint is {checkpoints[-1][1]} (resume from it with a lower --learning_rate)"
     return "there is no finite checkpoint to resume from"
