@@ -78,6 +78,18 @@ def uint8_to_unit_float32(images_uint8_hwc: np.ndarray) -> np.ndarray:
     return images_uint8_hwc.astype(np.float32) / 255.0
 
 
+def check_quantised_pair(originals_hwc: np.ndarray, reconstructions_hwc: np.ndarray) -> None:
+    """Raise unless both are float32 [B, H, W, 3] arrays of one shape, as [`quantised_image_pairs`] returns them."""
+    for name, array in (("originals_hwc", originals_hwc), ("reconstructions_hwc", reconstructions_hwc)):
+        if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(
+                f"{name} must be a float32 [B, H, W, 3] array from quantised_image_pairs, got "
+                f"{getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}"
+            )
+    if originals_hwc.shape != reconstructions_hwc.shape:
+        raise ValueError(f"shape mismatch: originals_hwc {originals_hwc.shape} vs reconstructions_hwc {reconstructions_hwc.shape}")
+
+
 def quantised_image_pairs(originals: torch.Tensor, reconstructions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """FlowMo's PSNR/SSIM inputs of two image batches: checked, quantised to uint8, then float32 / 255, HWC.
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ._optional_dependencies import require
-from .image_conversion import quantised_image_pairs
+from .image_conversion import check_quantised_pair, quantised_image_pairs
 
 
 def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np.ndarray:
@@ -26,8 +26,23 @@ def psnr_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np
     Returns:
         `np.ndarray`: [B] float64 PSNRs. Identical images give `inf` (as scikit-image does).
     """
+    return quantised_psnr_per_image(*quantised_image_pairs(originals, reconstructions))
+
+
+def quantised_psnr_per_image(originals_hwc: np.ndarray, reconstructions_hwc: np.ndarray) -> np.ndarray:
+    """[`psnr_per_image`] of images already converted by [`quantised_image_pairs`] (convert once, measure several).
+
+    Args:
+        originals_hwc (`np.ndarray`):
+            [B, H, W, 3] float32 in [0, 1], uint8-quantised.
+        reconstructions_hwc (`np.ndarray`):
+            The same shape and conversion.
+
+    Returns:
+        `np.ndarray`: [B] float64 PSNRs in dB.
+    """
     skimage_metrics = require("skimage.metrics")
-    originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
+    check_quantised_pair(originals_hwc, reconstructions_hwc)
     # Identical images have zero error: PSNR is inf by definition, not worth a warning.
     with np.errstate(divide="ignore"):
         return np.array(
@@ -56,7 +71,22 @@ def psnr_pooled_over_batch(originals: torch.Tensor, reconstructions: torch.Tenso
     Returns:
         `float`: The batch PSNR in dB.
     """
+    return quantised_psnr_pooled_over_batch(*quantised_image_pairs(originals, reconstructions))
+
+
+def quantised_psnr_pooled_over_batch(originals_hwc: np.ndarray, reconstructions_hwc: np.ndarray) -> float:
+    """[`psnr_pooled_over_batch`] of images already converted by [`quantised_image_pairs`].
+
+    Args:
+        originals_hwc (`np.ndarray`):
+            [B, H, W, 3] float32 in [0, 1], uint8-quantised.
+        reconstructions_hwc (`np.ndarray`):
+            The same shape and conversion.
+
+    Returns:
+        `float`: The batch PSNR in dB.
+    """
     skimage_metrics = require("skimage.metrics")
-    originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
+    check_quantised_pair(originals_hwc, reconstructions_hwc)
     with np.errstate(divide="ignore"):
         return float(skimage_metrics.peak_signal_noise_ratio(originals_hwc, reconstructions_hwc, data_range=1.0))

@@ -2,7 +2,7 @@
 
 Reproduces FlowMo's `evaluate.py` (`eval_imagenet`) with constant memory:
 
-* PSNR and SSIM with scikit-image on uint8-quantised images (see [`.psnr`], [`.ssim`]);
+* PSNR and SSIM with scikit-image on uint8-quantised images, quantised once per batch (see [`.psnr`], [`.ssim`]);
 * LPIPS with `lpips.LPIPS(net="alex")` (and optionally `"vgg"`) on [-1, 1] images;
 * rFID: Frechet distance between the FID-Inception pool features of the originals and of
   the reconstructions, with unbiased covariances (`np.cov`).
@@ -22,11 +22,11 @@ from torch import nn
 from .distributed import sum_across_processes
 from .feature_statistics import StreamingFeatureStatistics
 from .fid_inception import feature_extractor_on
-from .image_conversion import check_image_pair, resolve_device
+from .image_conversion import quantised_image_pairs, resolve_device
 from .perceptual_similarity import LPIPS_NETS, LPIPSDistance
 from .pretrained_weights import PathLike
-from .psnr import psnr_per_image, psnr_pooled_over_batch
-from .ssim import ssim_per_image
+from .psnr import quantised_psnr_per_image, quantised_psnr_pooled_over_batch
+from .ssim import quantised_ssim_per_image
 
 PSNR_MODES = ("per_image", "flowmo_batch")
 
@@ -136,16 +136,17 @@ class ReconstructionMetrics:
         """
         if self._gathered:
             raise RuntimeError("update() after gather(): the sums already include other processes; call reset() first")
-        check_image_pair(originals, reconstructions)
+        # Checked and quantised once: PSNR, pooled PSNR and SSIM all measure the same uint8 images.
+        originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
         originals = originals.detach()
         reconstructions = reconstructions.detach()
 
         self.num_images += originals.shape[0]
         self.num_batches += 1
-        self.psnr_sum += float(psnr_per_image(originals, reconstructions).sum())
+        self.psnr_sum += float(quantised_psnr_per_image(originals_hwc, reconstructions_hwc).sum())
         if self.psnr_mode == "flowmo_batch":
-            self.batch_psnr_sum += psnr_pooled_over_batch(originals, reconstructions)
-        self.ssim_sum += float(ssim_per_image(originals, reconstructions).sum())
+            self.batch_psnr_sum += quantised_psnr_pooled_over_batch(originals_hwc, reconstructions_hwc)
+        self.ssim_sum += float(quantised_ssim_per_image(originals_hwc, reconstructions_hwc).sum())
         for index, net in enumerate(self.lpips_nets):
             self.lpips_sums[index] += self.lpips_models[net](originals, reconstructions).double().sum().cpu()
         self.original_statistics.update(self.feature_extractor(originals.to(self.device)))

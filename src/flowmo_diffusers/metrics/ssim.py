@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ._optional_dependencies import require
-from .image_conversion import quantised_image_pairs
+from .image_conversion import check_quantised_pair, quantised_image_pairs
 
 
 def ssim_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np.ndarray:
@@ -26,8 +26,23 @@ def ssim_per_image(originals: torch.Tensor, reconstructions: torch.Tensor) -> np
     Returns:
         `np.ndarray`: [B] float64 SSIM values in [-1, 1].
     """
+    return quantised_ssim_per_image(*quantised_image_pairs(originals, reconstructions))
+
+
+def quantised_ssim_per_image(originals_hwc: np.ndarray, reconstructions_hwc: np.ndarray) -> np.ndarray:
+    """[`ssim_per_image`] of images already converted by [`quantised_image_pairs`] (convert once, measure several).
+
+    Args:
+        originals_hwc (`np.ndarray`):
+            [B, H, W, 3] float32 in [0, 1], uint8-quantised; H and W at least 7.
+        reconstructions_hwc (`np.ndarray`):
+            The same shape and conversion.
+
+    Returns:
+        `np.ndarray`: [B] float64 SSIM values in [-1, 1].
+    """
     skimage_metrics = require("skimage.metrics")
-    originals_hwc, reconstructions_hwc = quantised_image_pairs(originals, reconstructions)
+    check_quantised_pair(originals_hwc, reconstructions_hwc)
     # Argument order (reconstruction, original) follows the paper's code; SSIM is symmetric.
     return np.array(
         [
