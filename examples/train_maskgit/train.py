@@ -260,11 +260,11 @@ def main(argv=None):
                     decoder_num_inference_steps=args.validation_decoder_inference_steps,
                     generator=torch.Generator(accelerator.device).manual_seed(args.seed), output_type="pt",
                 ).images
-            rows.append(images.float() * 2 - 1)
+            rows.append(images.float())
             if averaged is not None:
                 averaged.restore(model.parameters())
         model.train(was_training)
-        grid = validation_grid(rows)
+        grid = validation_grid(rows, value_range=(0.0, 1.0))  # the pipeline's output, drawn as it is
         name = "samples.png" if final else os.path.join("validation", f"step-{step:08d}.png")
         os.makedirs(os.path.dirname(os.path.join(args.output_dir, name)), exist_ok=True)
         grid.save(os.path.join(args.output_dir, name))

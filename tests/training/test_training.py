@@ -12,6 +12,7 @@ import urllib.error
 from pathlib import Path
 
 import accelerate
+import numpy as np
 import pytest
 import torch
 from packaging.version import Version
@@ -49,7 +50,7 @@ from flowmo_diffusers.training.recipe import (
     optimizer_param_groups,
     weights_to_fix,
 )
-from flowmo_diffusers.training.reporting import write_model_card
+from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.output_lock import OutputDirLock
 
 from testing_utils import REPO, tiny_flowmo_model
@@ -635,3 +636,13 @@ def test_torch_compile_trains_like_eager(tmp_path):
     relative = (difference.norm() / update.norm()).item()
     print(f"|update| = {update.norm():.3e}, |compiled - eager| / |update| = {relative:.2e}")
     assert update.norm() > 0.01 and relative < 1e-3, relative  # measured 6.5e-5
+
+
+def test_validation_grid_draws_either_range_alike():
+    rows = [torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)]
+    inside = np.asarray(validation_grid(rows))
+    unit = np.asarray(validation_grid([row / 2 + 0.5 for row in rows], value_range=(0.0, 1.0)))
+    assert inside.shape == (2 * 4 + 3 * 2, 2 * 4 + 3 * 2, 3)
+    assert np.abs(inside.astype(int) - unit.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="value_range"):
+        validation_grid(rows, value_range=(0, 255))

@@ -8,14 +8,27 @@ from collections.abc import Iterable
 import torch
 
 
-def validation_grid(rows: list[torch.Tensor], padding: int = 2):
-    """PIL image with one row per batch of `(B, 3, H, W)` images in [-1, 1] (originals, reconstructions, ...)."""
+def validation_grid(rows: list[torch.Tensor], padding: int = 2, value_range: tuple[float, float] = (-1.0, 1.0)):
+    """PIL image with one row per batch of `(B, 3, H, W)` images (originals, reconstructions, ...).
+
+    Args:
+        rows (`list[torch.Tensor]`): [B, 3, H, W] batches, one per row of the figure.
+        padding (`int`, *optional*, defaults to 2): pixels between the images.
+        value_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`): the range of `rows`: the package's
+            inside range, or `(0.0, 1.0)` for a pipeline's output, drawn as it is rather than mapped to [-1, 1] and
+            back.
+    """
     import PIL.Image
     from torchvision.utils import make_grid
 
     if not rows:
         raise ValueError("no rows to draw")
-    images = torch.cat([row.detach().float().cpu().clamp(-1, 1) for row in rows]) / 2 + 0.5
+    if tuple(value_range) == (-1.0, 1.0):
+        images = torch.cat([row.detach().float().cpu().clamp(-1, 1) for row in rows]) / 2 + 0.5
+    elif tuple(value_range) == (0.0, 1.0):
+        images = torch.cat([row.detach().float().cpu().clamp(0, 1) for row in rows])
+    else:
+        raise ValueError(f"value_range must be (-1.0, 1.0) or (0.0, 1.0), got {value_range!r}")
     grid = make_grid(images, nrow=rows[0].shape[0], padding=padding, pad_value=1.0)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     return PIL.Image.fromarray(array)
