@@ -48,13 +48,8 @@ from flowmo_diffusers.training.arguments import (
     add_divergence_arguments,
     add_tracking_arguments,
 )
-from flowmo_diffusers.training.checkpointing import (
-    StreamPositions,
-    load_checkpoint,
-    remove_stale_temporary_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-)
+from flowmo_diffusers.training.checkpoint_folders import remove_stale_temporary_checkpoints, resolve_resume_checkpoint
+from flowmo_diffusers.training.checkpointing import load_checkpoint, save_checkpoint
 from flowmo_diffusers.training.distillation import FlowMoDistillationModule, make_student_config
 from flowmo_diffusers.training.distributed import full_tensor, mean_across_processes
 from flowmo_diffusers.training.divergence import (
@@ -80,6 +75,7 @@ from flowmo_diffusers.training.recipe import (
     optimizer_param_groups,
 )
 from flowmo_diffusers.training.reporting import write_model_card
+from flowmo_diffusers.training.training_states import StreamPositions
 from flowmo_diffusers.training.validation import ReconstructionValidation
 from flowmo_diffusers.utils.output_lock import LOCK_FILES_PATTERN, lock_output_dir
 from flowmo_diffusers.utils.validation import positive_int

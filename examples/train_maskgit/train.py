@@ -36,12 +36,8 @@ from flowmo_diffusers.training.arguments import (
     add_divergence_arguments,
     add_tracking_arguments,
 )
-from flowmo_diffusers.training.checkpointing import (
-    load_checkpoint,
-    remove_stale_temporary_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-)
+from flowmo_diffusers.training.checkpoint_folders import remove_stale_temporary_checkpoints, resolve_resume_checkpoint
+from flowmo_diffusers.training.checkpointing import load_checkpoint, save_checkpoint
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
 from flowmo_diffusers.training.distributed import mean_across_processes

@@ -10,7 +10,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from flowmo_diffusers.training.checkpointing import DamagedCheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from flowmo_diffusers.training.checkpoint_folders import list_checkpoints
+from flowmo_diffusers.training.checkpoint_verification import DamagedCheckpointError
+from flowmo_diffusers.training.checkpointing import load_checkpoint, save_checkpoint
 from flowmo_diffusers.training.recipe import TrainingProgress
 
 

@@ -11,16 +11,13 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
-from flowmo_diffusers.training.checkpointing import (
+from flowmo_diffusers.training.checkpoint_folders import list_checkpoints, remove_stale_temporary_checkpoints
+from flowmo_diffusers.training.checkpointing import UnsafeCheckpointError, load_checkpoint, save_checkpoint
+from flowmo_diffusers.training.training_states import (
     STATES_JSON_NAME,
     STATES_TENSORS_NAME,
     StreamPositions,
-    UnsafeCheckpointError,
-    list_checkpoints,
-    load_checkpoint,
     load_training_states,
-    remove_stale_temporary_checkpoints,
-    save_checkpoint,
     save_training_states,
 )
 from flowmo_diffusers.training.ema import EMACheckpoint

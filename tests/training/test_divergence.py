@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowmo_diffusers.training.checkpointing import list_checkpoints, save_checkpoint
+from flowmo_diffusers.training.checkpoint_folders import list_checkpoints
+from flowmo_diffusers.training.checkpointing import save_checkpoint
 from flowmo_diffusers.training.divergence import (
     DivergenceGuard,
     TrainingDivergedError,

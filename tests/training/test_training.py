@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
 from flowmo_diffusers.training import perceptual as perceptual_module
-from flowmo_diffusers.training.checkpointing import (
+from flowmo_diffusers.training.checkpoint_folders import (
     list_checkpoints,
     prune_checkpoints,
     publish_checkpoint,

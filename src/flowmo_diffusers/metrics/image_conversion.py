@@ -87,7 +87,9 @@ def check_quantised_pair(originals_hwc: np.ndarray, reconstructions_hwc: np.ndar
                 f"{getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}"
             )
     if originals_hwc.shape != reconstructions_hwc.shape:
-        raise ValueError(f"shape mismatch: originals_hwc {originals_hwc.shape} vs reconstructions_hwc {reconstructions_hwc.shape}")
+        raise ValueError(
+            f"shape mismatch: originals_hwc {originals_hwc.shape} vs reconstructions_hwc {reconstructions_hwc.shape}"
+        )
 
 
 def quantised_image_pairs(originals: torch.Tensor, reconstructions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -33,10 +33,8 @@ def quantised_psnr_per_image(originals_hwc: np.ndarray, reconstructions_hwc: np.
     """[`psnr_per_image`] of images already converted by [`quantised_image_pairs`] (convert once, measure several).
 
     Args:
-        originals_hwc (`np.ndarray`):
-            [B, H, W, 3] float32 in [0, 1], uint8-quantised.
-        reconstructions_hwc (`np.ndarray`):
-            The same shape and conversion.
+        originals_hwc, reconstructions_hwc (`np.ndarray`):
+            Two [B, H, W, 3] float32 arrays in [0, 1], uint8-quantised, as [`quantised_image_pairs`] returns them.
 
     Returns:
         `np.ndarray`: [B] float64 PSNRs in dB.
@@ -75,18 +73,9 @@ def psnr_pooled_over_batch(originals: torch.Tensor, reconstructions: torch.Tenso
 
 
 def quantised_psnr_pooled_over_batch(originals_hwc: np.ndarray, reconstructions_hwc: np.ndarray) -> float:
-    """[`psnr_pooled_over_batch`] of images already converted by [`quantised_image_pairs`].
-
-    Args:
-        originals_hwc (`np.ndarray`):
-            [B, H, W, 3] float32 in [0, 1], uint8-quantised.
-        reconstructions_hwc (`np.ndarray`):
-            The same shape and conversion.
-
-    Returns:
-        `float`: The batch PSNR in dB.
-    """
-    skimage_metrics = require("skimage.metrics")
+    """[`psnr_pooled_over_batch`] of images already converted by [`quantised_image_pairs`]; arguments as for
+    [`quantised_psnr_per_image`]. Returns the batch PSNR in dB."""
     check_quantised_pair(originals_hwc, reconstructions_hwc)
     with np.errstate(divide="ignore"):
-        return float(skimage_metrics.peak_signal_noise_ratio(originals_hwc, reconstructions_hwc, data_range=1.0))
+        psnr = require("skimage.metrics").peak_signal_noise_ratio(originals_hwc, reconstructions_hwc, data_range=1.0)
+    return float(psnr)

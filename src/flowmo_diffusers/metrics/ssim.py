@@ -33,10 +33,8 @@ def quantised_ssim_per_image(originals_hwc: np.ndarray, reconstructions_hwc: np.
     """[`ssim_per_image`] of images already converted by [`quantised_image_pairs`] (convert once, measure several).
 
     Args:
-        originals_hwc (`np.ndarray`):
-            [B, H, W, 3] float32 in [0, 1], uint8-quantised; H and W at least 7.
-        reconstructions_hwc (`np.ndarray`):
-            The same shape and conversion.
+        originals_hwc, reconstructions_hwc (`np.ndarray`):
+            [B, H, W, 3] float32 arrays in [0, 1] from [`quantised_image_pairs`], H and W at least 7.
 
     Returns:
         `np.ndarray`: [B] float64 SSIM values in [-1, 1].

@@ -6,8 +6,8 @@ as torch pickles) plus this package's own training states (progress counters, re
 safetensors (`training_states`: why not `accelerator.register_for_checkpointing`). This module holds the two entry
 points, [`save_checkpoint`] and [`load_checkpoint`]; the parts live beside it: `checkpoint_folders` (names, the one
 to resume from, atomic publishing, pruning), `checkpoint_verification` (every file checked before anything is
-loaded, the RNG states compared after) and `utils.disk_space` (is a failed write a full disk?). Every public name of
-those modules stays importable from here.
+loaded, the RNG states compared after) and `utils.disk_space` (is a failed write a full disk?); import their names
+from them.
 
 A save that fails (a full disk above all, however the writer reports it: `ENOSPC`, `EIO`, or wrapped in torch's or
 safetensors' own exception) fails on every process together, removes the incomplete folder and says how much space is
@@ -24,24 +24,10 @@ from typing import Any
 
 from ..utils.disk_space import error_errno, free_bytes, is_out_of_space
 from ..utils.safe_loading import UnsafeCheckpointError
-from .checkpoint_folders import (
-    check_checkpoints_total_limit,
-    list_checkpoints,
-    prune_checkpoints,
-    publish_checkpoint,
-    remove_stale_temporary_checkpoints,
-    resolve_resume_checkpoint,
-    temporary_checkpoint_path,
-)
-from .checkpoint_verification import DamagedCheckpointError, check_rng_restored, verify_checkpoint_files
+from .checkpoint_folders import list_checkpoints, prune_checkpoints, publish_checkpoint, temporary_checkpoint_path
+from .checkpoint_verification import check_rng_restored, verify_checkpoint_files
 from .divergence import check_finite_weights, optimizer_state_tensors, state_tensors
-from .training_states import (
-    STATES_JSON_NAME,
-    STATES_TENSORS_NAME,
-    StreamPositions,
-    load_training_states,
-    save_training_states,
-)
+from .training_states import load_training_states, save_training_states
 
 
 def _describe_write_failure(error: BaseException, output_dir: str, step: int) -> tuple[int, str]:
@@ -100,7 +86,8 @@ def save_checkpoint(
     """`accelerator.save_state` plus `states` into `checkpoint-<step>.tmp`, then publish it atomically and prune.
 
     Call on every process (it synchronizes them). A crash mid-save leaves only a `.tmp` folder, which
-    [`resolve_resume_checkpoint`] never picks and [`remove_stale_temporary_checkpoints`] deletes at the next start.
+    [`~.checkpoint_folders.resolve_resume_checkpoint`] never picks and
+    [`~.checkpoint_folders.remove_stale_temporary_checkpoints`] deletes at the next start.
 
     Args:
         accelerator (`accelerate.Accelerator`): with *no* objects registered for checkpointing (they would be
@@ -182,7 +169,8 @@ def load_checkpoint(
     Raises:
         UnsafeCheckpointError: a file cannot be loaded safely, or the RNG states are damaged.
         DamagedCheckpointError: a file is empty, truncated or malformed (named, with the checkpoint and the earlier
-            checkpoint to use instead), found before any weight is loaded.
+            checkpoint to use instead), found before any weight is loaded
+            ([`~.checkpoint_verification.DamagedCheckpointError`]).
         ValueError: the checkpoint holds other states than `states` (e.g. saved without `--use_ema`).
     """
     if accelerator._custom_objects:
@@ -208,22 +196,4 @@ class _Discard:
         pass
 
 
-__all__ = [
-    "DamagedCheckpointError",
-    "STATES_JSON_NAME",
-    "STATES_TENSORS_NAME",
-    "StreamPositions",
-    "UnsafeCheckpointError",
-    "check_checkpoints_total_limit",
-    "list_checkpoints",
-    "load_checkpoint",
-    "load_training_states",
-    "prune_checkpoints",
-    "publish_checkpoint",
-    "remove_stale_temporary_checkpoints",
-    "resolve_resume_checkpoint",
-    "save_checkpoint",
-    "save_training_states",
-    "temporary_checkpoint_path",
-    "verify_checkpoint_files",
-]
+__all__ = ["UnsafeCheckpointError", "load_checkpoint", "save_checkpoint"]

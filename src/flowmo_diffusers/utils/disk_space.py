@@ -39,7 +39,8 @@ def free_bytes(folder: str) -> int | None:
 
 
 def is_out_of_space(error: BaseException, free: int | None) -> bool:
-    """Whether `error`, raised while writing with `free` bytes left on the disk (None: unknown), means the disk (or quota) is full.
+    """Whether `error`, raised while writing with `free` bytes left on the disk (None: unknown), means the disk (or
+    quota) is full.
 
     Said so by an errno or a message anywhere in the chain of `error`; or any write error on a disk with less than
     1 MiB left: network file systems report a full disk as `EIO`, and torch's C++ writer as a bare
