@@ -21,12 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from ..models.autoencoder_flowmo import FlowMoModel
 from ..schedulers.scheduling_flowmo import flow_time_grid
 from ..utils.validation import check_int
-from .losses import posttrain_sample
+from .losses import AutoencoderLossModule, posttrain_sample
 
 PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -134,7 +133,7 @@ def distillation_losses(
     }
 
 
-class FlowMoDistillationModule(nn.Module):
+class FlowMoDistillationModule(AutoencoderLossModule):
     """The student `FlowMoModel` plus its distillation loss, as one module whose `forward` runs it (see
     `losses.FlowMoTrainingModule` for why distributed wrappers need this). The teacher is passed to `forward`, like
     the perceptual network, so that it is neither synchronised, trained nor checkpointed with the student.
@@ -160,15 +159,9 @@ class FlowMoDistillationModule(nn.Module):
         perceptual_weight: float = 0.0,
         gradient_checkpointing: bool = True,
     ):
-        super().__init__()
-        self.autoencoder = autoencoder
-        # The keyword arguments of distillation_losses, as given here (plain values: nothing to train or checkpoint).
-        self.loss_options = dict(
-            teacher_num_inference_steps=teacher_num_inference_steps,
-            teacher_guidance_scale=teacher_guidance_scale,
-            perceptual_weight=perceptual_weight,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        super().__init__(autoencoder, teacher_num_inference_steps=teacher_num_inference_steps,
+                         teacher_guidance_scale=teacher_guidance_scale, perceptual_weight=perceptual_weight,
+                         gradient_checkpointing=gradient_checkpointing)
 
     def forward(
         self,

@@ -195,7 +195,25 @@ def flowmo_training_losses(
     return terms
 
 
-class FlowMoTrainingModule(nn.Module):
+class AutoencoderLossModule(nn.Module):
+    """A trained autoencoder and the options of the loss its `forward` computes, as one module to wrap (DDP, FSDP).
+
+    The options are plain values (nothing to train or checkpoint), kept as the keyword arguments of the loss function.
+
+    Args:
+        autoencoder (`FlowMoModel`):
+            the model to train, reachable as `.autoencoder`.
+        loss_options (`Any`):
+            keyword arguments passed to the loss function on every `forward`.
+    """
+
+    def __init__(self, autoencoder: FlowMoModel, **loss_options):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.loss_options = loss_options
+
+
+class FlowMoTrainingModule(AutoencoderLossModule):
     """`FlowMoModel` plus its loss, as one module whose `forward` runs encoder and decoder.
 
     Distributed wrappers (DDP, FSDP) only handle what happens inside `forward`; calling `model.encode` and
@@ -228,16 +246,10 @@ class FlowMoTrainingModule(nn.Module):
         posttrain_sample_steps: int | None = None,
         posttrain_gradient_checkpointing: bool = True,
     ):
-        super().__init__()
-        self.autoencoder = autoencoder
+        super().__init__(autoencoder, guidance_dropout=guidance_dropout, perceptual_weight=perceptual_weight,
+                         posttrain_sample_steps=posttrain_sample_steps,
+                         posttrain_gradient_checkpointing=posttrain_gradient_checkpointing)
         self.scheduler = scheduler
-        # The keyword arguments of flowmo_training_losses, as given here (plain values: nothing to train or checkpoint).
-        self.loss_options = dict(
-            guidance_dropout=guidance_dropout,
-            perceptual_weight=perceptual_weight,
-            posttrain_sample_steps=posttrain_sample_steps,
-            posttrain_gradient_checkpointing=posttrain_gradient_checkpointing,
-        )
 
     def forward(
         self,
@@ -252,6 +264,7 @@ class FlowMoTrainingModule(nn.Module):
 
 
 __all__ = [
+    "AutoencoderLossModule",
     "FlowMoTrainingModule",
     "flow_matching_loss",
     "flowmo_training_losses",
