@@ -338,6 +338,42 @@ def perceptual_network(stage: str, kind: str, device: str):
     return _mse_distance, "mse stand-in"
 
 
+def measure_optimizer_steps(
+    model, params, learning_rate: float, loss, args, block_checkpointing: bool, after_step=None
+):
+    """`(timing, memory, optimizer name)` of optimizer steps on `loss()` (a closure over the batch) for `model`'s
+    `params`: Adam as in the recipe or SGD (`--optimizer`), under `--dtype` autocast, with per-block checkpointing of
+    the decoder when `block_checkpointing`; `after_step` runs after each step (the norm fix). `model` is left in eval
+    mode without gradients."""
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer_name = "Adam(betas=(0.9, 0.95))"
+    else:
+        optimizer = torch.optim.SGD(params, lr=learning_rate)
+        optimizer_name = "SGD (no optimizer state)"
+    if block_checkpointing:
+        model.enable_gradient_checkpointing()
+        model.encoder.gradient_checkpointing = False
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with common.autocast_context(args.device, args.dtype):
+            value = loss()
+        value.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+
+    try:
+        timing, memory = measure(step, args)
+    finally:
+        model.disable_gradient_checkpointing()
+        optimizer.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+        model.eval()
+    return timing, memory, optimizer_name
+
+
 def bench_train_step(model, images, args, stage: str):
     device = args.device
     height, width = images.shape[-2:]
@@ -355,43 +391,25 @@ def bench_train_step(model, images, args, stage: str):
     if stage == "1b":
         model.encoder.requires_grad_(False)  # the original freezes the encoder after 200k steps
     params = [p for p in model.parameters() if p.requires_grad]
-    learning_rate = 1e-4 if stage == "1a" else 5e-5
-    if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
-        optimizer_name = "Adam(betas=(0.9, 0.95))"
-    else:
-        optimizer = torch.optim.SGD(params, lr=learning_rate)
-        optimizer_name = "SGD (no optimizer state)"
     norm_fixer = InitialNormFixer()
     norm_fixer.record(model)
-    if stage == "1b" and not per_call:
-        model.enable_gradient_checkpointing()
-        model.encoder.gradient_checkpointing = False
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with common.autocast_context(device, args.dtype):
-            loss = flowmo_training_losses(
-                model,
-                images,
-                scheduler,
-                perceptual_loss=perceptual,
-                perceptual_weight=weight,
-                posttrain_sample_steps=args.posttrain_k if stage == "1b" else None,
-                posttrain_gradient_checkpointing=per_call,
-                generator=generator,
-            )["loss"]
-        loss.backward()
-        optimizer.step()
-        norm_fixer.apply(model)
+    def loss():
+        return flowmo_training_losses(
+            model,
+            images,
+            scheduler,
+            perceptual_loss=perceptual,
+            perceptual_weight=weight,
+            posttrain_sample_steps=args.posttrain_k if stage == "1b" else None,
+            posttrain_gradient_checkpointing=per_call,
+            generator=generator,
+        )["loss"]
 
-    try:
-        timing, memory = measure(step, args)
-    finally:
-        model.disable_gradient_checkpointing()
-        optimizer.zero_grad(set_to_none=True)
-        model.requires_grad_(False)
-        model.eval()
+    timing, memory, optimizer_name = measure_optimizer_steps(
+        model, params, 1e-4 if stage == "1a" else 5e-5, loss, args,
+        block_checkpointing=stage == "1b" and not per_call, after_step=lambda: norm_fixer.apply(model),
+    )
     extra = dict(
         stage=stage,
         optimizer=optimizer_name + " + initial-norm fixing",
@@ -424,38 +442,21 @@ def bench_distill_step(student: FlowMoModel, teacher: FlowMoModel, images, args)
     student.requires_grad_(True)
     student.encoder.requires_grad_(False)  # the token ids must not change: train.py freezes the encoder too
     params = [p for p in student.parameters() if p.requires_grad]
-    if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0)
-        optimizer_name = "Adam(betas=(0.9, 0.95))"
-    else:
-        optimizer = torch.optim.SGD(params, lr=5e-5)
-        optimizer_name = "SGD (no optimizer state)"
-    if not per_call:
-        student.enable_gradient_checkpointing()
-        student.encoder.gradient_checkpointing = False
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with common.autocast_context(device, args.dtype):
-            loss = distillation_losses(
-                student,
-                teacher,
-                images,
-                perceptual_loss=perceptual,
-                perceptual_weight=0.1,
-                gradient_checkpointing=per_call,
-                generator=generator,
-            )["loss"]
-        loss.backward()
-        optimizer.step()
+    def loss():
+        return distillation_losses(
+            student,
+            teacher,
+            images,
+            perceptual_loss=perceptual,
+            perceptual_weight=0.1,
+            gradient_checkpointing=per_call,
+            generator=generator,
+        )["loss"]
 
-    try:
-        timing, memory = measure(step, args)
-    finally:
-        student.disable_gradient_checkpointing()
-        optimizer.zero_grad(set_to_none=True)
-        student.requires_grad_(False)
-        student.eval()
+    timing, memory, optimizer_name = measure_optimizer_steps(
+        student, params, 5e-5, loss, args, block_checkpointing=not per_call
+    )
     return _row(
         "train_step_distill", args, timing, memory, len(images),
         stage="distill",
