@@ -18,7 +18,7 @@ from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
 from ..utils.validation import as_integer_tensor, check_int
 from . import pipeline_utils
-from .pipeline_utils import StepEndCallback
+from .pipeline_utils import SamplingStateMixin, StepEndCallback
 
 #: With tiling on, the default bound of an image's height and width: this many times `sample_size`.
 TILED_MAX_IMAGE_SIZE_FACTOR = 64
@@ -43,7 +43,9 @@ ImageInput = (
 )
 
 
-class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin, DiffusionPipeline):
+class FlowMoPipeline(
+    HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin, SamplingStateMixin, DiffusionPipeline
+):
     r"""
     Tokenize and reconstruct images with FlowMo.
 
@@ -82,22 +84,8 @@ class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    # diffusers' sampling state, set by `__call__` and read (or changed) by `callback_on_step_end`.
-    @property
-    def guidance_scale(self) -> float:
-        """The guidance scale of the current (or last) call; a callback that sets `pipe._guidance_scale` changes it
-        from the next solver step on (e.g. 1.0 switches guidance off)."""
-        return self._guidance_scale
-
-    @property
-    def num_timesteps(self) -> int:
-        """Solver steps of the current (or last) call: `num_inference_steps` for Euler-type solvers, 2N - 1 for Heun."""
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        """Whether sampling stops: a callback that sets `pipe._interrupt = True` ends it after that step."""
-        return self._interrupt
+    # diffusers' sampling state (SamplingStateMixin) is that of the solver loop: `num_timesteps` counts solver steps,
+    # `num_inference_steps` for Euler-type solvers and 2N - 1 for Heun.
 
     def _progress_over_timesteps(self, timesteps):
         # The solver loop lives in FlowMoModel.decode_unchecked, which hands its timesteps to this wrapper before the

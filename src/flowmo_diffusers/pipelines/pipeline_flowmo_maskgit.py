@@ -19,7 +19,7 @@ from ..utils.hub import HubPipelineMixin
 from ..utils.validation import as_integer_tensor, check_float, check_int, check_optional_float, check_optional_int
 from . import pipeline_utils
 from .pipeline_flowmo import FlowMoPipeline
-from .pipeline_utils import StepEndCallback
+from .pipeline_utils import SamplingStateMixin, StepEndCallback
 
 
 @dataclass
@@ -38,7 +38,7 @@ class FlowMoMaskGiTPipelineOutput(BaseOutput):
     indices: torch.LongTensor
 
 
-class FlowMoMaskGiTPipeline(HubPipelineMixin, FollowUmaskSaveMixin, DiffusionPipeline):
+class FlowMoMaskGiTPipeline(HubPipelineMixin, FollowUmaskSaveMixin, SamplingStateMixin, DiffusionPipeline):
     r"""
     Class-conditional generation with a MaskGiT prior over FlowMo tokens.
 
@@ -74,23 +74,9 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, FollowUmaskSaveMixin, DiffusionPip
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    # diffusers' sampling state of the unmasking loop, set by `generate_indices` and read (or changed) by
-    # `callback_on_step_end`; the decoder's own sampler that follows is not part of it.
-    @property
-    def guidance_scale(self) -> float:
-        """The prior's guidance scale g of the current (or last) call; a callback that sets `pipe._guidance_scale`
-        changes it from the next unmasking step on (the scheduler's guidance schedule still applies to it)."""
-        return self._guidance_scale
-
-    @property
-    def num_timesteps(self) -> int:
-        """Unmasking steps of the current (or last) call."""
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        """Whether unmasking stops: a callback that sets `pipe._interrupt = True` ends it after that step."""
-        return self._interrupt
+    # diffusers' sampling state (SamplingStateMixin) is that of the unmasking loop, set by `generate_indices`: the
+    # prior's guidance scale g (the scheduler's guidance schedule still applies to it) and its steps; the decoder's
+    # own sampler that follows is not part of it.
 
     # ----------------------------------------------------------------------------------------------------------
     def check_components(self) -> None:

@@ -89,7 +89,29 @@ def check_generators(generator: torch.Generator | list[torch.Generator] | None, 
         )
 
 
+class SamplingStateMixin:
+    """diffusers' sampling state of a pipeline's loop (`guidance_scale`, `num_timesteps`, `interrupt`): set by
+    `__call__` as `_guidance_scale`, `_num_timesteps`, `_interrupt`, and read (or changed) by `callback_on_step_end`."""
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the current (or last) call; a callback that sets `pipe._guidance_scale` changes it
+        from the next step of the loop on (e.g. 1.0 switches guidance off)."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the loop in the current (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether the loop stops: a callback that sets `pipe._interrupt = True` ends it after that step."""
+        return self._interrupt
+
+
 __all__ = [
+    "SamplingStateMixin",
     "StepEndCallback",
     "check_callback",
     "check_generators",
