@@ -1,19 +1,17 @@
 """The CI constraints file .ci/floors.txt pins exactly the lower bounds setup.py declares (see .ci/make_floors.py)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 
+from testing_utils import load_script
+
 CI = Path(__file__).resolve().parents[1] / ".ci"
 
 
 def make_floors():
-    spec = importlib.util.spec_from_file_location("make_floors", CI / "make_floors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(CI / "make_floors.py")
 
 
 def test_floors_file_agrees_with_setup_py():

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from testing_utils import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -25,10 +27,7 @@ SMOKE = ["--device", "cpu", "--preset", "flowmo-tiny", "--threads", "1"]
 
 
 def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("_benchmark_script_gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def run_script(*args, timeout=600):

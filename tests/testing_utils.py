@@ -94,7 +94,8 @@ def random_token_ids(batch, generator_seed=0, with_masks=False):
 
 
 def load_script(path):
-    """A script (`benchmarks/*.py`, `scripts/*.py`) as a module, so that its functions and `main` run in this process."""
+    """A script (`examples/`, `benchmarks/`, `scripts/`, `.ci/`) as a module, so that its functions and `main` run in
+    this process."""
     path = Path(path)
     spec = importlib.util.spec_from_file_location(f"_script_{path.parent.name}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)

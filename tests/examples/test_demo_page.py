@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flowmo_diffusers.pipelines.demo import prepare_image
-from testing_utils import EXAMPLES, tiny_flowmo_model, tiny_flowmo_pipeline
+from testing_utils import EXAMPLES, load_script, tiny_flowmo_model, tiny_flowmo_pipeline
 
 DEMO = EXAMPLES / "demo"
 CHROMIUM = "/usr/bin/chromium"
@@ -38,17 +38,11 @@ def browser_tools():
 
 def load_screenshot_script():
     """examples/demo/screenshot.py as a module: the test drives the page with the functions the screenshot uses."""
-    spec = importlib.util.spec_from_file_location("demo_screenshot", DEMO / "screenshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DEMO / "screenshot.py")
 
 
 def load_app():
-    spec = importlib.util.spec_from_file_location("demo_app", DEMO / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DEMO / "app.py")
 
 
 def test_the_app_loads_a_pipeline_by_hub_id(local_hub, tmp_path):

@@ -24,7 +24,7 @@ from flowmo_diffusers.training.ema import EMACheckpoint
 from flowmo_diffusers.training.recipe import InitialNormFixer, TrainingProgress
 from flowmo_diffusers.utils.output_lock import OutputDirLock
 
-from testing_utils import REPO
+from testing_utils import REPO, load_script
 
 
 class Payload:
@@ -182,23 +182,13 @@ def test_stale_temporary_checkpoints_are_only_removed_under_the_lock(tmp_path):
         assert remove_stale_temporary_checkpoints(str(tmp_path), lock) == [str(tmp_path / "checkpoint-3.tmp")]
 
 
-def load_script(relative_path):
-    import importlib.util
-
-    path = REPO / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("script, required", [
     ("examples/train_flowmo/train.py", ["--max_train_steps", "1"]),
     ("examples/train_maskgit/train.py", ["--max_train_steps", "1", "--pretrained_model_name_or_path", "x",
                                          "--train_dataset", "y"]),
 ])
 def test_checkpoints_total_limit_0_is_refused_at_argument_parsing(script, required, capsys):
-    parse_args = load_script(script).parse_args
+    parse_args = load_script(REPO / script).parse_args
     with pytest.raises(SystemExit):
         parse_args(required + ["--checkpoints_total_limit", "0"])
     assert "--checkpoints_total_limit: must be at least 1, got 0" in capsys.readouterr().err

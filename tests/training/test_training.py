@@ -5,7 +5,6 @@ The script runs use the tiny preset at 32x32 with a few steps. Pretrained percep
 offline: runs that include the perceptual term pass `--perceptual_random_init` explicitly.
 """
 
-import importlib.util
 import json
 import os
 import urllib.error
@@ -53,7 +52,7 @@ from flowmo_diffusers.training.recipe import (
 from flowmo_diffusers.training.reporting import validation_grid, write_model_card
 from flowmo_diffusers.utils.output_lock import OutputDirLock
 
-from testing_utils import REPO, tiny_flowmo_model
+from testing_utils import REPO, load_script, tiny_flowmo_model
 from testing_utils import launch as launch_script
 
 SCRIPT = REPO / "examples" / "train_flowmo" / "train.py"
@@ -363,15 +362,12 @@ def test_model_card(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_flowmo_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_train_script():
+    return load_script(SCRIPT)
 
 
 def test_script_defaults():
-    script = load_script()
+    script = load_train_script()
     demo = script.parse_args([])
     assert demo.demo and demo.model_config == "flowmo-tiny" and demo.perceptual_weight == 0.0
     assert demo.max_train_steps == script.DEMO_DEFAULTS["max_train_steps"] and demo.learning_rate == 1e-3
@@ -450,7 +446,7 @@ def test_pretrain_run_writes_pipeline_checkpoints_and_validation(pretrained_run)
     assert "psnr_ema" in records[1]
     pipeline = FlowMoPipeline.from_pretrained(output_dir)
     # The saved pipeline holds the EMA weights.
-    assert checksums(output_dir)["ema"] == load_script().weights_checksum(pipeline.autoencoder.parameters())
+    assert checksums(output_dir)["ema"] == load_train_script().weights_checksum(pipeline.autoencoder.parameters())
 
 
 def test_resume_reproduces_the_uninterrupted_run(pretrained_run, tmp_path):
