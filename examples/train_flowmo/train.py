@@ -43,23 +43,12 @@ from flowmo_diffusers.data import (
 )
 from flowmo_diffusers.models.presets import FLOWMO_PRESETS, resolve_model_config
 from flowmo_diffusers.schedulers.scheduling_flowmo import TRAINING_TIME_DISTRIBUTIONS
-from flowmo_diffusers.training.arguments import (
-    add_checkpointing_arguments,
-    add_divergence_arguments,
-    add_tracking_arguments,
-)
+from flowmo_diffusers.training.arguments import add_training_run_arguments
 from flowmo_diffusers.training.checkpoint_folders import remove_stale_temporary_checkpoints, resolve_resume_checkpoint
 from flowmo_diffusers.training.checkpointing import load_checkpoint, save_checkpoint
 from flowmo_diffusers.training.distillation import FlowMoDistillationModule, make_student_config
-from flowmo_diffusers.training.distributed import full_tensor, mean_across_processes
-from flowmo_diffusers.training.divergence import (
-    DivergenceGuard,
-    check_finite_weights,
-    gradient_norm,
-    inject_debug_nonfinite,
-    nonfinite_flag,
-    skip_optimizer_step,
-)
+from flowmo_diffusers.training.distributed import full_tensor
+from flowmo_diffusers.training.divergence import DivergenceGuard, check_finite_weights, inject_debug_nonfinite, synchronize_step
 from flowmo_diffusers.training.ema import EMACheckpoint, create_ema, ema_update_due, update_ema
 from flowmo_diffusers.training.losses import FlowMoTrainingModule
 from flowmo_diffusers.training.perceptual import (
@@ -182,8 +171,7 @@ def parse_args(argv=None):
     parser.add_argument("--ema_decay", type=float, default=0.9999, help="Per-step decay; applied as decay**k every k steps.")
     parser.add_argument("--ema_update_every", type=positive_int, default=10)
     # Checkpoints, validation, logging
-    add_checkpointing_arguments(parser, checkpointing_steps=5000)
-    add_divergence_arguments(parser)
+    add_training_run_arguments(parser, checkpointing_steps=5000, tracker_project_name="train_flowmo")
     parser.add_argument("--validation_steps", type=positive_int, default=None,
                         help="Reconstruct the fixed validation batch and log PSNR every N steps and at the start "
                         "(default 1000; 100 for the embedded demo data).")
@@ -192,7 +180,6 @@ def parse_args(argv=None):
                         help="Default: the decoder's own sampler (25 steps; K for --stage distill).")
     parser.add_argument("--validation_guidance_scale", type=float, default=None,
                         help="Default: the decoder's own (1.5; 1 for --stage distill).")
-    add_tracking_arguments(parser, tracker_project_name="train_flowmo")
     parser.add_argument("--debug_checksums", action="store_true",
                         help="Each process writes a checksum of its final weights to OUTPUT_DIR/debug_checksums/.")
     args = parser.parse_args(argv)
@@ -527,23 +514,13 @@ def main(argv=None):
             continue
 
         # The step's one host sync: the losses and the non-finite flag, reduced together, decide step or skip.
-        grad_norm = None
-        if args.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(training_module.parameters(), args.max_grad_norm)
-        elif accelerator.scaler is None:
-            grad_norm = gradient_norm(training_module.parameters())
-        # fp16: the GradScaler skips steps with infinite gradients itself (normal training); only the loss counts.
-        running["nonfinite"] = nonfinite_flag(running["loss"], grad_norm if accelerator.scaler is None else None)
-        running["preempted"] = preemption.flag(accelerator.device)  # a signal on any process stops all of them
-        logs = mean_across_processes(accelerator, running)  # one collective, one sync
-        preempted = preemption.agreed(logs.pop("preempted"))
+        logs, preempted = synchronize_step(
+            accelerator, optimizer, running, training_module.parameters(), model.parameters(), guard=divergence_guard,
+            preemption=preemption, step=global_step, output_dir=args.output_dir, max_grad_norm=args.max_grad_norm,
+        )
         running = {}
-        if not divergence_guard.admit(global_step + 1, logs.pop("nonfinite")):
-            skip_optimizer_step(accelerator, optimizer)  # no update, no EMA, no norm fix; global_step stays
-            # Finite gradients cannot make the loss NaN on healthy weights: was it the previous update (lr too high)?
-            check_finite_weights(accelerator, {"model": model.parameters()}, global_step, args.output_dir,
-                                 "its update made the weights non-finite")
-            continue
+        if logs is None:
+            continue  # skipped: no update, no EMA, no norm fix; global_step stays
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
@@ -564,11 +541,8 @@ def main(argv=None):
         progress_bar.update(1)
         progress_bar.set_postfix({k: f"{logs[k]:.4f}" for k in ("loss", "flow_loss", "teacher_psnr") if k in logs})
 
-        if global_step % args.checkpointing_steps == 0:
-            checkpoint(global_step)
-        if preempted:
-            preemption.stop(accelerator, global_step, checkpoint, global_step % args.checkpointing_steps == 0,
-                            args.output_dir, log=logger.info)
+        preemption.checkpoint_or_stop(accelerator, global_step, checkpoint, args.checkpointing_steps, preempted,
+                                      args.output_dir, log=logger.info)
         if global_step % args.validation_steps == 0 and validation.takes_part:
             validation.run(global_step)
     progress_bar.close()

@@ -31,24 +31,12 @@ from transformers import get_scheduler
 
 from flowmo_diffusers import FlowMoMaskGiTPipeline, FlowMoMaskGiTTransformer, FlowMoPipeline, MaskGiTScheduler
 from flowmo_diffusers.models.presets import MASKGIT_PRESETS, resolve_model_config
-from flowmo_diffusers.training.arguments import (
-    add_checkpointing_arguments,
-    add_divergence_arguments,
-    add_tracking_arguments,
-)
+from flowmo_diffusers.training.arguments import add_training_run_arguments
 from flowmo_diffusers.training.checkpoint_folders import remove_stale_temporary_checkpoints, resolve_resume_checkpoint
 from flowmo_diffusers.training.checkpointing import load_checkpoint, save_checkpoint
 from flowmo_diffusers.training.maskgit import maskgit_training_step
 from flowmo_diffusers.training.pretokenize import check_token_dataset, load_token_dataset
-from flowmo_diffusers.training.distributed import mean_across_processes
-from flowmo_diffusers.training.divergence import (
-    DivergenceGuard,
-    check_finite_weights,
-    gradient_norm,
-    inject_debug_nonfinite,
-    nonfinite_flag,
-    skip_optimizer_step,
-)
+from flowmo_diffusers.training.divergence import DivergenceGuard, check_finite_weights, inject_debug_nonfinite, synchronize_step
 from flowmo_diffusers.training.preemption import PreemptionGuard, clear_preempted_marker
 from flowmo_diffusers.training.recipe import TrainingProgress
 from flowmo_diffusers.utils.validation import positive_int
@@ -104,15 +92,13 @@ def parse_args(argv=None):
     parser.add_argument("--use_ema", action="store_true")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     # Checkpoints, validation, logging
-    add_checkpointing_arguments(parser, checkpointing_steps=10_000)
-    add_divergence_arguments(parser)
+    add_training_run_arguments(parser, checkpointing_steps=10_000, tracker_project_name="train_maskgit")
     parser.add_argument("--validation_steps", type=positive_int, default=5000)
     parser.add_argument("--validation_class_ids", type=int, nargs="+", default=None,
                         help="Classes drawn in the validation grid (default: 8 spread over the classes).")
     parser.add_argument("--validation_inference_steps", type=int, default=16)
     parser.add_argument("--validation_guidance_scale", type=float, default=3.0)
     parser.add_argument("--validation_decoder_inference_steps", type=int, default=25)
-    add_tracking_arguments(parser, tracker_project_name="train_maskgit")
     args = parser.parse_args(argv)
     return args
 
@@ -323,23 +309,14 @@ def main(argv=None):
             continue
 
         # The step's one host sync: the losses and the non-finite flag, reduced together, decide step or skip.
-        if args.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-        else:
-            grad_norm = gradient_norm(transformer.parameters())
-        # fp16: the GradScaler skips steps with infinite gradients itself (normal training); only the loss counts.
-        running["nonfinite"] = nonfinite_flag(running["loss"], grad_norm if accelerator.scaler is None else None)
-        running["preempted"] = preemption.flag(accelerator.device)  # a signal on any process stops all of them
-        logs = mean_across_processes(accelerator, running)  # one collective, one sync
-        preempted = preemption.agreed(logs.pop("preempted"))
+        # --max_grad_norm 0 turns clipping off.
+        logs, preempted = synchronize_step(
+            accelerator, optimizer, running, transformer.parameters(), model.parameters(), guard=divergence_guard,
+            preemption=preemption, step=global_step, output_dir=args.output_dir, max_grad_norm=args.max_grad_norm or None,
+        )
         running = {"loss": 0.0, "accuracy": 0.0}
-        if not divergence_guard.admit(global_step + 1, logs.pop("nonfinite")):
-            # No update, no EMA, no scheduler step (the diffusers convention): global_step and the lr stay.
-            skip_optimizer_step(accelerator, optimizer)
-            # Finite gradients cannot make the loss NaN on healthy weights: was it the previous update (lr too high)?
-            check_finite_weights(accelerator, {"model": model.parameters()}, global_step, args.output_dir,
-                                 "its update made the weights non-finite")
-            continue
+        if logs is None:
+            continue  # skipped: no update, no EMA, no scheduler step (the diffusers convention); global_step, lr stay
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -353,11 +330,8 @@ def main(argv=None):
         accelerator.log(logs, step=global_step)
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.3f}")
-        if global_step % args.checkpointing_steps == 0:
-            checkpoint(global_step)
-        if preempted:
-            preemption.stop(accelerator, global_step, checkpoint, global_step % args.checkpointing_steps == 0,
-                            args.output_dir, log=logger.info)
+        preemption.checkpoint_or_stop(accelerator, global_step, checkpoint, args.checkpointing_steps, preempted,
+                                      args.output_dir, log=logger.info)
         if global_step % args.validation_steps == 0 and accelerator.is_main_process:
             run_validation(global_step)
     progress_bar.close()

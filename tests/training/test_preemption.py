@@ -30,6 +30,28 @@ def test_guard_sets_a_flag_and_restores_the_previous_handlers():
         PreemptionGuard(signals=(15,))
 
 
+class _OneProcess:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def end_training(self):
+        pass
+
+
+def test_checkpoint_or_stop_saves_a_due_step_once_and_stops_only_when_preempted(tmp_path):
+    saved, guard = [], PreemptionGuard()
+    guard.checkpoint_or_stop(_OneProcess(), 4, saved.append, 3, False, str(tmp_path), log=saved.append)
+    guard.checkpoint_or_stop(_OneProcess(), 6, saved.append, 3, False, str(tmp_path), log=saved.append)
+    assert saved == [6] and not (tmp_path / PREEMPTED_MARKER).exists()
+    for step in (9, 10):  # due: saved by the schedule, not again by the stop; not due: saved by the stop
+        with pytest.raises(SystemExit):
+            guard.checkpoint_or_stop(_OneProcess(), step, saved.append, 3, True, str(tmp_path), log=saved.append)
+        assert (tmp_path / PREEMPTED_MARKER).is_file()
+    assert saved == [6, 9, preempted_message(9), 10, preempted_message(10)]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted 4-step run, one process."""

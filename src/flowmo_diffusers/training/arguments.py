@@ -53,4 +53,20 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, tracker_project_name
     parser.add_argument("--hub_token", type=str, default=None)
 
 
-__all__ = ["add_checkpointing_arguments", "add_divergence_arguments", "add_tracking_arguments"]
+def add_training_run_arguments(parser: argparse.ArgumentParser, checkpointing_steps: int, tracker_project_name: str) -> None:
+    """Every option above, as each training script takes them: checkpointing, divergence, tracking and the Hub.
+
+    Args:
+        parser (`argparse.ArgumentParser`):
+            The script's parser.
+        checkpointing_steps (`int`):
+            The default of `--checkpointing_steps`.
+        tracker_project_name (`str`):
+            The default of `--tracker_project_name`.
+    """
+    add_checkpointing_arguments(parser, checkpointing_steps)
+    add_divergence_arguments(parser)
+    add_tracking_arguments(parser, tracker_project_name)
+
+
+__all__ = ["add_checkpointing_arguments", "add_divergence_arguments", "add_tracking_arguments", "add_training_run_arguments"]

@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 
 from ..utils.validation import check_int
 from .checkpoint_folders import list_checkpoints
-from .distributed import DTensor, full_tensor, local_tensor
+from .distributed import DTensor, full_tensor, local_tensor, mean_across_processes
 from .ema import EMACheckpoint
 
 #: Default of `--max_skipped_steps`: one bad batch (or a loss spike or two) is survivable; several in a row mean the
@@ -159,6 +159,56 @@ def state_tensors(states: Mapping[str, Any] | None) -> dict[str, list[torch.Tens
     return found
 
 
+def synchronize_step(
+    accelerator,
+    optimizer,
+    running: dict[str, torch.Tensor],
+    parameters: Iterable[torch.Tensor],
+    weights: Iterable[torch.Tensor],
+    *,
+    guard: DivergenceGuard,
+    preemption,
+    step: int,
+    output_dir: str | None,
+    max_grad_norm: float | None = None,
+) -> tuple[dict[str, float] | None, bool]:
+    """An optimizer step's one host sync, as every training script takes it: gradient norm (clipped with
+    `max_grad_norm`), the non-finite and preemption flags and the step's losses reduced together, then step or skip.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator.
+        optimizer (`torch.optim.Optimizer`): the prepared optimizer; a skipped step drops its gradients.
+        running (`dict[str, torch.Tensor]`): the step's accumulated values (at least `"loss"`), 0-dim tensors.
+        parameters (`Iterable[torch.Tensor]`): the trained module's parameters, for the gradient norm.
+        weights (`Iterable[torch.Tensor]`): the model's weights, checked for non-finite values when a step is skipped.
+        guard ([`DivergenceGuard`]): decides whether the step may update.
+        preemption ([`~flowmo_diffusers.training.preemption.PreemptionGuard`]): its flag travels in the same reduce.
+        step (`int`): optimizer steps taken so far (the step attempted is `step + 1`).
+        output_dir (`str`, *optional*): the run's folder, named in a divergence error.
+        max_grad_norm (`float`, *optional*): clip the gradients to this norm; None: no clipping.
+
+    Returns:
+        `tuple[dict[str, float] | None, bool]`: the reduced values of `running` (without the flags), or None when the
+        step was skipped (no update: the caller goes on to the next batch); and whether some process was signalled.
+    """
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    elif accelerator.scaler is None:
+        grad_norm = gradient_norm(parameters)
+    # fp16: the GradScaler skips steps with infinite gradients itself (normal training); only the loss counts.
+    running["nonfinite"] = nonfinite_flag(running["loss"], grad_norm if accelerator.scaler is None else None)
+    running["preempted"] = preemption.flag(accelerator.device)  # a signal on any process stops all of them
+    logs = mean_across_processes(accelerator, running)  # one collective, one sync
+    preempted = preemption.agreed(logs.pop("preempted"))
+    if guard.admit(step + 1, logs.pop("nonfinite")):
+        return logs, preempted
+    skip_optimizer_step(accelerator, optimizer)
+    # Finite gradients cannot make the loss NaN on healthy weights: was it the previous update (lr too high)?
+    check_finite_weights(accelerator, {"model": weights}, step, output_dir, "its update made the weights non-finite")
+    return None, preempted
+
+
 @torch.no_grad()
 def count_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """How many of `tensors` hold a NaN or an infinity: a 0-dim int64 tensor, computed on their device, no sync."""
@@ -205,4 +255,5 @@ __all__ = [
     "optimizer_state_tensors",
     "skip_optimizer_step",
     "state_tensors",
+    "synchronize_step",
 ]

@@ -119,6 +119,25 @@ class PreemptionGuard:
         """The common verdict from the reduced flag (its mean over processes): some process was signalled."""
         return reduced_flag > 0
 
+    def checkpoint_or_stop(
+        self,
+        accelerator,
+        step: int,
+        save: Callable[[int], object],
+        checkpointing_steps: int,
+        preempted: bool,
+        output_dir: str,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        """The end of optimizer step `step` in a training script: `save(step)` when `--checkpointing_steps` says a
+        checkpoint is due, then, if `preempted` (the [`agreed`] verdict), [`stop`] without saving the same step twice.
+        Call on every process."""
+        due = step % checkpointing_steps == 0
+        if due:
+            save(step)
+        if preempted:
+            self.stop(accelerator, step, save, due, output_dir, log)
+
     def stop(
         self,
         accelerator,
