@@ -33,7 +33,6 @@ class DamagedCheckpointError(UnsafeCheckpointError):
     """A file of a checkpoint is empty, truncated or malformed, so the checkpoint is not resumed from (a `ValueError`)."""
 
 
-
 def _load_torch_pickle_safely(path: str) -> Any:
     """`torch.load(path, weights_only=True)` with Accelerate's allow-list (numpy arrays of the RNG states)."""
     from accelerate.utils.other import load

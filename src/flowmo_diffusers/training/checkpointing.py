@@ -149,7 +149,6 @@ def save_checkpoint(
     return final
 
 
-
 def load_checkpoint(
     accelerator, folder: str, states: Mapping[str, Any] | None = None, flags: Mapping[str, str] | None = None
 ) -> None:
