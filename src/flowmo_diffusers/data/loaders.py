@@ -28,7 +28,7 @@ Why the epochs and positions are kept here rather than by ``accelerator.prepare`
   its slice (``IterableDatasetShard``): each process would read and decode all images instead of its own shards. And
   ``save_state`` writes a loader's state to one ``dl_state_dict.bin`` from every process, with no process index in the
   name, while each process of a stream has a position of its own (its shards, its workers): all but one would be lost.
-  So the positions of all processes travel in the training states (``training.StreamPositions``).
+  So the positions of all processes travel in the training states (``training.training_states.StreamPositions``).
 * map-style: a batch is a pure function of its position, so the number of batches consumed is the whole state and
   resuming is Accelerate's own ``SkipBatchSampler`` (what ``skip_first_batches`` uses). Preparing the loader would
   change more than the loader: every epoch end of a prepared loader forces an optimizer step under gradient
