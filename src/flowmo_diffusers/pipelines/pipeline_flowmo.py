@@ -18,7 +18,7 @@ from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
 from ..utils.validation import as_integer_tensor, check_int
 from . import pipeline_utils
-from .pipeline_utils import StepEndCallback
+from .pipeline_utils import SharesSamplingSchedulerMixin, StepEndCallback
 
 #: With tiling on, the default bound of an image's height and width: this many times `sample_size`.
 TILED_MAX_IMAGE_SIZE_FACTOR = 64
@@ -43,7 +43,9 @@ ImageInput = (
 )
 
 
-class FlowMoPipeline(HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin, DiffusionPipeline):
+class FlowMoPipeline(
+    SharesSamplingSchedulerMixin, HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin, DiffusionPipeline
+):
     r"""
     Tokenize and reconstruct images with FlowMo.
 
