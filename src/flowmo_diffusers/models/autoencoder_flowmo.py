@@ -15,7 +15,6 @@ from ..utils.validation import check_float, check_floating_dtype, check_int, che
 from .configuration_flowmo import (
     CONFIG_RULES,
     LEGACY_SAMPLING_KEYS,
-    MAX_PARAMETERS,
     bits_per_pixel,
     check_model_size,
     legacy_sampling_scheduler,
@@ -450,3 +449,13 @@ class FlowMoModel(
                 f"rotary_emb must be the (cos, sin) pair from decoder_rotary_embedding({height}, {width}), each of "
                 f"shape {expected}; got {got}"
             )
+
+
+# Decoding's output and the config's rate live in their own modules; this one, FlowMoModel's, names them too.
+__all__ = [
+    "FlowMoDecodeOutput",
+    "FlowMoDecoderOutput",
+    "FlowMoEncoderOutput",
+    "FlowMoModel",
+    "bits_per_pixel",
+]
