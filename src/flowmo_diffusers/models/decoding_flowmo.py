@@ -160,21 +160,10 @@ class FlowMoDecodingMixin:
             output = self._decode(code, **sampler_kwargs)
         return output if return_dict else output.to_tuple()
 
-    def _decode(
-        self,
-        code: torch.Tensor,
-        *,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | Callable[[int], float] | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler=None,
-        step_callback: Callable | None = None,
-        progress_bar: Callable | None = None,
-        interrupt: Callable[[], bool] | None = None,
-    ) -> FlowMoDecodeOutput:
+    # The arguments are [`decode`]'s, typed and documented there; every one defaults to None as there.
+    def _decode(self, code: torch.Tensor, *, num_inference_steps=None, guidance_scale=None, generator=None, latents=None,
+                height=None, width=None, scheduler=None, step_callback=None, progress_bar=None,
+                interrupt=None) -> FlowMoDecodeOutput:
         """[`decode_unchecked`] of whole images (no tiling): the solver loop."""
         if code.dtype.is_floating_point:
             expected = (self.config.code_length, self.config.context_dim)
