@@ -226,11 +226,11 @@ def count_calls(monkeypatch, module, name):
 
 
 def test_a_pipeline_call_checks_the_decode_bounds_once(tiny_pipeline, monkeypatch):
-    from flowmo_diffusers.models import autoencoder_flowmo
+    from flowmo_diffusers.models import decoding_flowmo
     from flowmo_diffusers.pipelines import pipeline_flowmo
 
     in_pipeline = count_calls(monkeypatch, pipeline_flowmo, "check_decode_bounds")
-    in_model = count_calls(monkeypatch, autoencoder_flowmo, "check_decode_bounds")
+    in_model = count_calls(monkeypatch, decoding_flowmo, "check_decode_bounds")
     tiny_pipeline(indices=IDS, num_inference_steps=2, output_type="pt")
     assert (len(in_pipeline), len(in_model)) == (1, 0)
     tiny_pipeline(images=torch.rand(1, 3, 32, 32), num_inference_steps=2, output_type="pt")

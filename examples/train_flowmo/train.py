@@ -230,8 +230,8 @@ def load_model(args):
     if args.stage == "distill":
         teacher = copy.deepcopy(model).float().eval().requires_grad_(False)
         # The student starts as the teacher and decodes, from now on, in K unguided passes on its own grid.
-        make_student_config(model, args.distill_steps, args.distill_time_schedule, teacher=args.pretrained_model_name_or_path)
-        scheduler = FlowMoScheduler.from_config(scheduler.config, time_schedule=args.distill_time_schedule)
+        scheduler = make_student_config(model, args.distill_steps, args.distill_time_schedule,
+                                        teacher=args.pretrained_model_name_or_path, scheduler=scheduler)
     return model.float().train(), scheduler, teacher
 
 

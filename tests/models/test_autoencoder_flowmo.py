@@ -74,9 +74,9 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
     assert loaded.config.bits_per_subtoken == 4
 
 
-@pytest.mark.parametrize("interval", [(0.2, 0.9), [0.17, 1.02], None])
-def test_config_is_equal_after_save_and_load(tmp_path, interval):
-    config = dict(get_preset_config("flowmo-tiny"), encoder_axes_dim=(4, 6, 6), sampling_guidance_interval=interval)
+@pytest.mark.parametrize("axes", [(4, 6, 6), [4, 6, 6]])
+def test_config_is_equal_after_save_and_load(tmp_path, axes):
+    config = dict(get_preset_config("flowmo-tiny"), encoder_axes_dim=axes)
     model = FlowMoModel(**config)
     model.save_pretrained(tmp_path)
     loaded = FlowMoModel.from_pretrained(tmp_path)
@@ -86,7 +86,6 @@ def test_config_is_equal_after_save_and_load(tmp_path, interval):
 
     assert public(loaded.config) == public(model.config)  # tuples registered as JSON brings them back
     assert loaded.config.encoder_axes_dim == [4, 6, 6]
-    assert interval is None or loaded.config.sampling_guidance_interval == tuple(interval)
 
 
 @pytest.mark.parametrize(

@@ -140,8 +140,8 @@ def test_model_decode_is_the_pipeline_path(tiny_pipeline):
 @torch.no_grad()
 def test_decoder_sampling_defaults_come_from_the_model_config(tiny_model):
     """A K-pass student's config makes `pipe(indices=ids)` take K passes with no argument."""
-    tiny_model.register_to_config(sampling_num_inference_steps=2, sampling_guidance_scale=1.0, sampling_time_schedule="linear")
-    pipe = FlowMoPipeline(autoencoder=tiny_model, scheduler=tiny_model.sampling_scheduler())
+    tiny_model.register_to_config(sampling_num_inference_steps=2, sampling_guidance_scale=1.0)
+    pipe = FlowMoPipeline(autoencoder=tiny_model, scheduler=FlowMoScheduler(time_schedule="linear"))
     pipe.set_progress_bar_config(disable=True)
     ids, noise = torch.randint(0, 16, (1, 24)), torch.randn(1, 3, 32, 32)
     out = pipe(indices=ids, latents=noise, output_type="pt")

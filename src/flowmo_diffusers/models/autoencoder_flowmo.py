@@ -1,43 +1,30 @@
 """FlowMoModel: the FlowMo diffusion autoencoder (encoder, lookup-free quantizer, velocity decoder)."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..conversion.single_file import FromOriginalModelMixin
-from ..schedulers.flow_sampling import (
-    count_decoder_passes,
-    evaluation_flow_times,
-    guidance_interval_mask,
-    set_flow_timesteps,
-)
-from ..schedulers.scheduling_flowmo import TIME_SCHEDULES, FlowMoScheduler
+from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.files import FollowUmaskSaveMixin
-from ..utils.validation import (
-    BoolRule,
-    FloatPairRule,
-    FloatRule,
-    IntRule,
-    IntSequenceRule,
-    OptionalRule,
-    check_float,
-    check_floating_dtype,
-    check_int,
-    check_optional_int,
-    check_tensor,
-    is_real,
-    validate_config,
+from ..utils.validation import check_float, check_floating_dtype, check_int, check_tensor, is_real, validate_config
+from .configuration_flowmo import (
+    CONFIG_RULES,
+    LEGACY_SAMPLING_KEYS,
+    bits_per_pixel,
+    check_model_size,
+    legacy_sampling_scheduler,
+    split_legacy_sampling_keys,
 )
-from .modeling_utils import MAX_GUIDANCE_SCALE, StrictLoadingMixin, check_decode_bounds
+from .decoding_flowmo import FlowMoDecodeOutput, FlowMoDecodingMixin
+from .modeling_utils import StrictLoadingMixin
 from .quantizer import LFQOutput, LookupFreeQuantizer
-from .tiling import BLEND_MODES, TileGrid, blend_tiles, split_into_tiles
+from .tiling import BLEND_MODES, TileGrid, split_into_tiles
 from .transformer_flowmo import FlowMoTransformer, patchify, unpatchify
-
 
 @dataclass
 class FlowMoEncoderOutput(BaseOutput):
@@ -75,84 +62,9 @@ class FlowMoDecoderOutput(BaseOutput):
     sample: torch.Tensor
 
 
-@dataclass
-class FlowMoDecodeOutput(BaseOutput):
-    """
-    Output of [`FlowMoModel.decode`].
-
-    Args:
-        sample (`torch.Tensor` of shape `(batch_size, 3, height, width)`): decoded images in [-1, 1], float32.
-        num_decoder_passes (`int`): decoder evaluations per image that produced them (a guided evaluation counts
-            two: code and null code). The paper's sampler takes 31.
-    """
-
-    sample: torch.Tensor
-    num_decoder_passes: int
-
-
-#: Bounds of every `config.json` value, checked at construction (and so at `from_pretrained`) before any weight is
-#: allocated. They are far beyond FlowMo-Lo/Hi (sample_size 256, depth 8/16, hidden 768/1152, context_dim 18/56)
-#: and refuse only values that would hang, exhaust memory or divide by zero.
-CONFIG_RULES = {
-    "sample_size": IntRule(1, 8192),
-    "in_channels": IntRule(1, 64),
-    "patch_size": IntRule(1, 256),
-    "code_length": IntRule(1, 65536),
-    "context_dim": IntRule(1, 4096),
-    "bits_per_subtoken": IntRule(1, 24),  # ids in [0, 2**bits); the entropy loss enumerates the 2**bits codewords
-    "encoder_hidden_size": IntRule(1, 65536),
-    "encoder_num_heads": IntRule(1, 1024),
-    "encoder_depth": IntRule(1, 1024),
-    "encoder_axes_dim": IntSequenceRule(3, 0, 65536),
-    "decoder_hidden_size": IntRule(1, 65536),
-    "decoder_num_heads": IntRule(1, 1024),
-    "decoder_depth": IntRule(1, 1024),
-    "decoder_axes_dim": IntSequenceRule(3, 0, 65536),
-    "mlp_ratio": FloatRule(0.0, 64.0, exclusive_minimum=True),
-    "qkv_bias": BoolRule(),
-    "rope_theta": FloatRule(0.0, 1e12, exclusive_minimum=True),
-    "mup_attention_scale": BoolRule(),
-    "timestep_embedding_dim": IntRule(2, 65536),
-    "entropy_temperature": FloatRule(0.0, 1e6, exclusive_minimum=True),
-    "entropy_loss_weight": FloatRule(0.0, 1e6),
-    "commitment_loss_weight": FloatRule(0.0, 1e6),
-    "sampling_num_inference_steps": IntRule(1, 1000),
-    "sampling_guidance_scale": FloatRule(-100.0, 100.0),
-    "sampling_time_power": FloatRule(0.0, 100.0, exclusive_minimum=True),
-    "sampling_guidance_interval": OptionalRule(FloatPairRule()),
-}
-#: A config describing a larger model is refused before allocation (FlowMo-Hi: about 0.9 billion parameters).
-MAX_PARAMETERS = 50_000_000_000
-
-
-def _estimated_parameters(values: dict) -> int:
-    """Rough parameter count of a config (double-stream blocks: ~36 hidden^2 per block), to refuse absurd sizes."""
-    total = 0
-    for side in ("encoder", "decoder"):
-        total += 36 * values[f"{side}_depth"] * values[f"{side}_hidden_size"] ** 2 * max(values["mlp_ratio"] / 4, 1)
-    return int(total)
-
-
-def bits_per_pixel(config, resolution: int | None = None) -> float:
-    """Bits of the token ids per image pixel: `code_length * context_dim / resolution**2`.
-
-    The number of tokens does not depend on the image size, so the rate changes with `resolution` (FlowMo-Lo at its
-    `sample_size` 256: 256 x 18 / 256**2 = 0.0703).
-
-    Args:
-        config (`FrozenDict` or any object with `code_length`, `context_dim` and `sample_size`):
-            A [`FlowMoModel`] config.
-        resolution (`int`, *optional*, defaults to `config.sample_size`):
-            Image size the rate is counted at.
-
-    Returns:
-        `float`: Bits per pixel.
-    """
-    resolution = config.sample_size if resolution is None else resolution
-    return config.code_length * config.context_dim / resolution**2
-
-
-class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMixin, FromOriginalModelMixin):
+class FlowMoModel(
+    FlowMoDecodingMixin, StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMixin, FromOriginalModelMixin
+):
     r"""
     FlowMo (Sargent et al., 2025, "Flow to the Mode"): a transformer-only diffusion autoencoder. The encoder turns an
     image into `code_length` tokens of `context_dim` channels, the lookup-free quantizer binarizes them (token ids of
@@ -182,13 +94,13 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         timestep_embedding_dim (`int`): sinusoidal features of the flow time.
         entropy_temperature, entropy_loss_weight, commitment_loss_weight (`float`): quantizer training losses.
         sampling_num_inference_steps (`int`, *optional*, defaults to 25), sampling_guidance_scale (`float`,
-            *optional*, defaults to 1.5), sampling_time_schedule (`str`, *optional*, defaults to `"power"`),
-            sampling_time_power (`float`, *optional*, defaults to 4.0), sampling_guidance_interval
-            (`Tuple[float, float]`, *optional*, defaults to `(0.17, 1.02)`): the decoder's own sampler, used by
-            [`decode`] and by the pipeline when an argument is not given: the paper's (25 steps on t = (i/N)^4,
-            guidance 1.5 within the EDM-sigma interval) for a trained FlowMo; K steps without guidance for a
-            K-pass student (`--stage distill`). The grid and interval also apply to a diffusers scheduler swapped
-            into the pipeline.
+            *optional*, defaults to 1.5): the decoder's pass count and guidance default, used by [`decode`] and by
+            the pipelines when the argument is not given: the paper's 25 steps and guidance 1.5 for a trained
+            FlowMo; K steps without guidance for a K-pass student (`--stage distill`). The time grid and guidance
+            interval are a [`FlowMoScheduler`]'s (see [`sampling_scheduler`] and
+            `flowmo_diffusers.models.decoding_flowmo`); configs that still hold them as `sampling_time_schedule`,
+            `sampling_time_power` and `sampling_guidance_interval` load with a FutureWarning and decode on the
+            FlowMoScheduler they describe.
         distilled_from (`str`, *optional*): the teacher a distilled student decoder was trained to reproduce.
     """
 
@@ -196,6 +108,8 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
     _no_split_modules = ["FlowMoBlock"]
     # `compile_repeated_blocks()` compiles each of these once and reuses the graph for every instance.
     _repeated_blocks = ["FlowMoBlock"]
+    # Saved configs' sampler keys, moved to a FlowMoScheduler (diffusers hands these from a config to `__init__`).
+    _deprecated_kwargs = list(LEGACY_SAMPLING_KEYS)
 
     @register_to_config
     def __init__(
@@ -224,35 +138,23 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         commitment_loss_weight: float = 0.000625,
         sampling_num_inference_steps: int = 25,
         sampling_guidance_scale: float = 1.5,
-        sampling_time_schedule: str = "power",
-        sampling_time_power: float = 4.0,
-        sampling_guidance_interval: tuple[float, float] | None = (0.17, 1.02),
         distilled_from: str | None = None,
+        **kwargs,
     ):
         super().__init__()
+        # The legacy sampler keys first: an unknown argument is refused before anything else is checked.
+        legacy_scheduler = legacy_sampling_scheduler(kwargs)
         values = dict(locals())
         validate_config(type(self).__name__, values, CONFIG_RULES)
-        if _estimated_parameters(values) > MAX_PARAMETERS:
-            raise ValueError(
-                f"{type(self).__name__} config: encoder/decoder depth and hidden sizes describe a model of about "
-                f"{_estimated_parameters(values):.2e} parameters (more than {MAX_PARAMETERS:.0e}); check the config"
-            )
-        if sampling_time_schedule not in TIME_SCHEDULES:
-            raise ValueError(f"sampling_time_schedule must be one of {TIME_SCHEDULES}, got {sampling_time_schedule!r}")
+        check_model_size(type(self).__name__, values)
         if context_dim % bits_per_subtoken != 0:
             raise ValueError(f"context_dim {context_dim} is not a multiple of bits_per_subtoken {bits_per_subtoken}")
         if sample_size % patch_size != 0:
             raise ValueError(f"sample_size {sample_size} is not a multiple of patch_size {patch_size}")
-        # JSON has no tuples: register sequences the way a saved config comes back (axes as lists; the guidance
-        # interval as a tuple of floats, like FlowMoScheduler's), so save_pretrained / from_pretrained round-trip to
-        # an equal config whatever was passed.
-        self.register_to_config(
-            encoder_axes_dim=list(encoder_axes_dim),
-            decoder_axes_dim=list(decoder_axes_dim),
-            sampling_guidance_interval=None
-            if sampling_guidance_interval is None
-            else tuple(float(bound) for bound in sampling_guidance_interval),
-        )
+        # JSON has no tuples: register the axes the way a saved config comes back (lists), so save_pretrained /
+        # from_pretrained round-trip to an equal config whatever was passed.
+        self.register_to_config(encoder_axes_dim=list(encoder_axes_dim), decoder_axes_dim=list(decoder_axes_dim))
+        self.set_sampling_scheduler(FlowMoScheduler() if legacy_scheduler is None else legacy_scheduler)
         patch_dim = in_channels * patch_size**2
 
         def attention_scale(hidden_size, num_heads):
@@ -294,6 +196,14 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         self.tile_overlap_factor = 0.25
         self.tile_batch_size = 8
         self.tile_blend_mode = "linear"
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # A saved config's legacy sampler keys go to `__init__` (through `_deprecated_kwargs`) rather than being
+        # reported as ignored and kept as hidden config entries that nothing reads.
+        config_dict, legacy = split_legacy_sampling_keys(dict(config_dict))
+        init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
+        return init_dict, {**unused_kwargs, **legacy}, hidden_dict
 
     # ----------------------------------------------------------------------------------------------------------
     # Tiling (diffusers' `AutoencoderKL.enable_tiling` names); layout and blending live in `models/tiling.py`.
@@ -340,7 +250,7 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
         size = self.tile_sample_min_size
         return TileGrid(height, width, size, int(round(size * self.tile_overlap_factor)))
 
-    def _check_tiled_images(self, images: torch.Tensor) -> TileGrid:
+    def check_tiled_images(self, images: torch.Tensor) -> TileGrid:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != self.config.in_channels:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a tensor of shape (batch, {self.config.in_channels}, height, width), got {got}")
@@ -351,7 +261,7 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
     def _tiled_encode(self, images: torch.Tensor, return_quantizer_losses: bool) -> FlowMoEncoderOutput:
         if return_quantizer_losses:
             raise ValueError("return_quantizer_losses is for training on whole images; call disable_tiling() first")
-        grid = self._check_tiled_images(images)
+        grid = self.check_tiled_images(images)
         tiles = split_into_tiles(images, grid)
         outputs = [self._encode(chunk) for chunk in tiles.split(self.tile_batch_size)]
         batch_size = images.shape[0]
@@ -365,48 +275,6 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
                               codebook_entropy=zero, commitment=zero)
         return FlowMoEncoderOutput(code=code, indices=indices, unquantized_code=unquantized, quantizer=quantized,
                                    tile_grid=grid)
-
-    def _tiled_decode(self, code, height, width, latents, generator, step_callback, decode_kwargs) -> FlowMoDecodeOutput:
-        if step_callback is not None:
-            raise ValueError("step callbacks see one chunk of tiles at a time: call disable_tiling() to use them")
-        sized = isinstance(latents, torch.Tensor) and latents.ndim == 4
-        height = latents.shape[-2] if sized else (height or self.config.sample_size)
-        width = latents.shape[-1] if sized else (width or self.config.sample_size)
-        grid = self.tile_grid(height, width)
-        if code.dtype.is_floating_point:
-            expected = (grid.num_tiles, self.config.code_length, self.config.context_dim)
-            if code.ndim != 4 or tuple(code.shape[1:]) != expected:
-                raise ValueError(
-                    f"with tiling, code must have shape (batch, {', '.join(map(str, expected))}) for a {height}x{width} "
-                    f"image ({grid.grid[0]}x{grid.grid[1]} tiles), got {tuple(code.shape)}; pass the height and width "
-                    "the image was encoded at"
-                )
-        elif code.ndim != 3 or tuple(code.shape[1:]) != (grid.num_tiles, self.num_indices):
-            raise ValueError(
-                f"with tiling, indices must have shape (batch, {grid.num_tiles}, {self.num_indices}) for a "
-                f"{height}x{width} image ({grid.grid[0]}x{grid.grid[1]} tiles), got {tuple(code.shape)}; pass the "
-                "height and width the image was encoded at"
-            )
-        code = self.indices_to_code(code, dtype=self.dtype) if not code.dtype.is_floating_point else code.to(self.dtype)
-        batch_size, device = code.shape[0], code.device
-        if latents is None:
-            # One noise image, cut like the image: overlapping tiles start from the same noise where they overlap.
-            shape = (batch_size, self.config.in_channels, height, width)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        else:
-            self._check_tiled_images(latents)
-            if latents.shape[0] != batch_size:
-                raise ValueError(f"latents hold {latents.shape[0]} samples for a batch of {batch_size} codes")
-        noise_tiles = split_into_tiles(latents.to(device=device, dtype=torch.float32), grid)
-        code_tiles = code.flatten(0, 1)
-        decoded, passes = [], 0
-        for start in range(0, code_tiles.shape[0], self.tile_batch_size):
-            stop = start + self.tile_batch_size
-            output = self._decode(code_tiles[start:stop], latents=noise_tiles[start:stop], **decode_kwargs)
-            decoded.append(output.sample)
-            passes = output.num_decoder_passes
-        images = blend_tiles(torch.cat(decoded), grid, self.tile_blend_mode).clamp(-1, 1)
-        return FlowMoDecodeOutput(sample=images, num_decoder_passes=passes)
 
     # ----------------------------------------------------------------------------------------------------------
     # Sizes
@@ -582,226 +450,12 @@ class FlowMoModel(StrictLoadingMixin, FollowUmaskSaveMixin, ModelMixin, ConfigMi
                 f"shape {expected}; got {got}"
             )
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Sampling
-    def sampling_scheduler(self) -> FlowMoScheduler:
-        """A [`FlowMoScheduler`] on this decoder's own grid and guidance interval (the `sampling_*` config)."""
-        return FlowMoScheduler(
-            time_schedule=self.config.sampling_time_schedule,
-            time_power=self.config.sampling_time_power,
-            guidance_interval=self.config.sampling_guidance_interval,
-        )
 
-    @torch.no_grad()
-    def decode(
-        self,
-        code: torch.Tensor,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | Callable[[int], float] | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler=None,
-        step_callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-        progress_bar: Callable | None = None,
-        return_dict: bool = True,
-        max_image_size: int | None = None,
-        max_inference_steps: int | None = None,
-        interrupt: Callable[[], bool] | None = None,
-    ) -> FlowMoDecodeOutput | tuple:
-        """
-        Decode codes or token ids into images by integrating the decoder's velocity from noise (t = 1) to t = 0.
-
-        Like diffusers' `ConsistencyDecoderVAE.decode`, the model owns its sampler, so code that holds only the model
-        can decode. The scalar arguments are checked here, once; [`FlowMoPipeline`], which checks them in its
-        `check_inputs`, decodes through [`decode_unchecked`], the same sampler without that check.
-
-        Args:
-            code (`torch.Tensor`): quantized code `(B, code_length, context_dim)` (floating point) or token ids
-                `(B, num_indices)` (integer), as from [`encode`].
-            num_inference_steps (`int`, *optional*, defaults to `config.sampling_num_inference_steps`): solver steps.
-            guidance_scale (`float` or `Callable[[int], float]`, *optional*, defaults to
-                `config.sampling_guidance_scale`): classifier-free guidance on the code, `v_null + s (v_code -
-                v_null)`, applied to each model evaluation whose flow time lies in the guidance interval; 1 disables
-                it. A callable is read before every step as `guidance_scale(step_index)`, so the scale can change
-                part-way (a pipeline's step-end callback setting `pipe._guidance_scale`); a step whose scale is 1
-                takes one decoder pass instead of two.
-            generator (`torch.Generator` or a list of one per sample, *optional*): source of the initial noise.
-            latents (`torch.Tensor` of shape `(B, 3, H, W)`, *optional*): initial noise; drawn when None.
-            height (`int`, *optional*), width (`int`, *optional*): output size (default `sample_size`); ignored when
-                `latents` is given.
-            scheduler (`SchedulerMixin`, *optional*):
-                the solver: [`FlowMoScheduler`] (default: [`sampling_scheduler`]) or a diffusers
-                flow-matching scheduler (see `flowmo_diffusers.schedulers.flow_sampling`), which then runs on this
-                decoder's grid where it accepts one, with this decoder's guidance interval.
-            step_callback (`Callable`, *optional*): `f(step_index, timestep, latents)` after every solver step; a
-                tensor it returns replaces the latents.
-            progress_bar (`Callable`, *optional*): wraps the iterable of timesteps (e.g. a pipeline's `progress_bar`).
-            interrupt (`Callable[[], bool]`, *optional*): read before every step; once it returns True, sampling stops
-                and the current latents are the result (diffusers' `pipe._interrupt`). `num_decoder_passes` then
-                counts the passes that ran.
-            max_image_size (`int`, *optional*, defaults to 4 x `sample_size`), max_inference_steps (`int`,
-                *optional*, defaults to 1000): bounds of the output size and of `num_inference_steps`, checked before
-                anything is allocated.
-
-                With tiling on ([`enable_tiling`]), `code` holds one code per tile, `(B, num_tiles, code_length,
-                context_dim)` or ids `(B, num_tiles, num_indices)` as from a tiled [`encode`], `height` and `width`
-                are the image size it was encoded at (the grid follows from them), `latents` is one noise image
-                `(B, 3, H, W)`; tiles are decoded `tile_batch_size` at a time and blended.
-
-        Returns:
-            [`FlowMoDecodeOutput`] with `sample` `(B, 3, H, W)` in [-1, 1] and `num_decoder_passes`.
-        """
-        if self.use_tiling:
-            # The decoder sees one tile at a time: the tile's size is what the bounds guard (memory of attention).
-            sizes = (self.tile_sample_min_size, self.tile_sample_min_size)
-            check_optional_int("height", height, 1), check_optional_int("width", width, 1)
-        elif isinstance(latents, torch.Tensor) and latents.ndim == 4:  # the latents give the size when passed
-            sizes = tuple(latents.shape[-2:])
-        else:
-            sizes = (height, width)
-        if callable(guidance_scale):
-            first_scale = guidance_scale(0)
-        else:
-            first_scale = self.config.sampling_guidance_scale if guidance_scale is None else guidance_scale
-        check_decode_bounds(
-            self.config.sample_size, *sizes,
-            self.config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps,
-            first_scale, max_image_size, max_inference_steps,
-        )
-        return self.decode_unchecked(
-            code, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
-            latents=latents, height=height, width=width, scheduler=scheduler, step_callback=step_callback,
-            progress_bar=progress_bar, return_dict=return_dict, interrupt=interrupt,
-        )
-
-    @torch.no_grad()
-    def decode_unchecked(
-        self,
-        code: torch.Tensor,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | Callable[[int], float] | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler=None,
-        step_callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-        progress_bar: Callable | None = None,
-        return_dict: bool = True,
-        interrupt: Callable[[], bool] | None = None,
-    ) -> FlowMoDecodeOutput | tuple:
-        """[`decode`] without its checks of the Python scalars (sizes, step count, guidance scale and their bounds),
-        for a caller that checked them once where they entered, as [`FlowMoPipeline.check_inputs`] does. Tensor
-        shapes are still checked (they read no device value), and so is a guidance scale that changes after the
-        first step (a step-end callback's). Same arguments and output as [`decode`], less the bounds."""
-        decode_kwargs = dict(
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
-            progress_bar=progress_bar, interrupt=interrupt,
-        )
-        if self.use_tiling:
-            output = self._tiled_decode(code, height, width, latents, generator, step_callback, decode_kwargs)
-        else:
-            output = self._decode(code, generator=generator, latents=latents, height=height, width=width,
-                                  step_callback=step_callback, **decode_kwargs)
-        return output if return_dict else output.to_tuple()
-
-    def _decode(
-        self,
-        code: torch.Tensor,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | Callable[[int], float] | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler=None,
-        step_callback: Callable | None = None,
-        progress_bar: Callable | None = None,
-        interrupt: Callable[[], bool] | None = None,
-    ) -> FlowMoDecodeOutput:
-        """[`decode_unchecked`] of whole images (no tiling)."""
-        if code.dtype.is_floating_point:
-            expected = (self.config.code_length, self.config.context_dim)
-            if code.ndim != 3 or tuple(code.shape[1:]) != expected:
-                raise ValueError(f"code must have shape (batch, {expected[0]}, {expected[1]}), got {tuple(code.shape)}")
-            code = code.to(self.dtype)
-        else:
-            code = self.indices_to_code(code, dtype=self.dtype)
-        config = self.config
-        num_inference_steps = config.sampling_num_inference_steps if num_inference_steps is None else num_inference_steps
-        if callable(guidance_scale):
-            guidance_at = guidance_scale
-        else:
-            fixed_scale = config.sampling_guidance_scale if guidance_scale is None else guidance_scale
-            guidance_at = lambda step_index: fixed_scale  # noqa: E731
-        scheduler = self.sampling_scheduler() if scheduler is None else scheduler
-        batch_size, device = code.shape[0], code.device
-
-        if latents is None:
-            height = height or config.sample_size
-            width = width or config.sample_size
-            shape = (batch_size, config.in_channels, height, width)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        else:
-            self.check_images(latents, "latents")
-            if latents.shape[0] != batch_size:
-                raise ValueError(f"latents hold {latents.shape[0]} samples for a batch of {batch_size} codes")
-            latents = latents.to(device=device, dtype=torch.float32)
-        height, width = latents.shape[-2:]
-        patch = config.patch_size
-        if height % patch or width % patch:
-            raise ValueError(f"height and width must be multiples of patch_size {patch}, got {height}x{width}")
-
-        set_flow_timesteps(scheduler, num_inference_steps, config.sampling_time_schedule, config.sampling_time_power)
-        # Start at step 0 without the scheduler looking the first timestep up (a device read).
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        interval = (
-            scheduler.config.guidance_interval if isinstance(scheduler, FlowMoScheduler) else config.sampling_guidance_interval
-        )
-        # Guidance decisions come from the grid, read once here, and host scalars, so the loop never waits on the device.
-        inside_interval = guidance_interval_mask(evaluation_flow_times(scheduler), interval)
-        flow_times = scheduler.sigmas.to(device=device, dtype=torch.float32)
-        # RoPE tables depend only on the image size: build them once, not once per step.
-        rotary_emb = self.decoder_rotary_embedding(height, width, device)
-        keep_and_drop = torch.cat([torch.ones(batch_size, device=device), torch.zeros(batch_size, device=device)])
-        double_code = None
-        guided_steps = []
-
-        timesteps = scheduler.timesteps
-        for index, timestep in enumerate(progress_bar(timesteps) if progress_bar is not None else timesteps):
-            if interrupt is not None and interrupt():
-                break
-            # Read per step: a step-end callback may have changed it. The first step's is the argument, checked where
-            # it entered ([`decode`], a pipeline's `check_inputs`); a later one enters here.
-            guidance_scale = guidance_at(index)
-            if index:
-                guidance_scale = check_float("guidance_scale", guidance_scale, -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE)
-            guided = inside_interval[index] and guidance_scale != 1.0
-            guided_steps.append(guided)
-            model_input = latents.to(self.dtype)
-            flow_time = flow_times[index]
-            if guided:
-                double_code = torch.cat([code, code]) if double_code is None else double_code
-                # Code and null-code passes share one batched forward.
-                velocity = self(
-                    torch.cat([model_input, model_input]),
-                    flow_time.expand(2 * batch_size),
-                    double_code,
-                    code_mask=keep_and_drop,
-                    rotary_emb=rotary_emb,
-                ).sample.float()
-                velocity_code, velocity_null = velocity.chunk(2)
-                velocity = velocity_null + guidance_scale * (velocity_code - velocity_null)
-            else:
-                velocity = self(model_input, flow_time.expand(batch_size), code, rotary_emb=rotary_emb).sample.float()
-            # The state stays float32 whatever the decoder's dtype, as in the original.
-            latents = scheduler.step(velocity, timestep, latents.float()).prev_sample.float()
-            if step_callback is not None:
-                replaced = step_callback(index, timestep, latents)
-                if replaced is not None:
-                    latents = replaced
-        images = latents.clamp(-1, 1)
-        return FlowMoDecodeOutput(sample=images, num_decoder_passes=count_decoder_passes(guided_steps))
+# Decoding's output and the config's rate live in their own modules; this one, FlowMoModel's, names them too.
+__all__ = [
+    "FlowMoDecodeOutput",
+    "FlowMoDecoderOutput",
+    "FlowMoEncoderOutput",
+    "FlowMoModel",
+    "bits_per_pixel",
+]

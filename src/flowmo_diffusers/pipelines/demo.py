@@ -31,7 +31,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from ..models.autoencoder_flowmo import bits_per_pixel
+from ..models.configuration_flowmo import bits_per_pixel
 from ..models.modeling_utils import MAX_INFERENCE_STEPS
 from ..utils.images import to_rgb
 from ..utils.validation import check_int

@@ -18,7 +18,7 @@ from ..utils.hub import HubPipelineMixin
 from ..utils.images import check_unit_range, sixteen_bit_to_eight_bit, to_rgb
 from ..utils.validation import as_integer_tensor, check_int
 from . import pipeline_utils
-from .pipeline_utils import SamplingStateMixin, StepEndCallback
+from .pipeline_utils import SamplingStateMixin, SharesSamplingSchedulerMixin, StepEndCallback
 
 #: With tiling on, the default bound of an image's height and width: this many times `sample_size`.
 TILED_MAX_IMAGE_SIZE_FACTOR = 64
@@ -44,7 +44,12 @@ ImageInput = (
 
 
 class FlowMoPipeline(
-    HubPipelineMixin, FollowUmaskSaveMixin, FromSingleFileMixin, SamplingStateMixin, DiffusionPipeline
+    SharesSamplingSchedulerMixin,
+    HubPipelineMixin,
+    FollowUmaskSaveMixin,
+    FromSingleFileMixin,
+    SamplingStateMixin,
+    DiffusionPipeline,
 ):
     r"""
     Tokenize and reconstruct images with FlowMo.

@@ -19,7 +19,7 @@ from ..utils.hub import HubPipelineMixin
 from ..utils.validation import as_integer_tensor, check_float, check_int, check_optional_float, check_optional_int
 from . import pipeline_utils
 from .pipeline_flowmo import FlowMoPipeline
-from .pipeline_utils import SamplingStateMixin, StepEndCallback
+from .pipeline_utils import SamplingStateMixin, SharesSamplingSchedulerMixin, StepEndCallback
 
 
 @dataclass
@@ -38,7 +38,9 @@ class FlowMoMaskGiTPipelineOutput(BaseOutput):
     indices: torch.LongTensor
 
 
-class FlowMoMaskGiTPipeline(HubPipelineMixin, FollowUmaskSaveMixin, SamplingStateMixin, DiffusionPipeline):
+class FlowMoMaskGiTPipeline(
+    SharesSamplingSchedulerMixin, HubPipelineMixin, FollowUmaskSaveMixin, SamplingStateMixin, DiffusionPipeline
+):
     r"""
     Class-conditional generation with a MaskGiT prior over FlowMo tokens.
 
@@ -58,6 +60,7 @@ class FlowMoMaskGiTPipeline(HubPipelineMixin, FollowUmaskSaveMixin, SamplingStat
     """
 
     model_cpu_offload_seq = "transformer->autoencoder"
+    _sampling_scheduler_component = "decoder_scheduler"
     # As in diffusers' aMUSEd pipeline, the "latents" of a masked-token prior are its token ids.
     _callback_tensor_inputs = ["latents"]
 

@@ -9,6 +9,8 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
+from ..schedulers.scheduling_flowmo import FlowMoScheduler
+
 #: What `callback_on_step_end` may be: diffusers' `f(pipeline, step_index, timestep, callback_kwargs) -> dict`, or one
 #: of its callback objects.
 StepEndCallback = (
@@ -16,6 +18,24 @@ StepEndCallback = (
     | PipelineCallback
     | MultiPipelineCallbacks
 )
+
+
+class SharesSamplingSchedulerMixin:
+    """Hands the pipeline's [`FlowMoScheduler`] (the component named `_sampling_scheduler_component`) to its
+    `autoencoder` as the model's sampling scheduler, whenever either is set (at construction and on
+    `pipe.scheduler = ...`): the scheduler's config then stays the one owner of the time grid and guidance interval,
+    read by `pipe(...)`, by `pipe.autoencoder.decode(...)` without a scheduler, and by a diffusers solver swapped in
+    after it (see `flowmo_diffusers.models.decoding_flowmo`)."""
+
+    _sampling_scheduler_component = "scheduler"
+
+    def __setattr__(self, name: str, value: Any):
+        super().__setattr__(name, value)
+        if name in ("autoencoder", self._sampling_scheduler_component):
+            autoencoder = self.__dict__.get("autoencoder")
+            scheduler = self.__dict__.get(self._sampling_scheduler_component)
+            if isinstance(scheduler, FlowMoScheduler) and hasattr(autoencoder, "set_sampling_scheduler"):
+                autoencoder.set_sampling_scheduler(scheduler)
 
 
 def check_callback(pipeline, callback_on_step_end, callback_on_step_end_tensor_inputs) -> list[str] | None:

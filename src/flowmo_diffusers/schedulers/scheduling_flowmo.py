@@ -9,11 +9,14 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..utils.validation import FloatPairRule, OptionalRule, check_float, check_int, validate_config
+from ..utils.validation import FloatPairRule, FloatRule, OptionalRule, check_float, check_int, validate_config
 
 TRAINING_TIME_DISTRIBUTIONS = ("fat_lognormal", "lognormal", "uniform")
 #: Rules of the `config.json` values that need more than a membership test.
-CONFIG_RULES = {"guidance_interval": OptionalRule(FloatPairRule())}
+CONFIG_RULES = {
+    "time_power": FloatRule(0.0, 100.0, exclusive_minimum=True),
+    "guidance_interval": OptionalRule(FloatPairRule()),
+}
 TIME_SCHEDULES = ("power", "linear")
 
 
@@ -59,7 +62,9 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
       schedule, i.e. `time_power = 4`.
     - `"linear"`: t_i = i / N.
 
-    It also knows the guidance interval (guidance is applied only where t lies in an interval given in EDM sigma,
+    Its config is the one owner of the decoder's time grid and guidance interval: [`FlowMoModel.decode`] reads them
+    here, from the FlowMoScheduler it runs or from the model's sampling scheduler (see
+    `flowmo_diffusers.models.decoding_flowmo`). It also knows the guidance interval (guidance is applied only where t lies in an interval given in EDM sigma,
     converted by t = sigma / (1 + sigma)) and the training-time noising and time sampling.
 
     Parameters:
@@ -110,7 +115,9 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
                 f"training_time_distribution must be one of {TRAINING_TIME_DISTRIBUTIONS}, got "
                 f"{training_time_distribution!r}"
             )
-        validate_config(type(self).__name__, {"guidance_interval": guidance_interval}, CONFIG_RULES)
+        validate_config(
+            type(self).__name__, {"time_power": time_power, "guidance_interval": guidance_interval}, CONFIG_RULES
+        )
         if guidance_interval is not None:
             # JSON has no tuples: a saved config comes back with a list. Store a tuple whatever was passed, so that
             # save_pretrained / from_pretrained (and from_config) give back an equal config.

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from ..models.autoencoder_flowmo import FlowMoModel
-from ..schedulers.scheduling_flowmo import flow_time_grid
+from ..schedulers.scheduling_flowmo import FlowMoScheduler
 from ..utils.validation import check_int
 from .losses import AutoencoderLossModule, posttrain_sample
 
@@ -31,16 +31,26 @@ PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_student_config(
-    model: FlowMoModel, num_steps: int, time_schedule: str = "linear", teacher: str | None = None
-) -> None:
-    """Record in `model`'s config that it decodes in `num_steps` unguided passes on `time_schedule`, distilled from
-    `teacher`, so that `model.decode(ids)` and a saved pipeline's `pipe(indices=ids)` take K passes by default."""
+    model: FlowMoModel,
+    num_steps: int,
+    time_schedule: str = "linear",
+    teacher: str | None = None,
+    scheduler: FlowMoScheduler | None = None,
+) -> FlowMoScheduler:
+    """Make `model` a K-pass student: record in its config that it decodes in `num_steps` unguided passes,
+    distilled from `teacher`, and give it its grid, `scheduler`'s (default: the model's sampling scheduler, the
+    teacher's) on `time_schedule`, as its sampling scheduler. Returns that FlowMoScheduler: save it with the student
+    (`FlowMoPipeline(autoencoder=model, scheduler=...)`), so that `pipe(indices=ids)` and `model.decode(ids)` take the
+    K passes on the student's grid by default."""
     model.register_to_config(
         sampling_num_inference_steps=check_int("num_steps (--distill_steps)", num_steps, 1),
         sampling_guidance_scale=1.0,
-        sampling_time_schedule=time_schedule,
         distilled_from=teacher,
     )
+    base = model.sampling_scheduler() if scheduler is None else scheduler
+    student_scheduler = FlowMoScheduler.from_config(base.config, time_schedule=time_schedule)
+    model.set_sampling_scheduler(student_scheduler)
+    return student_scheduler
 
 
 def student_sample(
@@ -52,11 +62,10 @@ def student_sample(
     gradient_checkpointing: bool = True,
 ) -> torch.Tensor:
     """The student's K-step unguided Euler sample from `noise`, differentiable, on its own grid (its config's
-    `sampling_num_inference_steps` and `sampling_time_schedule`); the same arithmetic as `student.decode` (which
+    `sampling_num_inference_steps` on its sampling scheduler's grid); the same arithmetic as `student.decode` (which
     clips the result to [-1, 1]). Returns `(B, 3, H, W)` float32, not clipped."""
-    config = student.config
-    num_steps = config.sampling_num_inference_steps
-    grid = flow_time_grid(num_steps, config.sampling_time_schedule, config.sampling_time_power)
+    num_steps = student.config.sampling_num_inference_steps
+    grid = student.sampling_scheduler().time_grid(num_steps)
     times = grid.to(device=noise.device, dtype=torch.float32).expand(noise.shape[0], num_steps + 1)
     return posttrain_sample(
         student,

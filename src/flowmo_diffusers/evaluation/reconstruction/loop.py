@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ...data import build_evaluation_loader
-from ...models.autoencoder_flowmo import bits_per_pixel
+from ...models.configuration_flowmo import bits_per_pixel
 from ...utils.output_lock import lock_output_dir
 from ...utils.seeds import seeded_generator
 from ..options import create_accelerator, load_evaluation_dataset, start_command
