@@ -106,7 +106,7 @@ STAGE_DEFAULTS = {
 # some twenty photographs, so that what it learns carries over to photographs it has not seen.
 DEMO_DEFAULTS = dict(
     model_config="flowmo-demo", max_train_steps=1200, learning_rate=1e-3, perceptual_weight=0.0, validation_steps=300,
-    train_batch_size=16, logit_mean=3.5, random_crop_scale=(0.15, 1.0), random_flip=True,
+    train_batch_size=16, logit_mean=3.5, random_crop_scale=(0.4, 1.0), random_flip=True,
 )
 # Values of the flags the demo sets when none is given elsewhere (training on a dataset).
 GENERAL_DEFAULTS = dict(model_config="flowmo-lo", validation_steps=1000, train_batch_size=8, random_flip=False)
@@ -142,7 +142,7 @@ def parse_args(argv=None):
                         help="Horizontal flips of training images (default: off; on for the embedded demo data).")
     parser.add_argument("--random_crop_scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="Train on random squares of LOW..HIGH times the shorter side, resized to the resolution, "
-                        "instead of resizing whole images and cropping (default: the latter; 0.15 1.0 for the "
+                        "instead of resizing whole images and cropping (default: the latter; 0.4 1.0 for the "
                         "embedded demo data).")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--shuffle_buffer_size", type=int, default=1000,

@@ -377,7 +377,7 @@ def test_script_defaults():
     assert demo.demo and demo.model_config == "flowmo-demo" and demo.perceptual_weight == 0.0
     assert demo.model_config in FLOWMO_PRESETS
     assert demo.max_train_steps == script.DEMO_DEFAULTS["max_train_steps"] and demo.learning_rate == 1e-3
-    assert (demo.train_batch_size, demo.logit_mean, demo.random_crop_scale, demo.random_flip) == (16, 3.5, (0.15, 1.0), True)
+    assert (demo.train_batch_size, demo.logit_mean, demo.random_crop_scale, demo.random_flip) == (16, 3.5, (0.4, 1.0), True)
     assert demo.encoder_freeze_steps == 200_000 and demo.perceptual_network == "lpips-vgg"
     real = script.parse_args(["--dataset_name", "x", "--max_train_steps", "10"])
     assert real.model_config == "flowmo-lo" and real.perceptual_weight == 0.1 and real.validation_steps == 1000
