@@ -3,8 +3,11 @@
 paper's Figure 8), written as one PNG: for each photograph, the input, `--num_samples` reconstructions (each from its
 own seeded noise) and the variance map (brighter = the samples disagree more).
 
-    accelerate launch examples/train_flowmo/train.py          # the offline CPU demo: a tiny FlowMo, ~2 minutes
+    accelerate launch examples/train_flowmo/train.py          # the offline main job: flowmo-demo, ~4-5 minutes
     python examples/multimodal_reconstruction.py --pretrained_model_name_or_path outputs/train_flowmo
+
+The photographs are the main job's held-out ones (`DEMO_HELD_OUT_IMAGES`, never trained on), then the others of the
+embedded set when `--num_images` asks for more.
 
 Any FlowMoPipeline folder or Hub id works (e.g. a converted `flowmo-lo` with `--resolution 256`).
 """
@@ -17,14 +20,15 @@ import torch
 from PIL import Image
 
 from flowmo_diffusers import FlowMoPipeline
-from flowmo_diffusers.data import ImageTransform, load_default_image_dataset
+from flowmo_diffusers.data import ImageTransform, load_demo_image_datasets
 from flowmo_diffusers.pipelines import per_pixel_variance
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", default="outputs/train_flowmo")
-    parser.add_argument("--num_images", type=int, default=3, help="photographs from the embedded set")
+    parser.add_argument("--num_images", type=int, default=2,
+                        help="photographs: the held-out ones first, then the training ones")
     parser.add_argument("--num_samples", type=int, default=4, help="reconstructions per photograph")
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's sample_size")
     parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the figure")
@@ -36,7 +40,8 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     size = args.resolution or pipe.autoencoder.config.sample_size
     transform = ImageTransform(size, random_crop=False)
-    photos = load_default_image_dataset().select(range(args.num_images))["image"]
+    training, held_out = load_demo_image_datasets()
+    photos = (held_out["image"] + training["image"])[: args.num_images]
     images = torch.stack([transform(photo) for photo in photos]) / 2 + 0.5  # [0, 1]
 
     # One generator per reconstruction: sample k of photograph i is seeded by seed + i * num_samples + k.

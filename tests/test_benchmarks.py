@@ -282,3 +282,24 @@ def test_held_out_photographs_are_cropped_to_whole_tiles():
     with pytest.raises(ValueError, match="smaller than one"):
         script.held_out_photographs(64, 32)
     assert torch.is_tensor(photos["chelsea.png"])
+
+
+def test_benchmark_first_look_measures_the_held_out_photographs(tmp_path, capsys):
+    model = save_tiny_flowmo_pipeline(tmp_path / "model")
+    log = tmp_path / "train.log"
+    log.write_text("Steps:  50%|#####     | 600/1200 [02:01<02:00, 5.0it/s]\rSteps: 100%|##########| 1200/1200 "
+                   "[03:58<00:00, 5.03it/s, loss=0.1]\n")
+    output, figure = tmp_path / "first_look.jsonl", tmp_path / "figure.png"
+    script = load_benchmark("benchmark_first_look")
+    rows = script.main(["--model", str(model), "--decoders", "2x1.5", "1x1", "--train_log", str(log),
+                        "--figure", str(figure), "--threads", "1", "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert [row["decoder"] for row in rows] == ["2x1.5", "1x1"]
+    for row in rows:
+        assert row["images"] == ["chelsea", "coffee"] and len(row["psnr"]) == len(row["ssim"]) == 2
+        assert row["psnr_mean"] == pytest.approx(statistics.mean(row["psnr"]))
+        assert (row["steps"], row["max_train_steps"], row["train_loop_s"]) == (1200, 1200, 238)
+    assert "| 1x1 |" in printed and "1200 steps in 238 s" in printed and figure.stat().st_size > 0
+    assert [record["decoder"] for record in read_records(output)] == ["2x1.5", "1x1"]
+    with pytest.raises(SystemExit):
+        script.main(["--model", str(model), "--decoders", "fast"])

@@ -35,8 +35,10 @@ from tqdm.auto import tqdm
 
 from flowmo_diffusers import FlowMoModel, FlowMoPipeline, FlowMoScheduler
 from flowmo_diffusers.data import (
+    DEMO_HELD_OUT_IMAGES,
     build_eval_dataloader,
     build_train_dataloader,
+    load_demo_image_datasets,
     load_image_dataset,
     take_images,
     total_skipped_images,
@@ -80,12 +82,19 @@ STAGE_DEFAULTS = {
     # perceptual term compares the student's image with the teacher's, with stage 1A's network and weight.
     "distill": dict(learning_rate=5e-5, perceptual_weight=0.1, perceptual_network="lpips-vgg", encoder_freeze_steps=0),
 }
-# With no data flag the script trains on the embedded photographs: a CPU demo that must run offline.
-# The learning rate is 10x the paper's: measured on the tiny preset, 1e-3 reaches in 200 steps the PSNR that 1e-4
-# reaches in about 1000 (examples/train_flowmo/README.md).
+# With no data flag the script trains on the embedded photographs: a CPU demo that must run offline, in about four
+# minutes on two cores, and reconstruct photographs it never saw (chelsea and coffee, its validation batch). The
+# recipe was searched on those cores (benchmarks/RESULTS.md, "First look"): the flowmo-demo preset (2 bits per
+# pixel); the learning rate 10x the paper's (on the tiny preset 1e-3 reaches in 200 steps the PSNR that 1e-4 reaches
+# in about 1000, examples/train_flowmo/README.md); training times drawn near pure noise (logit mean 3.5), where the
+# decoder must rely on the code, which is what a short run needs to learn first; random zoomed crops and flips of
+# some twenty photographs, so that what it learns carries over to photographs it has not seen.
 DEMO_DEFAULTS = dict(
-    model_config="flowmo-tiny", max_train_steps=500, learning_rate=1e-3, perceptual_weight=0.0, validation_steps=100
+    model_config="flowmo-demo", max_train_steps=1200, learning_rate=1e-3, perceptual_weight=0.0, validation_steps=300,
+    train_batch_size=16, logit_mean=3.5, random_crop_scale=(0.4, 1.0), random_flip=True,
 )
+# Values of the flags the demo sets when none is given elsewhere (training on a dataset).
+GENERAL_DEFAULTS = dict(model_config="flowmo-lo", validation_steps=1000, train_batch_size=8, random_flip=False)
 
 
 def parse_args(argv=None):
@@ -98,7 +107,7 @@ def parse_args(argv=None):
                         "(--pretrained_model_name_or_path) decodes with its sampler; the encoder stays frozen.")
     parser.add_argument("--model_config", type=str, default=None,
                         help=f"Preset ({', '.join(sorted(FLOWMO_PRESETS))}) or path to a FlowMoModel config.json. Default: "
-                        "flowmo-lo; flowmo-tiny for the embedded demo data. Ignored with --pretrained_model_name_or_path.")
+                        "flowmo-lo; flowmo-demo for the embedded demo data. Ignored with --pretrained_model_name_or_path.")
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                         help="FlowMoPipeline folder or Hub id to start from (required for --stage posttrain).")
     parser.add_argument("--revision", type=str, default=None, help="Hub revision of --pretrained_model_name_or_path.")
@@ -111,17 +120,23 @@ def parse_args(argv=None):
     parser.add_argument("--train_split", type=str, default="train")
     parser.add_argument("--validation_split", type=str, default=None,
                         help="Split for the fixed validation batch. Default: the first images of --train_split "
-                        "(center-cropped; not held out).")
+                        "(center-cropped; not held out). The embedded demo data validates on its held-out photographs.")
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--resolution", type=int, default=None, help="Training resolution (default: the model's).")
-    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="Horizontal flips of training images (default: off; on for the embedded demo data).")
+    parser.add_argument("--random_crop_scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="Train on random squares of LOW..HIGH times the shorter side, resized to the resolution, "
+                        "instead of resizing whole images and cropping (default: the latter; 0.4 1.0 for the "
+                        "embedded demo data).")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--shuffle_buffer_size", type=int, default=1000,
                         help="--streaming: rows are shuffled within windows of this many rows.")
     # Optimization
     parser.add_argument("--output_dir", type=str, default="outputs/train_flowmo")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_batch_size", type=positive_int, default=8, help="Micro-batch per device.")
+    parser.add_argument("--train_batch_size", type=positive_int, default=None,
+                        help="Micro-batch per device (default 8; 16 for the embedded demo data).")
     parser.add_argument("--max_train_steps", type=positive_int, default=None,
                         help="Optimizer steps (required unless training on the embedded demo data).")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
@@ -141,6 +156,11 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_dropout", type=float, default=0.1, help="Share of samples trained with the null code.")
     parser.add_argument("--training_time_distribution", choices=TRAINING_TIME_DISTRIBUTIONS, default=None,
                         help="Flow-time distribution (default: the scheduler's, fat_lognormal).")
+    parser.add_argument("--logit_mean", type=float, default=None,
+                        help="Mean of the normal whose sigmoid the (fat_)lognormal times are (default: the "
+                        "scheduler's, 0 as in the paper; 3.5 for the embedded demo data: mostly times near noise).")
+    parser.add_argument("--logit_std", type=float, default=None,
+                        help="Its standard deviation (default: the scheduler's, 1).")
     parser.add_argument("--encoder_freeze_steps", type=int, default=None,
                         help="Freeze the encoder (and drop it from the optimizer) after this many steps. Default: "
                         "200000 pretrain, 0 posttrain.")
@@ -197,10 +217,9 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.demo_defaults_applied = applied
-    if args.model_config is None:
-        args.model_config = "flowmo-lo"
-    if args.validation_steps is None:
-        args.validation_steps = 1000
+    for key, value in GENERAL_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.stage == "posttrain" and args.pretrained_model_name_or_path is None:
         parser.error("--stage posttrain starts from a stage-1A model: pass --pretrained_model_name_or_path")
     if args.stage == "distill" and args.pretrained_model_name_or_path is None:
@@ -226,6 +245,9 @@ def load_model(args):
         scheduler = FlowMoScheduler()
     if args.training_time_distribution is not None:
         scheduler = FlowMoScheduler.from_config(scheduler.config, training_time_distribution=args.training_time_distribution)
+    times = {key: getattr(args, key) for key in ("logit_mean", "logit_std") if getattr(args, key) is not None}
+    if times:
+        scheduler = FlowMoScheduler.from_config(scheduler.config, **times)
     teacher = None
     if args.stage == "distill":
         teacher = copy.deepcopy(model).float().eval().requires_grad_(False)
@@ -437,7 +459,14 @@ def main(argv=None):
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
         streaming=args.streaming, image_column=args.image_column, cache_dir=args.cache_dir, token=args.hub_token,
     )
-    train_dataset = load_image_dataset(split=args.train_split, **dataset_kwargs)
+    if args.demo:
+        # Disjoint: the photographs the demo is judged on are never trained on.
+        train_dataset, held_out_dataset = load_demo_image_datasets()
+        if args.streaming:
+            # One shard per image, so that processes and DataLoader workers can split the stream by shard.
+            train_dataset = train_dataset.to_iterable_dataset(num_shards=len(train_dataset))
+    else:
+        train_dataset = load_image_dataset(split=args.train_split, **dataset_kwargs)
     # Not given to accelerator.prepare (unlike MaskGiT's token loader): it is sharded by split_dataset_by_node and
     # resumes from `batches_consumed` (map-style) or every process' stream position (StreamPositions), because
     # Accelerate would read each stream whole and keep one stream position for all processes
@@ -447,6 +476,7 @@ def main(argv=None):
         num_processes=accelerator.num_processes, num_workers=args.dataloader_num_workers,
         shuffle_buffer=args.shuffle_buffer_size, random_flip=args.random_flip, infinite=True,
         skip_batches=progress.batches_consumed, pin_memory=accelerator.device.type == "cuda",
+        random_crop_scale=None if args.random_crop_scale is None else tuple(args.random_crop_scale),
     )
     if stream_positions is not None:
         stream_positions.attach(train_loader)
@@ -456,11 +486,16 @@ def main(argv=None):
     validation_images = None
     if accelerator.is_main_process or sharded:
         split = args.validation_split or args.train_split
-        validation_dataset = train_dataset if args.validation_split is None else load_image_dataset(split=split, **dataset_kwargs)
+        if args.demo:
+            validation_dataset = held_out_dataset
+            described = f"the held-out photographs {', '.join(DEMO_HELD_OUT_IMAGES)} (not trained on)"
+        else:
+            validation_dataset = (train_dataset if args.validation_split is None
+                                  else load_image_dataset(split=split, **dataset_kwargs))
+            described = f"split {split!r}" + ("" if args.validation_split else " (training images, not held out)")
         validation_loader = build_eval_dataloader(validation_dataset, resolution, args.num_validation_images)
         validation_images = take_images(validation_loader, args.num_validation_images)["pixel_values"].to(accelerator.device)
-        logger.info(f"Validation batch: {len(validation_images)} images of split {split!r}"
-                    + ("" if args.validation_split else " (training images, not held out)"))
+        logger.info(f"Validation batch: {len(validation_images)} images of {described}")
 
     if accelerator.is_main_process and accelerator.trackers == [] and args.report_to != "none":
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

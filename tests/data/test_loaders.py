@@ -11,10 +11,12 @@ from PIL import Image
 
 from flowmo_diffusers.data import (
     DEFAULT_IMAGE_FILES,
+    DEMO_HELD_OUT_IMAGES,
     ImageTransform,
     build_eval_dataloader,
     build_train_dataloader,
     convert_to_rgb,
+    load_demo_image_datasets,
     load_image_dataset,
 )
 
@@ -140,6 +142,47 @@ def test_random_crop_is_reproducible_per_seed():
     runs = [take(build_train_dataloader(dataset, RESOLUTION, 4, seed=seed), 2) for seed in (5, 5, 6)]
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(runs[0], runs[1]))
     assert not all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(runs[0], runs[2]))
+
+
+def test_random_crop_scale_zooms_into_reproducible_squares():
+    # Left half dark, right half bright: a crop of a quarter of the side sees one half only, the whole image both.
+    pixels = np.zeros((80, 120, 3), dtype=np.uint8)
+    pixels[:, 60:] = 255
+    image = Image.fromarray(pixels)
+    whole = ImageTransform(16, random_crop=True, crop_scale=(1.0, 1.0))(image, generator=torch.Generator().manual_seed(0))
+    assert whole.min() == -1 and whole.max() == 1  # an 80x80 square, resized: both halves
+    zoom = ImageTransform(16, random_crop=True, crop_scale=(0.2, 0.25))
+    crops = [zoom(image, generator=torch.Generator().manual_seed(seed)) for seed in range(12)]
+    assert all(crop.shape == (3, 16, 16) and -1 <= crop.min() and crop.max() <= 1 for crop in crops)
+    assert torch.equal(crops[0], zoom(image, generator=torch.Generator().manual_seed(0)))
+    # A 16..20 pixel square lies inside one half unless it straddles x = 60; most of the dozen do not.
+    assert sum(bool((crop == crop.flatten()[0]).all()) for crop in crops) >= 6
+    # Never smaller than the output (no upsampling of a few pixels): a 2% crop of 80 px is taken at 16 px.
+    tiny = ImageTransform(16, random_crop=True, crop_scale=(0.02, 0.02))(image, generator=torch.Generator().manual_seed(1))
+    assert tiny.shape == (3, 16, 16)
+    for bad, match in (((0.0, 1.0), "crop_scale"), ((0.5, 0.4), "crop_scale"), ((0.5,), "crop_scale"),
+                       ((0.1, 1.5), "crop_scale")):
+        with pytest.raises(ValueError, match=match):
+            ImageTransform(16, random_crop=True, crop_scale=bad)
+    with pytest.raises(ValueError, match="random_crop"):
+        ImageTransform(16, random_crop=False, crop_scale=(0.5, 1.0))
+    loader = build_train_dataloader(make_indexed_dataset(8), RESOLUTION, 4, seed=3, random_crop_scale=(0.3, 1.0))
+    again = build_train_dataloader(make_indexed_dataset(8), RESOLUTION, 4, seed=3, random_crop_scale=(0.3, 1.0))
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(take(loader, 2), take(again, 2)))
+
+
+def test_demo_datasets_hold_the_held_out_photographs_out_of_training():
+    training, held_out = load_demo_image_datasets()
+    assert held_out.features["label"].names == list(DEMO_HELD_OUT_IMAGES)
+    assert not set(training.features["label"].names) & set(DEMO_HELD_OUT_IMAGES)
+    assert len(training) >= 16  # a full batch of the demo (16) from distinct photographs
+    # The same pixels as the original files: only the encoding differs (uncompressed, fast to decode).
+    original = load_image_dataset()
+    names = original.features["label"].names
+    chelsea = original.cast_column("image", datasets.Image())[names.index("chelsea")]["image"]
+    assert np.array_equal(np.asarray(held_out[0]["image"]), np.asarray(chelsea.convert("RGB")))
+    batch = next(iter(build_eval_dataloader(held_out, RESOLUTION, 2)))
+    assert batch["pixel_values"].shape == (2, 3, RESOLUTION, RESOLUTION) and batch["labels"].tolist() == [0, 1]
 
 
 def test_map_style_split_across_two_processes_is_disjoint_and_complete():

@@ -57,10 +57,33 @@ def test_training_time_distributions(distribution):
     assert torch.equal(again, scheduler.sample_training_times(8, generator=torch.Generator().manual_seed(1)))
 
 
+@pytest.mark.parametrize("distribution", ["fat_lognormal", "lognormal"])
+def test_logit_mean_moves_training_times_towards_noise(distribution):
+    generator = torch.Generator().manual_seed(0)
+    paper = FlowMoScheduler(training_time_distribution=distribution)
+    # Defaults draw exactly the paper's times, so runs made before the option existed reproduce.
+    explicit = FlowMoScheduler(training_time_distribution=distribution, logit_mean=0.0, logit_std=1.0)
+    assert torch.equal(paper.sample_training_times(64, generator=torch.Generator().manual_seed(3)),
+                       explicit.sample_training_times(64, generator=torch.Generator().manual_seed(3)))
+    shifted = FlowMoScheduler(training_time_distribution=distribution, logit_mean=3.5, logit_std=0.5)
+    times = shifted.sample_training_times(100_000, generator=generator)
+    # sigmoid(N(3.5, 0.5)) has its median at sigmoid(3.5) = 0.971; the fat variant adds 10% uniform times.
+    assert times.median().item() == pytest.approx(torch.sigmoid(torch.tensor(3.5)).item(), abs=0.01)
+    share_low = (times < 0.5).float().mean().item()
+    assert share_low == pytest.approx({"lognormal": 0.0, "fat_lognormal": 0.05}[distribution], abs=0.01)
+
+
+@pytest.mark.parametrize("options", [{"logit_mean": float("nan")}, {"logit_mean": 11.0}, {"logit_std": 0.0},
+                                     {"logit_std": "1"}])
+def test_bad_logit_options(options):
+    with pytest.raises((ValueError, TypeError), match=next(iter(options))):
+        FlowMoScheduler(**options)
+
+
 @pytest.mark.parametrize(
     "options",
     [{}, {"time_schedule": "linear", "guidance_interval": (0.2, 0.9)}, {"guidance_interval": [0.1, 2]},
-     {"guidance_interval": None}],
+     {"guidance_interval": None}, {"logit_mean": 3.5, "logit_std": 0.5}],
 )
 def test_config_round_trip(tmp_path, options):
     scheduler = FlowMoScheduler(**options)

@@ -18,6 +18,7 @@ from packaging.version import Version
 from safetensors.torch import load_file
 
 from flowmo_diffusers import FlowMoPipeline, FlowMoScheduler
+from flowmo_diffusers.models.presets import FLOWMO_PRESETS
 from flowmo_diffusers.training import perceptual as perceptual_module
 from flowmo_diffusers.training.checkpoint_folders import (
     list_checkpoints,
@@ -369,18 +370,28 @@ def load_train_script():
 def test_script_defaults():
     script = load_train_script()
     demo = script.parse_args([])
-    assert demo.demo and demo.model_config == "flowmo-tiny" and demo.perceptual_weight == 0.0
+    # The offline main job: the flowmo-demo preset on held-out-validated zoomed crops, times near noise.
+    assert demo.demo and demo.model_config == "flowmo-demo" and demo.perceptual_weight == 0.0
+    assert demo.model_config in FLOWMO_PRESETS
     assert demo.max_train_steps == script.DEMO_DEFAULTS["max_train_steps"] and demo.learning_rate == 1e-3
+    assert (demo.train_batch_size, demo.logit_mean, demo.random_crop_scale, demo.random_flip) == (16, 3.5, (0.4, 1.0), True)
     assert demo.encoder_freeze_steps == 200_000 and demo.perceptual_network == "lpips-vgg"
     real = script.parse_args(["--dataset_name", "x", "--max_train_steps", "10"])
     assert real.model_config == "flowmo-lo" and real.perceptual_weight == 0.1 and real.validation_steps == 1000
+    assert (real.train_batch_size, real.logit_mean, real.random_crop_scale, real.random_flip) == (8, None, None, False)
     post = script.parse_args(["--stage", "posttrain", "--pretrained_model_name_or_path", "p", "--dataset_name", "x",
                               "--max_train_steps", "10"])
     assert (post.learning_rate, post.perceptual_weight, post.perceptual_network, post.encoder_freeze_steps) == (
         5e-5, 0.01, "resnet50", 0)
     explicit = script.parse_args(["--perceptual_weight", "0.1", "--max_train_steps", "3", "--learning_rate", "1e-4"])
     assert (explicit.perceptual_weight, explicit.max_train_steps, explicit.learning_rate) == (0.1, 3, 1e-4)
-    assert explicit.demo_defaults_applied == {"model_config": "flowmo-tiny", "validation_steps": 100}
+    assert explicit.demo_defaults_applied == {
+        key: value for key, value in script.DEMO_DEFAULTS.items()
+        if key not in ("perceptual_weight", "max_train_steps", "learning_rate")
+    }
+    tiny = script.parse_args(["--model_config", "flowmo-tiny", "--no-random_flip", "--train_batch_size", "2"])
+    assert (tiny.model_config, tiny.random_flip, tiny.train_batch_size) == ("flowmo-tiny", False, 2)
+    assert "model_config" not in tiny.demo_defaults_applied
     for bad in (["--dataset_name", "x"], ["--stage", "posttrain"], ["--perceptual_random_init", "--perceptual_weights_path", "a"]):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
@@ -397,7 +408,7 @@ def test_script_stops_at_start_up_without_perceptual_weights(tmp_path):
 
 
 TINY_RUN = [
-    "--train_batch_size", "2", "--num_validation_images", "2", "--validation_inference_steps", "2",
+    "--model_config", "flowmo-tiny", "--train_batch_size", "2", "--num_validation_images", "2", "--validation_inference_steps", "2",
     "--report_to", "none", "--seed", "0", "--debug_checksums",
 ]
 # The uninterrupted reference run: accumulation, EMA, random-init LPIPS, encoder freeze after step 2, checkpoints.

@@ -34,6 +34,7 @@ def _build_loader(
     seed: int,
     num_workers: int,
     pin_memory: bool,
+    crop_scale: tuple[float, float] | None = None,
     **loader_options: Any,
 ) -> ImageBatchLoader:
     """What both builders do: check, keep the image/label columns, shard across processes, build the loader."""
@@ -46,7 +47,9 @@ def _build_loader(
             f"Process {process_index} holds {len(dataset)} examples, fewer than batch_size={batch_size} "
             f"(dataset split over {num_processes} processes); no full training batch can be formed."
         )
-    transform = ImageTransform(resolution, random_crop=training, random_flip=random_flip, interpolation=interpolation)
+    transform = ImageTransform(
+        resolution, random_crop=training, random_flip=random_flip, interpolation=interpolation, crop_scale=crop_scale
+    )
     decoding = RowDecoding(image_column, label_column, transform, seed, process_index)
     dataloader_options = {"num_workers": num_workers, "pin_memory": pin_memory}
     return ImageBatchLoader(
@@ -71,6 +74,7 @@ def build_train_dataloader(
     label_column: str | None = None,
     pin_memory: bool = False,
     interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    random_crop_scale: tuple[float, float] | None = None,
 ) -> ImageBatchLoader:
     """Shuffled, randomly cropped training batches for one process.
 
@@ -130,6 +134,10 @@ def build_train_dataloader(
             Forwarded to the DataLoader.
         interpolation (`InterpolationMode`, *optional*, defaults to `InterpolationMode.BILINEAR`):
             Resize filter (FlowMo: bilinear).
+        random_crop_scale (`Tuple[float, float]`, *optional*):
+            Crop a random square of side ``[low, high]`` times the shorter side and resize it to ``R`` (see
+            :class:`~flowmo_diffusers.data.ImageTransform`'s ``crop_scale``) instead of FlowMo's resize-then-crop:
+            many views of few photographs.
 
     Returns:
         [`ImageBatchLoader`]: yielding ``{"pixel_values": [B, 3, R, R] float32 in [-1, 1], "labels": [B] int64 (if
@@ -140,7 +148,8 @@ def build_train_dataloader(
     return _build_loader(
         dataset, resolution, batch_size, training=True, random_flip=random_flip, seed=seed, infinite=infinite,
         skip_batches=skip_batches, process_index=process_index, num_processes=num_processes, num_workers=num_workers,
-        pin_memory=pin_memory, interpolation=interpolation, shuffle_buffer=shuffle_buffer, **columns,
+        pin_memory=pin_memory, interpolation=interpolation, shuffle_buffer=shuffle_buffer,
+        crop_scale=random_crop_scale, **columns,
     )
 
 

@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from ..utils.images import to_rgb
-from ..utils.validation import check_int
+from ..utils.validation import check_float, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,12 @@ class ImageTransform:
             Horizontal flip with probability 1/2.
         interpolation (`InterpolationMode`, *optional*, defaults to `InterpolationMode.BILINEAR`):
             Resampling filter for the resize.
+        crop_scale (`Tuple[float, float]`, *optional*):
+            With `random_crop`: instead of resizing the whole image, crop a random square whose side is a uniform
+            fraction in `[low, high]` of the image's shorter side (never below `R` pixels) and resize it to `R`, so
+            that a few photographs give many different training images (zoomed details as well as whole views).
+            A square-only variant of torchvision's `RandomResizedCrop`, drawn from `generator` (which
+            `RandomResizedCrop` cannot take) so that batches stay reproducible on resume.
     """
 
     def __init__(
@@ -89,11 +95,21 @@ class ImageTransform:
         random_crop: bool,
         random_flip: bool = False,
         interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+        crop_scale: tuple[float, float] | None = None,
     ):
         self.resolution = check_int("resolution", resolution, 1)
         self.random_crop = bool(random_crop)
         self.random_flip = bool(random_flip)
         self.interpolation = interpolation
+        if crop_scale is not None:
+            if not self.random_crop:
+                raise ValueError("crop_scale needs random_crop=True (evaluation images are center-cropped whole)")
+            if not isinstance(crop_scale, (tuple, list)) or len(crop_scale) != 2:
+                raise ValueError(f"crop_scale must be a pair (low, high) of fractions, got {crop_scale!r}")
+            low = check_float("crop_scale[0]", crop_scale[0], 0.0, 1.0, exclusive_minimum=True)
+            high = check_float("crop_scale[1]", crop_scale[1], low, 1.0)
+            crop_scale = (low, high)
+        self.crop_scale = crop_scale
 
     @property
     def is_random(self) -> bool:
@@ -114,14 +130,24 @@ class ImageTransform:
         """
         image = convert_to_rgb(image)
         resolution = self.resolution
-        image = TF.resize(image, [resolution], interpolation=self.interpolation, antialias=True)
-        if self.random_crop:
+        if self.crop_scale is not None:
             width, height = image.size
-            top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
-            image = TF.crop(image, top, left, resolution, resolution)
+            low, high = self.crop_scale
+            fraction = low + (high - low) * float(torch.rand((), generator=generator))
+            side = min(max(round(fraction * min(width, height)), resolution), width, height)
+            top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+            image = TF.resized_crop(image, top, left, side, side, [resolution, resolution],
+                                    interpolation=self.interpolation, antialias=True)
         else:
-            image = TF.center_crop(image, [resolution, resolution])
+            image = TF.resize(image, [resolution], interpolation=self.interpolation, antialias=True)
+            if self.random_crop:
+                width, height = image.size
+                top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+                image = TF.crop(image, top, left, resolution, resolution)
+            else:
+                image = TF.center_crop(image, [resolution, resolution])
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             image = TF.hflip(image)
         return TF.pil_to_tensor(image).to(torch.float32).div_(127.5).sub_(1.0)
@@ -129,7 +155,8 @@ class ImageTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(resolution={self.resolution}, random_crop={self.random_crop}, "
-            f"random_flip={self.random_flip}, interpolation={self.interpolation.value})"
+            f"random_flip={self.random_flip}, interpolation={self.interpolation.value}"
+            + (f", crop_scale={self.crop_scale})" if self.crop_scale is not None else ")")
         )
 
 

@@ -1,5 +1,6 @@
-"""Named model configurations, behind one lookup: [`FlowMoModel`] (the paper's two released models and a tiny one for
-CPU tests) and [`FlowMoMaskGiTTransformer`] (a prior on FlowMo-Lo tokens and a tiny one)."""
+"""Named model configurations, behind one lookup: [`FlowMoModel`] (the paper's two released models, a small one for
+the offline CPU demo and a tiny one for CPU tests) and [`FlowMoMaskGiTTransformer`] (a prior on FlowMo-Lo tokens and a
+tiny one)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ FLOWMO_PRESETS: dict[str, dict[str, Any]] = {
     "flowmo-hi": _flowmo(256, 256, 56, 14, _PAPER_ENCODER, _PAPER_DECODER),
     # 32x32 images, 8 tokens x 12 bits (3 ids of 4 bits), ~0.3M parameters: tests and the CPU quickstart.
     "flowmo-tiny": _flowmo(32, 8, 12, 4, encoder=(32, 2, 2, (4, 6, 6)), decoder=(64, 2, 2, (8, 12, 12))),
+    # 32x32 images, 64 tokens x 32 bits (4 ids of 8 bits) = 2 bits per pixel, ~1.9M parameters: the offline main job
+    # (the CPU first look). Its bits, 22x the tiny preset's, are what lets four minutes of training on two cores
+    # reconstruct photographs it never saw (benchmarks/RESULTS.md, "First look").
+    "flowmo-demo": _flowmo(32, 64, 32, 8, encoder=(64, 2, 2, (8, 12, 12)), decoder=(128, 4, 3, (8, 12, 12))),
 }
 
 
@@ -67,7 +72,7 @@ def get_preset_config(name: str, family: str | None = None) -> dict[str, Any]:
 
     Args:
         name (`str`):
-            A preset: `flowmo-lo`, `flowmo-hi`, `flowmo-tiny` ([`FlowMoModel`]) or `maskgit-flowmo-lo`, `maskgit-tiny`
+            A preset: `flowmo-lo`, `flowmo-hi`, `flowmo-demo`, `flowmo-tiny` ([`FlowMoModel`]) or `maskgit-flowmo-lo`, `maskgit-tiny`
             ([`FlowMoMaskGiTTransformer`]).
         family (`str`, *optional*):
             `"FlowMo"` or `"MaskGiT"`: only look among that family's presets.

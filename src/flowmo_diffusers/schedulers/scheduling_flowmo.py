@@ -18,6 +18,8 @@ CONFIG_RULES = {
     "guidance_interval": OptionalRule(FloatPairRule()),
 }
 TIME_SCHEDULES = ("power", "linear")
+# Beyond |10| the sigmoid of the training times is 0 or 1 to float32 precision: every time would be the same.
+MAX_LOGIT_MEAN = 10.0
 
 
 def flow_time_grid(num_inference_steps: int, time_schedule: str = "power", time_power: float = 4.0) -> torch.Tensor:
@@ -72,9 +74,14 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         time_power (`float`): exponent of the `"power"` grid.
         guidance_interval (`Tuple[float, float]` or None): EDM-sigma interval where guidance applies; None means
             every step.
-        training_time_distribution (`str`): `"fat_lognormal"` (sigmoid of a standard normal, replaced by a uniform
-            time with probability `uniform_time_probability`), `"lognormal"` or `"uniform"`.
+        training_time_distribution (`str`): `"fat_lognormal"` (sigmoid of a normal, replaced by a uniform time with
+            probability `uniform_time_probability`), `"lognormal"` or `"uniform"`.
         uniform_time_probability (`float`): the uniform share of `"fat_lognormal"`.
+        logit_mean (`float`, *optional*, defaults to 0.0), logit_std (`float`, *optional*, defaults to 1.0): mean and
+            standard deviation of the normal whose sigmoid `"lognormal"` and `"fat_lognormal"` draw (diffusers'
+            `--logit_mean` / `--logit_std` of SD3 training). The paper's is the standard normal; a positive mean puts
+            more of the training on times near 1 (pure noise), where the decoder can only rely on the code: the
+            offline CPU demo trains with `logit_mean=3.5`, which learns a recognisable reconstruction far sooner.
         num_train_timesteps (`int`): diffusers' `timesteps` are `1000 * t`; the model takes t itself.
 
     Of the API of the flow-matching scheduler it holds, `sigmas`, `timesteps`, `step_index`, `begin_index`,
@@ -107,6 +114,8 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         training_time_distribution: str = "fat_lognormal",
         uniform_time_probability: float = 0.1,
         num_train_timesteps: int = 1000,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
     ):
         if time_schedule not in TIME_SCHEDULES:
             raise ValueError(f"time_schedule must be 'power' or 'linear', got {time_schedule!r}")
@@ -118,6 +127,8 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         validate_config(
             type(self).__name__, {"time_power": time_power, "guidance_interval": guidance_interval}, CONFIG_RULES
         )
+        check_float("logit_mean", logit_mean, -MAX_LOGIT_MEAN, MAX_LOGIT_MEAN)
+        check_float("logit_std", logit_std, 0.0, exclusive_minimum=True)
         if guidance_interval is not None:
             # JSON has no tuples: a saved config comes back with a list. Store a tuple whatever was passed, so that
             # save_pretrained / from_pretrained (and from_config) give back an equal config.
@@ -230,7 +241,10 @@ class FlowMoScheduler(SchedulerMixin, ConfigMixin):
         distribution = self.config.training_time_distribution
         if distribution == "uniform":
             return torch.rand((batch_size,), generator=generator, device=device)
-        times = torch.sigmoid(randn_tensor((batch_size,), generator=generator, device=device))
+        normal = randn_tensor((batch_size,), generator=generator, device=device)
+        if (self.config.logit_mean, self.config.logit_std) != (0.0, 1.0):  # the paper's draw stays bit for bit
+            normal = self.config.logit_mean + self.config.logit_std * normal
+        times = torch.sigmoid(normal)
         if distribution == "fat_lognormal":
             use_logit_normal = torch.rand((batch_size,), generator=generator, device=device) <= (
                 1 - self.config.uniform_time_probability
