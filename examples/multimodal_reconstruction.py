@@ -41,7 +41,7 @@ def main():
     size = args.resolution or pipe.autoencoder.config.sample_size
     transform = ImageTransform(size, random_crop=False)
     training, held_out = load_demo_image_datasets()
-    photos = (held_out["image"] + training["image"])[: args.num_images]
+    photos = (list(held_out["image"]) + list(training["image"]))[: args.num_images]
     images = torch.stack([transform(photo) for photo in photos]) / 2 + 0.5  # [0, 1]
 
     # One generator per reconstruction: sample k of photograph i is seeded by seed + i * num_samples + k.
