@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -226,14 +227,64 @@ def accelerate_command(script, arguments, num_processes=1, env=None, machine=Non
     return command + [str(script)] + [str(a) for a in arguments], env
 
 
+def stack_dump_and_kill(process, wait=20):
+    """Make every Python process under `process` print its threads' stacks (faulthandler, enabled by
+    `PYTHONFAULTHANDLER=1` in the launch environment, answers SIGABRT with them), collect what the tree wrote, then
+    [`kill_process_tree`]. Returns `(stdout, stderr)`: what a hung launch was doing, for its error."""
+    import signal
+
+    import psutil
+
+    tree = psutil.Process(process.pid).children(recursive=True)
+    for child in tree:
+        try:
+            child.send_signal(signal.SIGABRT)
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        stdout, stderr = process.communicate(timeout=wait)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+    for child in tree:  # what the launcher left running (torchrun's workers have sessions of their own)
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+    return stdout, stderr
+
+
+#: How often `launch` starts again a multi-process run that timed out. Once: a 2-process streaming run hung once in CI
+#: (floors venv, 2026-12-07), with no output, and was not reproduced in 30 runs here, alone or under load. The stacks
+#: of a hung run are reported as a warning, so that the next one shows where it waits; a second hang fails the test.
+LAUNCH_RETRIES_AFTER_A_HANG = 1
+
+
 def launch(script, arguments, num_processes=1, env=None, timeout=300):
-    """`accelerate launch SCRIPT ARGUMENTS` with `num_processes` CPU processes; returns stdout + stderr, raises on failure."""
+    """`accelerate launch SCRIPT ARGUMENTS` with `num_processes` CPU processes; returns stdout + stderr, raises on failure.
+
+    A launch that runs past `timeout` seconds prints its processes' stacks and is killed with every process under
+    it (torchrun's workers included, which `subprocess.run`'s timeout would leave running)."""
     command, env = accelerate_command(script, arguments, num_processes, env)
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"{Path(script).name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-6000:]}")
-    return result.stdout + result.stderr
+    env["PYTHONFAULTHANDLER"] = "1"
+    hangs = []
+    for _ in range(1 + (LAUNCH_RETRIES_AFTER_A_HANG if num_processes > 1 else 0)):
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = stack_dump_and_kill(process)
+            hangs.append(f"{Path(script).name} ran past {timeout} s; its processes' stacks:\n{stdout[-3000:]}\n"
+                         f"{stderr[-12000:]}")
+            warnings.warn(hangs[-1], stacklevel=2)  # in CI's warnings summary even when the retry passes
+            continue
+        if process.returncode != 0:
+            raise AssertionError(f"{Path(script).name} failed ({process.returncode}):\n{stdout[-3000:]}\n"
+                                 f"{stderr[-6000:]}")
+        return stdout + stderr
+    raise AssertionError("\n\n".join(hangs))
 
 
 class HeldLaunch:
