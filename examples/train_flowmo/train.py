@@ -90,7 +90,7 @@ STAGE_DEFAULTS = {
 # decoder must rely on the code, which is what a short run needs to learn first; random zoomed crops and flips of
 # some twenty photographs, so that what it learns carries over to photographs it has not seen.
 DEMO_DEFAULTS = dict(
-    model_config="flowmo-demo", max_train_steps=1200, learning_rate=1e-3, perceptual_weight=0.0, validation_steps=300,
+    model_config="flowmo-demo", max_train_steps=1100, learning_rate=1e-3, perceptual_weight=0.0, validation_steps=300,
     train_batch_size=16, logit_mean=3.5, random_crop_scale=(0.4, 1.0), random_flip=True,
 )
 # Values of the flags the demo sets when none is given elsewhere (training on a dataset).
