@@ -143,13 +143,20 @@ def kill_process_tree(process):
 
     tree = psutil.Process(process.pid).children(recursive=True)
     process.kill()
-    for child in tree:
+    kill_processes(tree)
+    process.wait()
+
+
+def kill_processes(processes):
+    """SIGKILL each of `processes` (`psutil.Process`, some perhaps gone already) and wait for them all."""
+    import psutil
+
+    for child in processes:
         try:
             child.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(tree, timeout=30)
-    process.wait()
+    psutil.wait_procs(processes, timeout=30)
 
 
 def save_photographs(folder, size=(56, 44)) -> Path:
@@ -230,7 +237,8 @@ def accelerate_command(script, arguments, num_processes=1, env=None, machine=Non
 def stack_dump_and_kill(process, wait=20):
     """Make every Python process under `process` print its threads' stacks (faulthandler, enabled by
     `PYTHONFAULTHANDLER=1` in the launch environment, answers SIGABRT with them), collect what the tree wrote, then
-    [`kill_process_tree`]. Returns `(stdout, stderr)`: what a hung launch was doing, for its error."""
+    kill what is left of it ([`kill_processes`]: the launcher is reaped by then). Returns `(stdout, stderr)`: what a
+    hung launch was doing, for its error."""
     import signal
 
     import psutil
@@ -246,12 +254,7 @@ def stack_dump_and_kill(process, wait=20):
     except subprocess.TimeoutExpired:
         process.kill()
         stdout, stderr = process.communicate()
-    for child in tree:  # what the launcher left running (torchrun's workers have sessions of their own)
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
+    kill_processes(tree)  # what the launcher left running (torchrun's workers have sessions of their own)
     return stdout, stderr
 
 
